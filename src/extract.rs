@@ -1,0 +1,461 @@
+//! Extracting one verified file from a store path in an upstream cache (or a local NAR).
+//!
+//! ```text
+//!  narinfo (≤ 64 KiB) ─► StorePath + signature check ─► NAR URL confined to the cache
+//!      │
+//!      ▼ async body ─► FileSize / FileHash hints ─► channel ─► pipeline::run_pass (2 threads)
+//!      │
+//!      ▼ NarHash + NarSize verified ─► resolve PATH in the listing ─┬─ file captured: done
+//!                                                                 ├─ captured elsewhere: 2nd pass
+//!                                                                 └─ /nix/store/<ref>/…: next path
+//!      ▼
+//!  portability verdict (refuse `/nix/store` run-time needs unless allowed)
+//! ```
+
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use nix_derivation::StorePath;
+use sha2::{Digest, Sha256};
+
+use crate::codec::{Codec, CodecError};
+use crate::error::ErrorKind;
+use crate::narinfo::{self, NarInfoError, Trust, VerifiedNarInfo};
+use crate::pipeline::{self, Captured, Expected, PassResult, PipelineError};
+use crate::resolve::{self, RelPath, ResolveError, Target};
+use crate::upstream::{Cache, UpstreamError};
+use crate::verdict::{self, Linkage};
+
+/// Async chunks buffered between the HTTP body and the decode thread (chunks are usually
+/// 16–64 KiB, so this is at most a few MiB).
+const BODY_CHANNEL_DEPTH: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("invalid store path {input:?}: expected /nix/store/<hash>-<name> or <hash>-<name>")]
+    BadStorePath { input: String },
+    #[error("{store_path} is not in any cache (tried {tried})")]
+    NotInCache { store_path: String, tried: String },
+    #[error("{cache}: the narinfo of {store_path} names a NAR the cache does not have")]
+    NarMissing { cache: String, store_path: String },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    NarInfo(#[from] NarInfoError),
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("{store_path}: {err}")]
+    Pipeline { store_path: String, err: PipelineError },
+    #[error("{store_path}: the compressed NAR is larger than its FileSize of {limit} bytes")]
+    FileSizeExceeded { store_path: String, limit: u64 },
+    #[error("{store_path}: FileHash mismatch: expected sha256:{expected}, got sha256:{got}")]
+    FileHashMismatch { store_path: String, expected: String, got: String },
+    #[error("{store_path}: data after the end of the compressed NAR")]
+    TrailingData { store_path: String },
+    #[error("{store_path}: {err}")]
+    Resolve { store_path: String, err: ResolveError },
+    #[error("{store_path}: {path} leads to {target}, which is not one of its signed references")]
+    NotAReference { store_path: String, path: RelPath, target: String },
+    #[error("{path} leads into {target}, which cannot be followed in a local NAR")]
+    LocalReference { path: RelPath, target: String },
+    #[error("{store_path}/{path} needs /nix/store at run time: {reason} (use --allow-nix-store-deps to extract it anyway)")]
+    NeedsNixStore { store_path: String, path: RelPath, reason: String, linkage: Linkage },
+    #[error("{0}")]
+    Local(#[from] io::Error),
+}
+
+impl ExtractError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ExtractError::BadStorePath { .. } => ErrorKind::BadRequest,
+            ExtractError::NotInCache { .. } => ErrorKind::NotInCache,
+            ExtractError::NarMissing { .. } => ErrorKind::UpstreamBroken,
+            ExtractError::Upstream(e) => upstream_kind(e),
+            ExtractError::NarInfo(NarInfoError::Parse(_) | NarInfoError::NotSha256 { .. }) => ErrorKind::UpstreamBroken,
+            ExtractError::NarInfo(NarInfoError::Codec { .. }) => ErrorKind::UpstreamBroken,
+            ExtractError::NarInfo(
+                NarInfoError::WrongStorePath { .. }
+                | NarInfoError::Unsigned { .. }
+                | NarInfoError::UntrustedKeys { .. }
+                | NarInfoError::BadSignature { .. },
+            ) => ErrorKind::VerificationFailed,
+            ExtractError::Codec(_) => ErrorKind::BadRequest,
+            ExtractError::Pipeline { err, .. } => match err {
+                PipelineError::Source(io) => match source_error(io) {
+                    Some(FeedError::Upstream(e)) => upstream_kind(e),
+                    Some(_) => ErrorKind::VerificationFailed,
+                    None => ErrorKind::UpstreamBroken,
+                },
+                PipelineError::Local(_) => ErrorKind::Internal,
+                PipelineError::Decode { .. }
+                | PipelineError::TooLong { .. }
+                | PipelineError::Nar(_)
+                | PipelineError::SizeMismatch { .. }
+                | PipelineError::HashMismatch { .. } => ErrorKind::VerificationFailed,
+            },
+            ExtractError::FileSizeExceeded { .. }
+            | ExtractError::FileHashMismatch { .. }
+            | ExtractError::TrailingData { .. } => ErrorKind::VerificationFailed,
+            ExtractError::Resolve { err, .. } => match err {
+                ResolveError::NotFound { .. } | ResolveError::IsADirectory { .. } | ResolveError::NotADirectory { .. } => {
+                    ErrorKind::UnknownProgram
+                }
+                ResolveError::Escapes { .. }
+                | ResolveError::OutsideStore { .. }
+                | ResolveError::NotAReference { .. }
+                | ResolveError::Loop { .. }
+                | ResolveError::TooManyHops => ErrorKind::Refused,
+            },
+            ExtractError::NotAReference { .. } | ExtractError::LocalReference { .. } => ErrorKind::Refused,
+            ExtractError::NeedsNixStore { .. } => ErrorKind::Refused,
+            ExtractError::Local(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+fn upstream_kind(e: &UpstreamError) -> ErrorKind {
+    if e.is_timeout() {
+        ErrorKind::TimedOut
+    } else {
+        ErrorKind::UpstreamBroken
+    }
+}
+
+/// Parses `/nix/store/<hash>-<name>` or `<hash>-<name>` (a trailing `/` is tolerated).
+pub fn parse_store_path(input: &str) -> Result<StorePath, ExtractError> {
+    let base = input.strip_prefix("/nix/store/").unwrap_or(input).trim_end_matches('/');
+    if base.contains('/') {
+        return Err(ExtractError::BadStorePath { input: input.to_owned() });
+    }
+    StorePath::from_basename(base.as_bytes()).map_err(|_| ExtractError::BadStorePath { input: input.to_owned() })
+}
+
+/// A verified file, still in its temp file.
+#[derive(Debug)]
+pub struct Extracted {
+    /// The store path the file is in (after following symlinks into references);
+    /// `None` for a local NAR.
+    pub store_path: Option<StorePath>,
+    pub path: RelPath,
+    pub file: tempfile::NamedTempFile,
+    pub size: u64,
+    pub executable: bool,
+    pub sha256: [u8; 32],
+    pub linkage: Linkage,
+}
+
+/// Extracts files from store paths in a list of caches, tried in order.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    caches: Vec<Cache>,
+    trust: Trust,
+    allow_nix_store_deps: bool,
+}
+
+/// What went wrong in the async feeder, carried through the pipeline as an `io::Error`.
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    #[error(transparent)]
+    Upstream(UpstreamError),
+    #[error("larger than FileSize")]
+    FileSize { limit: u64 },
+    #[error("FileHash mismatch")]
+    FileHash { expected: [u8; 32], got: [u8; 32] },
+}
+
+fn source_error(io: &io::Error) -> Option<&FeedError> {
+    let mut cur: &(dyn std::error::Error + 'static) = io.get_ref()?;
+    loop {
+        if let Some(f) = cur.downcast_ref::<FeedError>() {
+            return Some(f);
+        }
+        cur = cur.source()?;
+    }
+}
+
+impl Extractor {
+    pub fn new(caches: Vec<Cache>, trust: Trust, allow_nix_store_deps: bool) -> Self {
+        Extractor { caches, trust, allow_nix_store_deps }
+    }
+
+    /// Fetches and verifies the narinfo of `store_path` from the first cache that has it.
+    pub async fn narinfo(&self, store_path: &StorePath) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
+        let hash_part = &store_path.to_basename()[..32];
+        for cache in &self.caches {
+            if let Some(bytes) = cache.narinfo(hash_part).await? {
+                let info = narinfo::verify(&bytes, store_path, &self.trust)?;
+                return Ok((cache.clone(), info));
+            }
+            tracing::debug!(cache = cache.url(), %store_path, "not in this cache");
+        }
+        Err(ExtractError::NotInCache {
+            store_path: store_path.to_absolute_path(),
+            tried: self.caches.iter().map(Cache::url).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// Extracts `path` from `store_path` into a temp file in `tmp_dir`. Nothing is returned
+    /// before every NAR involved has been verified.
+    pub async fn extract(&self, store_path: &StorePath, path: &RelPath, tmp_dir: &Path) -> Result<Extracted, ExtractError> {
+        let mut hops = 0;
+        let mut store_path = store_path.clone();
+        let mut path = path.clone();
+        loop {
+            let (cache, info) = self.narinfo(&store_path).await?;
+            let pass = self.pass(&cache, &info, &path, tmp_dir).await?;
+            let name = store_path.to_absolute_path();
+            match resolve::resolve(&pass.listing, &path, &mut hops) {
+                Err(err) => return Err(ExtractError::Resolve { store_path: name, err }),
+                Ok(Target::File { path: found, .. }) => {
+                    let captured = match pass.captured {
+                        Some(c) if c.path == found => c,
+                        // The file came before the symlink that leads to it: a second,
+                        // independently verified pass for exactly that file.
+                        _ => {
+                            let again = self.pass(&cache, &info, &found, tmp_dir).await?;
+                            captured_at(again, &found, &name)?
+                        }
+                    };
+                    return self.finish(store_path, captured);
+                }
+                Ok(Target::StorePath { store_path: next, rest }) => {
+                    if !info.references(&next) {
+                        return Err(ExtractError::NotAReference { store_path: name, path, target: next.to_absolute_path() });
+                    }
+                    store_path = next;
+                    path = rest;
+                }
+            }
+        }
+    }
+
+    fn finish(&self, store_path: StorePath, captured: Captured) -> Result<Extracted, ExtractError> {
+        let name = store_path.to_absolute_path();
+        finish(Some(store_path), name, captured, self.allow_nix_store_deps)
+    }
+
+    /// One verified pass over the NAR of `info`, from `cache`.
+    async fn pass(&self, cache: &Cache, info: &VerifiedNarInfo, wanted: &RelPath, tmp_dir: &Path) -> Result<PassResult, ExtractError> {
+        let store_path = info.store_path().to_absolute_path();
+        let Some(mut fetched) = cache.nar(info.url()).await? else {
+            return Err(ExtractError::NarMissing { cache: cache.url().to_owned(), store_path });
+        };
+        if let (Some(len), Some(limit)) = (fetched.len, info.file_size) {
+            if len > limit {
+                return Err(ExtractError::FileSizeExceeded { store_path, limit });
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(BODY_CHANNEL_DEPTH);
+        let expected = Expected { nar_hash: Some(info.nar_hash), nar_size: Some(info.nar_size) };
+        let (codec, wanted, dir) = (info.codec, wanted.clone(), tmp_dir.to_owned());
+        let pass = tokio::task::spawn_blocking(move || {
+            pipeline::run_pass(ChannelReader { rx, cur: Bytes::new() }, codec, expected, &wanted, &dir)
+        });
+        let (file_size, file_hash) = (info.file_size, info.file_hash);
+        let feed = async move {
+            let mut hasher = Sha256::new();
+            let mut total = 0u64;
+            loop {
+                let err = match fetched.body.next_chunk().await {
+                    Ok(Some(chunk)) => {
+                        total += chunk.len() as u64;
+                        if file_size.is_some_and(|l| total > l) {
+                            FeedError::FileSize { limit: file_size.unwrap_or_default() }
+                        } else {
+                            if file_hash.is_some() {
+                                hasher.update(&chunk);
+                            }
+                            if tx.send(Ok(chunk)).await.is_err() {
+                                return Err(None); // the pass stopped reading
+                            }
+                            continue;
+                        }
+                    }
+                    Ok(None) => match file_hash {
+                        Some(expected) => {
+                            let got: [u8; 32] = hasher.finalize().into();
+                            if got == expected {
+                                return Ok(());
+                            }
+                            FeedError::FileHash { expected, got }
+                        }
+                        None => return Ok(()),
+                    },
+                    Err(e) => FeedError::Upstream(e),
+                };
+                // Tell the pass (so it stops) and the caller (so it reports this error).
+                let report = match &err {
+                    FeedError::Upstream(e) => FeedError::Upstream(e.clone()),
+                    FeedError::FileSize { limit } => FeedError::FileSize { limit: *limit },
+                    FeedError::FileHash { expected, got } => FeedError::FileHash { expected: *expected, got: *got },
+                };
+                let _ = tx.send(Err(io::Error::other(report))).await;
+                return Err(Some(err));
+            }
+        };
+        tokio::pin!(feed);
+        tokio::pin!(pass);
+        let mut fed = None;
+        let result = loop {
+            tokio::select! {
+                r = &mut pass => break r,
+                r = &mut feed, if fed.is_none() => fed = Some(r),
+            }
+        };
+        let result = result.map_err(|e| io::Error::other(format!("extraction thread failed: {e}")))?;
+        let pass = match result {
+            Ok(pass) => pass,
+            // A feed error is the cause; the pipeline only saw its echo.
+            Err(err) => {
+                if let Some(Err(Some(feed_err))) = fed {
+                    return Err(feed_error(store_path, feed_err));
+                }
+                return Err(ExtractError::Pipeline { store_path, err });
+            }
+        };
+        // The pass is verified; the body must also have ended cleanly, within its hints.
+        let fed = match fed {
+            Some(f) => f,
+            None => feed.await,
+        };
+        match fed {
+            Ok(()) => Ok(pass),
+            Err(None) => Err(ExtractError::TrailingData { store_path }),
+            Err(Some(e)) => Err(feed_error(store_path, e)),
+        }
+    }
+}
+
+fn feed_error(store_path: String, e: FeedError) -> ExtractError {
+    match e {
+        FeedError::Upstream(e) => ExtractError::Upstream(e),
+        FeedError::FileSize { limit } => ExtractError::FileSizeExceeded { store_path, limit },
+        FeedError::FileHash { expected, got } => ExtractError::FileHashMismatch {
+            store_path,
+            expected: crate::hash::nix32(&expected),
+            got: crate::hash::nix32(&got),
+        },
+    }
+}
+
+fn captured_at(pass: PassResult, found: &RelPath, store_path: &str) -> Result<Captured, ExtractError> {
+    match pass.captured {
+        Some(c) if c.path == *found => Ok(c),
+        _ => Err(ExtractError::Resolve {
+            store_path: store_path.to_owned(),
+            err: ResolveError::NotFound { path: found.clone() },
+        }),
+    }
+}
+
+fn finish(
+    store_path: Option<StorePath>,
+    name: String,
+    captured: Captured,
+    allow_nix_store_deps: bool,
+) -> Result<Extracted, ExtractError> {
+    let mut file = captured.file;
+    let linkage = verdict::inspect(file.as_file_mut())?;
+    if !allow_nix_store_deps {
+        if let Some(reason) = linkage.needs_nix_store() {
+            return Err(ExtractError::NeedsNixStore {
+                store_path: name,
+                path: captured.path,
+                reason,
+                linkage,
+            });
+        }
+    }
+    Ok(Extracted {
+        store_path,
+        path: captured.path,
+        file,
+        size: captured.size,
+        executable: captured.executable,
+        sha256: captured.sha256,
+        linkage,
+    })
+}
+
+/// Extracts `path` from a local NAR file (compressed or not; the codec is detected).
+/// `nar_hash` is checked when given. Symlinks into other store paths cannot be followed.
+pub fn extract_local(
+    nar: &Path,
+    nar_hash: Option<[u8; 32]>,
+    path: &RelPath,
+    tmp_dir: &Path,
+    allow_nix_store_deps: bool,
+) -> Result<Extracted, ExtractError> {
+    let open = |wanted: &RelPath| -> Result<PassResult, ExtractError> {
+        let mut file = std::fs::File::open(nar)?;
+        let mut head = [0u8; 32];
+        let n = read_up_to(&mut file, &mut head)?;
+        let codec = Codec::sniff(&head[..n], nar.file_name().and_then(|n| n.to_str()))?;
+        let file = io::Cursor::new(head[..n].to_vec()).chain(file);
+        let expected = Expected { nar_hash, nar_size: None };
+        pipeline::run_pass(file, codec, expected, wanted, tmp_dir)
+            .map_err(|err| ExtractError::Pipeline { store_path: nar.display().to_string(), err })
+    };
+    let pass = open(path)?;
+    let name = nar.display().to_string();
+    let mut hops = 0;
+    let captured = match resolve::resolve(&pass.listing, path, &mut hops) {
+        Err(err) => return Err(ExtractError::Resolve { store_path: name, err }),
+        Ok(Target::StorePath { store_path, rest }) => {
+            return Err(ExtractError::LocalReference {
+                path: path.clone(),
+                target: format!("{}/{rest}", store_path.to_absolute_path()),
+            })
+        }
+        Ok(Target::File { path: found, .. }) => match pass.captured {
+            Some(c) if c.path == found => c,
+            _ => captured_at(open(&found)?, &found, &name)?,
+        },
+    };
+    finish(None, name, captured, allow_nix_store_deps)
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The decode thread's view of the async body: a blocking `Read` over the channel.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.cur = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = self.cur.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
+    }
+}
+
+/// Where extracted files are written before they are moved into place: the output
+/// file's directory, so the final rename never crosses file systems.
+pub fn temp_dir_for(output: Option<&Path>) -> PathBuf {
+    match output.and_then(Path::parent) {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        Some(_) => PathBuf::from("."),
+        None => std::env::temp_dir(),
+    }
+}

@@ -1,0 +1,12 @@
+//! binplz
+pub mod cli;
+pub mod codec;
+pub mod error;
+pub mod extract;
+pub mod hash;
+pub mod nar;
+pub mod narinfo;
+pub mod pipeline;
+pub mod resolve;
+pub mod upstream;
+pub mod verdict;

@@ -1,0 +1,5 @@
+//! The `binplz` command: everything lives in the library; see `binplz::cli`.
+
+fn main() -> std::process::ExitCode {
+    binplz::cli::main()
+}

@@ -1,0 +1,400 @@
+//! One verified pass over a NAR: decode, hash, parse, and keep one file.
+//!
+//! ```text
+//!   source (file, or HTTP body via a channel)
+//!      │
+//!      ▼  decode thread: codec ─► take(NarSize + 1) ─► 256 KiB chunks
+//!   bounded channel (CHANNEL_DEPTH chunks)
+//!      │
+//!      ▼  this thread: SHA-256 + byte count ─► strict NAR reader ─► visitor
+//!                                                 ├─ listing of the whole tree
+//!                                                 └─ the wanted file ─► temp file (+ its SHA-256)
+//! ```
+//!
+//! Decoding and hashing are the two costs (parsing is negligible), so they get a thread
+//! each: on two cores the pass runs at the speed of the slower one. Both are synchronous
+//! codecs and must stay off the async reactor. Nothing is trusted until [`run_pass`]
+//! returns: the caller gets the temp file only after NarHash and NarSize matched.
+
+use std::io::{self, BufRead, Read, Write};
+use std::path::Path;
+use std::sync::mpsc;
+
+use sha2::{Digest, Sha256};
+
+use crate::codec::Codec;
+use crate::nar::listing::ListingBuilder;
+use crate::nar::reader::{FileMeta, Visitor};
+use crate::nar::{read_nar, Listing, NarError};
+use crate::resolve::RelPath;
+
+/// Size of the decoded chunks handed from the decode thread to the hash thread.
+const CHUNK: usize = 256 << 10;
+/// Chunks in flight between the threads: enough to absorb jitter, 1 MiB in all.
+const CHANNEL_DEPTH: usize = 4;
+
+/// What the NAR must be, from a verified narinfo (or `--nar-hash` for a local file).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expected {
+    pub nar_hash: Option<[u8; 32]>,
+    pub nar_size: Option<u64>,
+}
+
+/// The wanted file, in a temp file, verified with the whole NAR.
+#[derive(Debug)]
+pub struct Captured {
+    pub path: RelPath,
+    pub file: tempfile::NamedTempFile,
+    pub size: u64,
+    pub executable: bool,
+    pub sha256: [u8; 32],
+}
+
+#[derive(Debug)]
+pub struct PassResult {
+    pub listing: Listing,
+    pub captured: Option<Captured>,
+    pub nar_hash: [u8; 32],
+    pub nar_size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Reading the (compressed) input failed: network or disk, not the bytes.
+    #[error("reading the NAR failed: {0}")]
+    Source(io::Error),
+    #[error("{codec} decompression failed: {err}")]
+    Decode { codec: Codec, err: io::Error },
+    #[error("the NAR is longer than its NarSize of {limit} bytes")]
+    TooLong { limit: u64 },
+    #[error(transparent)]
+    Nar(NarError),
+    #[error("NarSize mismatch: expected {expected} bytes, got {got}")]
+    SizeMismatch { expected: u64, got: u64 },
+    #[error("NarHash mismatch: expected sha256:{expected}, got sha256:{got}")]
+    HashMismatch { expected: String, got: String },
+    /// Writing the output or keeping the listing failed.
+    #[error("{0}")]
+    Local(io::Error),
+}
+
+/// Marks an error as coming from the input source, so it survives the trip through a
+/// decoder and the NAR reader as an `io::Error` and is still told apart at the end.
+#[derive(Debug)]
+pub struct SourceError(pub io::Error);
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+#[derive(Debug)]
+struct DecodeError(io::Error);
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+impl std::error::Error for DecodeError {}
+
+#[derive(Debug)]
+struct TooLongError;
+impl std::fmt::Display for TooLongError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NAR longer than NarSize")
+    }
+}
+impl std::error::Error for TooLongError {}
+
+/// Tags every error of the source as a [`SourceError`].
+struct Tagged<R>(R);
+impl<R: Read> Read for Tagged<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            if e.get_ref().is_some_and(|i| i.is::<SourceError>()) {
+                e
+            } else {
+                io::Error::other(SourceError(e))
+            }
+        })
+    }
+}
+
+/// Runs one pass over a NAR read from `source` (compressed with `codec`), keeping the file
+/// at `wanted` (following relative symlinks met on the way) in a temp file in `tmp_dir`.
+pub fn run_pass<R: Read + Send + 'static>(
+    source: R,
+    codec: Codec,
+    expected: Expected,
+    wanted: &RelPath,
+    tmp_dir: &Path,
+) -> Result<PassResult, PipelineError> {
+    // One byte more than NarSize is enough to tell "too long" without decoding a bomb.
+    let cap = expected.nar_size.map(|s| s.saturating_add(1));
+    let input = match codec {
+        Codec::None => HashedInput::reader(Box::new(Tagged(source)), cap),
+        _ => {
+            let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHANNEL_DEPTH);
+            let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
+            // Detached on purpose: if the hash side stops early it drops the receiver, and
+            // the decode thread ends at its next send instead of being waited for.
+            std::thread::Builder::new()
+                .name("binplz-decode".into())
+                .spawn(move || decode_thread(Tagged(source), codec, cap, tx, recycle_rx))
+                .map_err(PipelineError::Local)?;
+            HashedInput::channel(rx, recycle_tx, cap)
+        }
+    };
+    let mut visitor = PassVisitor {
+        listing: ListingBuilder::new(),
+        guess: wanted.clone(),
+        captured: None,
+        tmp_dir,
+    };
+    let mut input = input;
+    let read = read_nar(&mut input, expected.nar_size, &mut visitor);
+    let (hash, count) = input.finish();
+    if let Err(e) = read {
+        return Err(classify(e, codec, expected));
+    }
+    if let Some(size) = expected.nar_size {
+        if count != size {
+            return Err(PipelineError::SizeMismatch { expected: size, got: count });
+        }
+    }
+    if let Some(want) = expected.nar_hash {
+        if want != hash {
+            return Err(PipelineError::HashMismatch {
+                expected: crate::hash::nix32(&want),
+                got: crate::hash::nix32(&hash),
+            });
+        }
+    }
+    let listing = visitor
+        .listing
+        .finish()
+        .ok_or_else(|| PipelineError::Local(io::Error::other("empty NAR listing")))?;
+    Ok(PassResult { listing, captured: visitor.captured, nar_hash: hash, nar_size: count })
+}
+
+fn classify(e: NarError, codec: Codec, expected: Expected) -> PipelineError {
+    let NarError::Io(io) = e else { return PipelineError::Nar(e) };
+    let Some(inner) = io.get_ref() else { return PipelineError::Local(io) };
+    if inner.is::<SourceError>() {
+        let src = io.into_inner().and_then(|b| b.downcast::<SourceError>().ok());
+        return match src {
+            Some(s) => PipelineError::Source(s.0),
+            None => PipelineError::Local(io::Error::other("source error")),
+        };
+    }
+    if inner.is::<TooLongError>() {
+        return PipelineError::TooLong { limit: expected.nar_size.unwrap_or(0) };
+    }
+    if inner.is::<DecodeError>() {
+        let err = io
+            .into_inner()
+            .and_then(|b| b.downcast::<DecodeError>().ok())
+            .map_or_else(|| io::Error::other("decoder failed"), |d| d.0);
+        return PipelineError::Decode { codec, err };
+    }
+    PipelineError::Local(io)
+}
+
+fn decode_thread<R: Read + Send>(
+    source: R,
+    codec: Codec,
+    cap: Option<u64>,
+    tx: mpsc::SyncSender<io::Result<Vec<u8>>>,
+    recycle: mpsc::Receiver<Vec<u8>>,
+) {
+    let decoder = match codec.decoder(source) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = tx.send(Err(io::Error::other(DecodeError(e))));
+            return;
+        }
+    };
+    let mut decoder = decoder.take(cap.unwrap_or(u64::MAX));
+    loop {
+        let mut buf = recycle.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        buf.resize(CHUNK, 0);
+        let mut filled = 0;
+        let res = loop {
+            match decoder.read(&mut buf[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == buf.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.truncate(filled);
+        if filled > 0 && tx.send(Ok(buf)).is_err() {
+            return;
+        }
+        match res {
+            Ok(()) if filled == 0 => return, // end of stream: dropping tx signals it
+            Ok(()) => {}
+            Err(e) => {
+                let tagged = if e.get_ref().is_some_and(|i| i.is::<SourceError>()) {
+                    e
+                } else {
+                    io::Error::other(DecodeError(e))
+                };
+                let _ = tx.send(Err(tagged));
+                return;
+            }
+        }
+    }
+}
+
+/// The hash side's input: hashes and counts every byte as it arrives, then hands the bytes
+/// to the NAR reader without another copy.
+struct HashedInput {
+    src: Src,
+    cur: Vec<u8>,
+    pos: usize,
+    hasher: Sha256,
+    count: u64,
+    cap: Option<u64>,
+}
+
+enum Src {
+    Reader(Box<dyn Read + Send>),
+    Channel { rx: mpsc::Receiver<io::Result<Vec<u8>>>, recycle: mpsc::Sender<Vec<u8>> },
+}
+
+impl HashedInput {
+    fn reader(r: Box<dyn Read + Send>, cap: Option<u64>) -> Self {
+        Self { src: Src::Reader(r), cur: Vec::with_capacity(CHUNK), pos: 0, hasher: Sha256::new(), count: 0, cap }
+    }
+    fn channel(rx: mpsc::Receiver<io::Result<Vec<u8>>>, recycle: mpsc::Sender<Vec<u8>>, cap: Option<u64>) -> Self {
+        Self { src: Src::Channel { rx, recycle }, cur: Vec::new(), pos: 0, hasher: Sha256::new(), count: 0, cap }
+    }
+    fn finish(self) -> ([u8; 32], u64) {
+        (self.hasher.finalize().into(), self.count)
+    }
+}
+
+impl Read for HashedInput {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for HashedInput {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.pos == self.cur.len() {
+            match &mut self.src {
+                Src::Reader(r) => {
+                    self.cur.resize(CHUNK, 0);
+                    let n = loop {
+                        match r.read(&mut self.cur) {
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            other => break other,
+                        }
+                    };
+                    let n = n.inspect_err(|_| self.cur.clear())?;
+                    self.cur.truncate(n);
+                }
+                Src::Channel { rx, recycle } => {
+                    let next = match rx.recv() {
+                        Ok(chunk) => chunk?,
+                        Err(_) => Vec::new(), // decode thread finished: end of stream
+                    };
+                    let old = std::mem::replace(&mut self.cur, next);
+                    let _ = recycle.send(old);
+                }
+            }
+            self.pos = 0;
+            self.hasher.update(&self.cur);
+            self.count += self.cur.len() as u64;
+            if let Some(cap) = self.cap {
+                if self.count >= cap {
+                    return Err(io::Error::other(TooLongError));
+                }
+            }
+        }
+        Ok(&self.cur[self.pos..])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.pos = (self.pos + amt).min(self.cur.len());
+    }
+}
+
+/// Builds the listing and keeps the wanted file.
+struct PassVisitor<'a> {
+    listing: ListingBuilder,
+    /// Where the wanted file is thought to be, updated when a relative symlink on the way
+    /// is met before its target (archive order is sorted, so targets often come later).
+    guess: RelPath,
+    captured: Option<Captured>,
+    tmp_dir: &'a Path,
+}
+
+impl Visitor for PassVisitor<'_> {
+    fn directory(&mut self, path: &[Vec<u8>]) -> io::Result<()> {
+        self.listing.directory(path)
+    }
+
+    fn symlink(&mut self, path: &[Vec<u8>], target: &[u8]) -> io::Result<()> {
+        self.listing.symlink(path, target)?;
+        let guess = &self.guess.0;
+        if !target.starts_with(b"/") && path.len() <= guess.len() && guess[..path.len()] == *path {
+            let mut next: Vec<Vec<u8>> = path[..path.len().saturating_sub(1)].to_vec();
+            let mut ok = !path.is_empty();
+            for c in RelPath::parse(target).0.into_iter().chain(guess[path.len()..].iter().cloned()) {
+                if c == b".." {
+                    ok &= next.pop().is_some();
+                } else {
+                    next.push(c);
+                }
+            }
+            if ok {
+                self.guess = RelPath(next);
+            }
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, path: &[Vec<u8>], meta: FileMeta, contents: &mut dyn BufRead) -> io::Result<()> {
+        self.listing.file(path, meta, contents)?;
+        if self.captured.is_some() || path != self.guess.0.as_slice() {
+            return Ok(());
+        }
+        let mut file = tempfile::Builder::new().prefix(".binplz-").suffix(".tmp").tempfile_in(self.tmp_dir)?;
+        let mut hasher = Sha256::new();
+        loop {
+            let buf = contents.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            hasher.update(buf);
+            file.write_all(buf)?;
+            let n = buf.len();
+            contents.consume(n);
+        }
+        self.captured = Some(Captured {
+            path: RelPath(path.to_vec()),
+            file,
+            size: meta.size,
+            executable: meta.executable,
+            sha256: hasher.finalize().into(),
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! Upstream Nix binary caches: where narinfos and NARs come from.
+//!
+//! Every transport sits behind one small trait, [`Upstream`] (`get(path)` → a byte stream,
+//! or `None` when the cache does not have it), so S3 can be added later without touching
+//! extraction. [`Cache`] adds what every transport shares: the `nix-cache-info` check,
+//! the size-capped narinfo fetch, and confining a narinfo's unsigned `URL` to the cache.
+
+mod file;
+mod http;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub use file::FileUpstream;
+pub use http::HttpUpstream;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Largest narinfo accepted. Real ones are well under 4 KiB even with hundreds of
+/// references; anything bigger is not a narinfo.
+pub const MAX_NARINFO_SIZE: usize = 64 << 10;
+
+/// Largest `nix-cache-info` accepted.
+const MAX_CACHE_INFO_SIZE: usize = 4 << 10;
+
+/// The store directory binplz serves from; a cache built for another cannot be used.
+pub const STORE_DIR: &str = "/nix/store";
+
+/// A path relative to a cache's root, checked so it can neither climb out of the cache
+/// (`..`) nor smuggle in another URL. May carry a query string (`nar/x.nar?hash=…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachePath {
+    path: String,
+    query: Option<String>,
+}
+
+impl CachePath {
+    pub fn parse(s: &str) -> Result<CachePath, UpstreamError> {
+        let bad = |reason: &'static str| UpstreamError::InvalidUrl { url: s.to_owned(), reason };
+        let (path, query) = match s.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (s, None),
+        };
+        if path.is_empty() || path.starts_with('/') {
+            return Err(bad("not a relative path"));
+        }
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || "-._+=~,@".contains(c);
+        for seg in path.split('/') {
+            if seg.is_empty() || seg == "." || seg == ".." {
+                return Err(bad("empty or dot segment"));
+            }
+            if !seg.chars().all(ok_char) {
+                return Err(bad("unexpected character"));
+            }
+        }
+        if let Some(q) = query {
+            if !q.chars().all(|c| ok_char(c) || c == '&' || c == '/' || c == '%') {
+                return Err(bad("unexpected character in query"));
+            }
+        }
+        Ok(CachePath { path: path.to_owned(), query: query.map(str::to_owned) })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+}
+
+impl fmt::Display for CachePath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.query {
+            Some(q) => write!(f, "{}?{q}", self.path),
+            None => f.write_str(&self.path),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("invalid upstream URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: &'static str },
+    #[error("narinfo URL {url:?} points outside the cache {cache}")]
+    ForeignUrl { url: String, cache: String },
+    #[error("cannot connect to {url}: {err}")]
+    Connect { url: String, err: String },
+    #[error("{url}: timed out waiting for the {phase}")]
+    Timeout { url: String, phase: &'static str },
+    #[error("{url}: HTTP status {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: the transfer failed: {err}")]
+    Body { url: String, err: String },
+    #[error("{url}: larger than {limit} bytes")]
+    TooLarge { url: String, limit: u64 },
+    #[error("{url}: {err}")]
+    Io { url: String, err: String },
+    #[error("{url}: the cache is for store {found:?}, not {STORE_DIR}")]
+    StoreDir { url: String, found: String },
+}
+
+impl UpstreamError {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, UpstreamError::Timeout { .. })
+    }
+}
+
+/// A response body, read chunk by chunk.
+pub trait Body: Send {
+    /// The next chunk, or `None` at the end.
+    fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>>;
+}
+
+/// A successful fetch.
+pub struct Fetched {
+    /// The length announced by the cache, when it did.
+    pub len: Option<u64>,
+    pub body: Box<dyn Body>,
+}
+
+/// One transport to one binary cache.
+pub trait Upstream: Send + Sync + fmt::Debug {
+    /// The cache's base URL, for messages.
+    fn url(&self) -> &str;
+    /// Fetches `path`. `Ok(None)` means the cache does not have it (404, or 403 as S3 says).
+    fn get<'a>(&'a self, path: &'a CachePath) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>>;
+}
+
+/// Timeouts and retries for network transports.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub connect_timeout: Duration,
+    /// From sending a request to the response headers.
+    pub first_byte_timeout: Duration,
+    /// Longest pause between two body chunks.
+    pub read_timeout: Duration,
+    /// Further attempts after a connection error, timeout or 5xx (never after a 404).
+    pub retries: u32,
+    /// First backoff; doubled each attempt, with jitter.
+    pub backoff: Duration,
+    /// Longest wait between attempts, also capping `Retry-After`.
+    pub max_backoff: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(30),
+            retries: 3,
+            backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Opens the transport for a cache URL: `http://`, `https://` or `file:///`.
+pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, UpstreamError> {
+    let url = url.trim_end_matches('/');
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(UpstreamError::InvalidUrl { url: url.to_owned(), reason: "file URLs need an absolute path" });
+        }
+        Ok(Arc::new(FileUpstream::new(url, path.into())))
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(Arc::new(HttpUpstream::new(url, config.clone())?))
+    } else {
+        Err(UpstreamError::InvalidUrl { url: url.to_owned(), reason: "expected http://, https:// or file://" })
+    }
+}
+
+/// A binary cache: a transport plus the checks every transport shares.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    inner: Arc<dyn Upstream>,
+    info_checked: Arc<tokio::sync::OnceCell<()>>,
+}
+
+impl Cache {
+    pub fn new(inner: Arc<dyn Upstream>) -> Cache {
+        Cache { inner, info_checked: Arc::default() }
+    }
+
+    pub fn url(&self) -> &str {
+        self.inner.url()
+    }
+
+    /// Reads `nix-cache-info` once and refuses a cache for another store directory.
+    /// A cache without the file is accepted, as Nix does.
+    pub async fn check_info(&self) -> Result<(), UpstreamError> {
+        self.info_checked
+            .get_or_try_init(|| async {
+                let path = CachePath::parse("nix-cache-info")?;
+                let Some(body) = self.get_small(&path, MAX_CACHE_INFO_SIZE).await? else {
+                    return Ok(());
+                };
+                let text = String::from_utf8_lossy(&body);
+                for line in text.lines() {
+                    if let Some(dir) = line.strip_prefix("StoreDir:") {
+                        let dir = dir.trim();
+                        if dir != STORE_DIR {
+                            return Err(UpstreamError::StoreDir { url: self.url().to_owned(), found: dir.to_owned() });
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Fetches `<hash>.narinfo`; `None` when the cache does not have it.
+    pub async fn narinfo(&self, hash_part: &str) -> Result<Option<Vec<u8>>, UpstreamError> {
+        self.check_info().await?;
+        let path = CachePath::parse(&format!("{hash_part}.narinfo"))?;
+        self.get_small(&path, MAX_NARINFO_SIZE).await
+    }
+
+    /// Opens a NAR named by a narinfo's unsigned `URL`, confined to this cache.
+    pub async fn nar(&self, url: &str) -> Result<Option<Fetched>, UpstreamError> {
+        let path = self.confine(url)?;
+        self.inner.get(&path).await
+    }
+
+    /// Fetches any path relative to the cache root.
+    pub async fn get(&self, path: &CachePath) -> Result<Option<Fetched>, UpstreamError> {
+        self.inner.get(path).await
+    }
+
+    /// Turns a narinfo `URL` into a path in this cache. Relative URLs are relative to the
+    /// cache root; an absolute URL must point into this very cache (same scheme, host and
+    /// base path), because `URL` is not signed: anything else could be used to make binplz
+    /// fetch from internal addresses.
+    pub fn confine(&self, url: &str) -> Result<CachePath, UpstreamError> {
+        if url.contains("://") {
+            let base = format!("{}/", self.url());
+            match url.strip_prefix(&base) {
+                Some(rest) => CachePath::parse(rest),
+                None => Err(UpstreamError::ForeignUrl { url: url.to_owned(), cache: self.url().to_owned() }),
+            }
+        } else {
+            CachePath::parse(url)
+        }
+    }
+
+    async fn get_small(&self, path: &CachePath, limit: usize) -> Result<Option<Vec<u8>>, UpstreamError> {
+        let Some(mut fetched) = self.inner.get(path).await? else {
+            return Ok(None);
+        };
+        let too_large = || UpstreamError::TooLarge { url: format!("{}/{path}", self.url()), limit: limit as u64 };
+        if fetched.len.is_some_and(|l| l > limit as u64) {
+            return Err(too_large());
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = fetched.body.next_chunk().await? {
+            if out.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(Some(out))
+    }
+}
