@@ -10,6 +10,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::ErrorKind;
 use crate::extract::{self, ExtractError, Extracted, Extractor};
+use crate::index::build::{self, BuildOptions};
+use crate::index::{format, Index, Lookup};
 use crate::narinfo::{Trust, CACHE_NIXOS_ORG_KEY};
 use crate::resolve::RelPath;
 use crate::upstream::{self, Cache, ClientConfig};
@@ -29,24 +31,43 @@ enum Command {
     /// binplz extract [--upstream URL]... STORE_PATH PATH [-o FILE]
     /// binplz extract --nar FILE [--nar-hash sha256:...] PATH [-o FILE]
     Extract(ExtractArgs),
+    /// Build and query program indexes.
+    #[command(subcommand)]
+    Index(IndexCommand),
 }
 
+/// Where store paths come from and which signatures count.
 #[derive(Debug, Args)]
-struct ExtractArgs {
+struct UpstreamArgs {
     /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in order.
-    #[arg(long = "upstream", value_name = "URL", env = "BINPLZ_UPSTREAM", value_delimiter = ' ',
-          default_value = "https://cache.nixos.org")]
+    #[arg(
+        long = "upstream",
+        value_name = "URL",
+        env = "BINPLZ_UPSTREAM",
+        value_delimiter = ' ',
+        default_value = "https://cache.nixos.org"
+    )]
     upstreams: Vec<String>,
 
     /// Public key whose signatures are trusted (NAME:BASE64). May repeat.
     /// Default: cache.nixos.org's key.
-    #[arg(long = "trusted-public-key", value_name = "NAME:BASE64", env = "BINPLZ_TRUSTED_PUBLIC_KEY",
-          value_delimiter = ' ')]
+    #[arg(
+        long = "trusted-public-key",
+        value_name = "NAME:BASE64",
+        env = "BINPLZ_TRUSTED_PUBLIC_KEY",
+        value_delimiter = ' '
+    )]
     trusted_public_keys: Vec<String>,
 
     /// Accept narinfos without a valid trusted signature (NarHash is still checked).
-    #[arg(long)]
+    #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
     no_require_sigs: bool,
+}
+
+#[derive(Debug, Args)]
+struct ExtractArgs {
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 
     /// Extract even a file that needs /nix/store at run time.
     #[arg(long)]
@@ -69,12 +90,68 @@ struct ExtractArgs {
     args: Vec<String>,
 }
 
+#[derive(Debug, Subcommand)]
+enum IndexCommand {
+    /// Build an index from evaluations (nix-eval-jobs JSON lines or nix-env JSON) and the cache.
+    Build(IndexBuildArgs),
+    /// Show which store path and file provide a program.
+    Show(IndexShowArgs),
+    /// Print an index's metadata and counts.
+    Stats {
+        /// The index file.
+        index: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct IndexBuildArgs {
+    /// An evaluation: `nix-eval-jobs` output or `nix-env -qaP --out-path --json`. May repeat
+    /// (one per system).
+    #[arg(long = "eval", value_name = "FILE", required = true)]
+    evals: Vec<PathBuf>,
+
+    #[command(flatten)]
+    upstream: UpstreamArgs,
+
+    /// The Nixpkgs revision the evaluation came from.
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
+
+    /// Store paths scanned at once.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    jobs: u16,
+
+    /// Where to write the index (atomically).
+    #[arg(short, long, value_name = "INDEX")]
+    output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct IndexShowArgs {
+    /// The index file.
+    index: PathBuf,
+    /// The program's name.
+    program: String,
+    /// Only from this attribute.
+    #[arg(long)]
+    attr: Option<String>,
+    /// The system (default: the index's only system, or x86_64-linux).
+    #[arg(long)]
+    system: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Runs the command line and returns the process's exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
         Command::Extract(args) => run_extract(args),
+        Command::Index(IndexCommand::Build(args)) => run_index_build(args),
+        Command::Index(IndexCommand::Show(args)) => run_index_show(args),
+        Command::Index(IndexCommand::Stats { index }) => run_index_stats(&index),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,7 +165,10 @@ pub fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .try_init();
 }
 
 type CliError = (ErrorKind, String);
@@ -97,8 +177,37 @@ fn fail(e: ExtractError) -> CliError {
     (e.kind(), e.to_string())
 }
 
+fn bad(msg: String) -> CliError {
+    (ErrorKind::BadRequest, msg)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (ErrorKind::Internal, e.to_string()))
+}
+
+impl UpstreamArgs {
+    fn extractor(&self, allow_nix_store_deps: bool) -> Result<Extractor, CliError> {
+        let keys = if self.trusted_public_keys.is_empty() {
+            vec![CACHE_NIXOS_ORG_KEY.to_owned()]
+        } else {
+            self.trusted_public_keys.clone()
+        };
+        let trust = Trust::new(&keys, !self.no_require_sigs).map_err(|e| bad(e.to_string()))?;
+        let config = ClientConfig::default();
+        let caches = self
+            .upstreams
+            .iter()
+            .map(|u| upstream::open(u, &config).map(Cache::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Extractor::new(caches, trust, allow_nix_store_deps))
+    }
+}
+
 fn run_extract(args: ExtractArgs) -> Result<(), CliError> {
-    let bad = |msg: String| (ErrorKind::BadRequest, msg);
     let tmp_dir = extract::temp_dir_for(args.output.as_deref());
     let extracted = match &args.nar {
         Some(nar) => {
@@ -106,37 +215,33 @@ fn run_extract(args: ExtractArgs) -> Result<(), CliError> {
                 return Err(bad("with --nar, give only the PATH inside the NAR".into()));
             };
             let nar_hash = match &args.nar_hash {
-                Some(h) => Some(crate::hash::parse_sha256(h).ok_or_else(|| bad(format!("invalid --nar-hash {h:?}")))?),
+                Some(h) => Some(
+                    crate::hash::parse_sha256(h)
+                        .ok_or_else(|| bad(format!("invalid --nar-hash {h:?}")))?,
+                ),
                 None => None,
             };
-            extract::extract_local(nar, nar_hash, &RelPath::parse(path.as_bytes()), &tmp_dir, args.allow_nix_store_deps)
-                .map_err(fail)?
+            extract::extract_local(
+                nar,
+                nar_hash,
+                &RelPath::parse(path.as_bytes()),
+                &tmp_dir,
+                args.allow_nix_store_deps,
+            )
+            .map_err(fail)?
         }
         None => {
             let [store_path, path] = args.args.as_slice() else {
-                return Err(bad("give a STORE_PATH and a PATH inside it (or use --nar FILE PATH)".into()));
+                return Err(bad(
+                    "give a STORE_PATH and a PATH inside it (or use --nar FILE PATH)".into(),
+                ));
             };
             let store_path = extract::parse_store_path(store_path).map_err(fail)?;
-            let keys = if args.trusted_public_keys.is_empty() {
-                vec![CACHE_NIXOS_ORG_KEY.to_owned()]
-            } else {
-                args.trusted_public_keys.clone()
-            };
-            let trust = Trust::new(&keys, !args.no_require_sigs).map_err(|e| bad(e.to_string()))?;
-            let config = ClientConfig::default();
-            let caches = args
-                .upstreams
-                .iter()
-                .map(|u| upstream::open(u, &config).map(Cache::new))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?;
-            let extractor = Extractor::new(caches, trust, args.allow_nix_store_deps);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
+            let extractor = args.upstream.extractor(args.allow_nix_store_deps)?;
             let path = RelPath::parse(path.as_bytes());
-            runtime.block_on(extractor.extract(&store_path, &path, &tmp_dir)).map_err(fail)?
+            runtime()?
+                .block_on(extractor.extract(&store_path, &path, &tmp_dir))
+                .map_err(fail)?
         }
     };
     write_out(extracted, args.output.as_deref()).map_err(|e| (ErrorKind::Internal, e))
@@ -144,21 +249,170 @@ fn run_extract(args: ExtractArgs) -> Result<(), CliError> {
 
 /// Moves the verified file into place (or copies it to stdout), then reports the verdict.
 fn write_out(extracted: Extracted, output: Option<&Path>) -> Result<(), String> {
-    let Extracted { file, size, executable, sha256, linkage, path, .. } = extracted;
+    let Extracted {
+        file,
+        size,
+        executable,
+        sha256,
+        linkage,
+        path,
+        ..
+    } = extracted;
     match output {
         Some(out) => {
             let mode = if executable { 0o755 } else { 0o644 };
             std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("cannot set permissions: {e}"))?;
-            file.as_file().sync_all().map_err(|e| format!("cannot write {}: {e}", out.display()))?;
-            file.persist(out).map_err(|e| format!("cannot write {}: {}", out.display(), e.error))?;
+            file.as_file()
+                .sync_all()
+                .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            file.persist(out)
+                .map_err(|e| format!("cannot write {}: {}", out.display(), e.error))?;
         }
         None => {
             let mut f = file.reopen().map_err(|e| e.to_string())?;
             let mut stdout = io::stdout().lock();
-            io::copy(&mut f, &mut stdout).and_then(|_| stdout.flush()).map_err(|e| format!("writing to stdout: {e}"))?;
+            io::copy(&mut f, &mut stdout)
+                .and_then(|_| stdout.flush())
+                .map_err(|e| format!("writing to stdout: {e}"))?;
         }
     }
-    eprintln!("binplz: {path}: {linkage}, {size} bytes, sha256 {}", crate::hash::hex(&sha256));
+    eprintln!(
+        "binplz: {path}: {linkage}, {size} bytes, sha256 {}",
+        crate::hash::hex(&sha256)
+    );
+    Ok(())
+}
+
+fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
+    let extractor = args.upstream.extractor(true)?;
+    let opts = BuildOptions {
+        evals: args.evals,
+        revision: args.revision,
+        jobs: usize::from(args.jobs),
+        progress: true,
+    };
+    let upstreams = args.upstream.upstreams.clone();
+    let built = runtime()?
+        .block_on(build::build(extractor, upstreams, opts))
+        .map_err(|e| bad(e.to_string()))?;
+    for w in &built.warnings {
+        eprintln!("binplz: warning: skipped {w}");
+    }
+    format::write(
+        &args.output,
+        &built.meta,
+        &built.programs,
+        &built.not_built,
+        &built.failures,
+    )
+    .map_err(|e| {
+        (
+            ErrorKind::Internal,
+            format!("cannot write {}: {e}", args.output.display()),
+        )
+    })?;
+    let s = &built.summary;
+    eprintln!(
+        "binplz: indexed {} attributes, {} outputs: {} programs, {} outputs not built, \
+         {} outputs failed, {} evaluation errors, {} lines skipped \
+         (listings: {} from .ls, {} from NARs, {} .ls rejected; {} links not followed)",
+        s.attributes,
+        s.outputs,
+        s.programs,
+        s.not_built,
+        s.failures,
+        s.eval_failures,
+        s.bad_lines,
+        s.from_listing,
+        s.from_nar,
+        s.listings_rejected,
+        s.skipped_links,
+    );
+    eprintln!("binplz: wrote {}", args.output.display());
+    Ok(())
+}
+
+fn load(path: &Path) -> Result<Index, CliError> {
+    Index::load(path).map_err(|e| bad(e.to_string()))
+}
+
+fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
+    let index = load(&args.index)?;
+    let system = match (&args.system, index.metadata().systems.as_slice()) {
+        (Some(s), _) => s.clone(),
+        (None, [only]) => only.clone(),
+        (None, _) => "x86_64-linux".to_owned(),
+    };
+    match index.resolve(&system, &args.program, args.attr.as_deref()) {
+        Lookup::Found(all) => {
+            let chosen = &all[0];
+            if args.json {
+                let candidates: Vec<serde_json::Value> = all
+                    .iter()
+                    .map(|c| serde_json::json!({"attr": c.attr, "store_path": c.store_path, "path": c.path}))
+                    .collect();
+                let v = serde_json::json!({
+                    "program": args.program,
+                    "system": system,
+                    "attr": chosen.attr,
+                    "output": chosen.output,
+                    "store_path": chosen.store_path,
+                    "path": chosen.path,
+                    "candidates": candidates,
+                });
+                println!("{v}");
+            } else {
+                println!("{} ({system})", args.program);
+                for (i, c) in all.iter().enumerate() {
+                    let mark = if i == 0 { "*" } else { " " };
+                    println!(
+                        "{mark} {}.{}  {}/{}  ({} bytes)",
+                        c.attr, c.output, c.store_path, c.path, c.size
+                    );
+                }
+            }
+            Ok(())
+        }
+        Lookup::NotBuilt { attr, store_path } => Err((
+            ErrorKind::NotBuilt,
+            format!(
+                "{} ({system}) is provided by {attr}, whose {store_path} is not built yet",
+                args.program
+            ),
+        )),
+        Lookup::Unknown { suggestions } => {
+            let hint = if suggestions.is_empty() {
+                String::new()
+            } else {
+                format!("; did you mean {}?", suggestions.join(", "))
+            };
+            let from = args
+                .attr
+                .as_deref()
+                .map(|a| format!(" from {a}"))
+                .unwrap_or_default();
+            Err((
+                ErrorKind::UnknownProgram,
+                format!("unknown program {}{from} for {system}{hint}", args.program),
+            ))
+        }
+    }
+}
+
+fn run_index_stats(path: &Path) -> Result<(), CliError> {
+    let index = load(path)?;
+    let m = index.metadata();
+    println!("index:      {}", path.display());
+    println!("format:     version {}", format::VERSION);
+    println!("revision:   {}", m.revision.as_deref().unwrap_or("(unknown)"));
+    println!("systems:    {}", m.systems.join(", "));
+    println!("created:    {} (Unix time)", m.created);
+    println!("upstreams:  {}", m.upstreams.join(", "));
+    println!("attributes: {}", m.attributes);
+    println!("outputs:    {}", m.outputs);
+    println!("programs:   {}", m.programs);
+    println!("not built:  {}", m.not_built);
+    println!("failures:   {}", m.failures);
     Ok(())
 }

@@ -24,7 +24,8 @@ use crate::error::ErrorKind;
 use crate::narinfo::{self, NarInfoError, Trust, VerifiedNarInfo};
 use crate::pipeline::{self, Captured, Expected, PassResult, PipelineError};
 use crate::resolve::{self, RelPath, ResolveError, Target};
-use crate::upstream::{Cache, UpstreamError};
+use crate::nar::{ls, Listing};
+use crate::upstream::{Cache, CachePath, UpstreamError};
 use crate::verdict::{self, Linkage};
 
 /// Async chunks buffered between the HTTP body and the decode thread (chunks are usually
@@ -46,21 +47,40 @@ pub enum ExtractError {
     #[error("{0}")]
     Codec(#[from] CodecError),
     #[error("{store_path}: {err}")]
-    Pipeline { store_path: String, err: PipelineError },
+    Pipeline {
+        store_path: String,
+        err: PipelineError,
+    },
     #[error("{store_path}: the compressed NAR is larger than its FileSize of {limit} bytes")]
     FileSizeExceeded { store_path: String, limit: u64 },
     #[error("{store_path}: FileHash mismatch: expected sha256:{expected}, got sha256:{got}")]
-    FileHashMismatch { store_path: String, expected: String, got: String },
+    FileHashMismatch {
+        store_path: String,
+        expected: String,
+        got: String,
+    },
     #[error("{store_path}: data after the end of the compressed NAR")]
     TrailingData { store_path: String },
     #[error("{store_path}: {err}")]
-    Resolve { store_path: String, err: ResolveError },
+    Resolve {
+        store_path: String,
+        err: ResolveError,
+    },
     #[error("{store_path}: {path} leads to {target}, which is not one of its signed references")]
-    NotAReference { store_path: String, path: RelPath, target: String },
+    NotAReference {
+        store_path: String,
+        path: RelPath,
+        target: String,
+    },
     #[error("{path} leads into {target}, which cannot be followed in a local NAR")]
     LocalReference { path: RelPath, target: String },
     #[error("{store_path}/{path} needs /nix/store at run time: {reason} (use --allow-nix-store-deps to extract it anyway)")]
-    NeedsNixStore { store_path: String, path: RelPath, reason: String, linkage: Linkage },
+    NeedsNixStore {
+        store_path: String,
+        path: RelPath,
+        reason: String,
+        linkage: Linkage,
+    },
     #[error("{0}")]
     Local(#[from] io::Error),
 }
@@ -72,7 +92,9 @@ impl ExtractError {
             ExtractError::NotInCache { .. } => ErrorKind::NotInCache,
             ExtractError::NarMissing { .. } => ErrorKind::UpstreamBroken,
             ExtractError::Upstream(e) => upstream_kind(e),
-            ExtractError::NarInfo(NarInfoError::Parse(_) | NarInfoError::NotSha256 { .. }) => ErrorKind::UpstreamBroken,
+            ExtractError::NarInfo(NarInfoError::Parse(_) | NarInfoError::NotSha256 { .. }) => {
+                ErrorKind::UpstreamBroken
+            }
             ExtractError::NarInfo(NarInfoError::Codec { .. }) => ErrorKind::UpstreamBroken,
             ExtractError::NarInfo(
                 NarInfoError::WrongStorePath { .. }
@@ -98,16 +120,18 @@ impl ExtractError {
             | ExtractError::FileHashMismatch { .. }
             | ExtractError::TrailingData { .. } => ErrorKind::VerificationFailed,
             ExtractError::Resolve { err, .. } => match err {
-                ResolveError::NotFound { .. } | ResolveError::IsADirectory { .. } | ResolveError::NotADirectory { .. } => {
-                    ErrorKind::UnknownProgram
-                }
+                ResolveError::NotFound { .. }
+                | ResolveError::IsADirectory { .. }
+                | ResolveError::NotADirectory { .. } => ErrorKind::UnknownProgram,
                 ResolveError::Escapes { .. }
                 | ResolveError::OutsideStore { .. }
                 | ResolveError::NotAReference { .. }
                 | ResolveError::Loop { .. }
                 | ResolveError::TooManyHops => ErrorKind::Refused,
             },
-            ExtractError::NotAReference { .. } | ExtractError::LocalReference { .. } => ErrorKind::Refused,
+            ExtractError::NotAReference { .. } | ExtractError::LocalReference { .. } => {
+                ErrorKind::Refused
+            }
             ExtractError::NeedsNixStore { .. } => ErrorKind::Refused,
             ExtractError::Local(_) => ErrorKind::Internal,
         }
@@ -124,11 +148,18 @@ fn upstream_kind(e: &UpstreamError) -> ErrorKind {
 
 /// Parses `/nix/store/<hash>-<name>` or `<hash>-<name>` (a trailing `/` is tolerated).
 pub fn parse_store_path(input: &str) -> Result<StorePath, ExtractError> {
-    let base = input.strip_prefix("/nix/store/").unwrap_or(input).trim_end_matches('/');
+    let base = input
+        .strip_prefix("/nix/store/")
+        .unwrap_or(input)
+        .trim_end_matches('/');
     if base.contains('/') {
-        return Err(ExtractError::BadStorePath { input: input.to_owned() });
+        return Err(ExtractError::BadStorePath {
+            input: input.to_owned(),
+        });
     }
-    StorePath::from_basename(base.as_bytes()).map_err(|_| ExtractError::BadStorePath { input: input.to_owned() })
+    StorePath::from_basename(base.as_bytes()).map_err(|_| ExtractError::BadStorePath {
+        input: input.to_owned(),
+    })
 }
 
 /// A verified file, still in its temp file.
@@ -176,11 +207,18 @@ fn source_error(io: &io::Error) -> Option<&FeedError> {
 
 impl Extractor {
     pub fn new(caches: Vec<Cache>, trust: Trust, allow_nix_store_deps: bool) -> Self {
-        Extractor { caches, trust, allow_nix_store_deps }
+        Extractor {
+            caches,
+            trust,
+            allow_nix_store_deps,
+        }
     }
 
     /// Fetches and verifies the narinfo of `store_path` from the first cache that has it.
-    pub async fn narinfo(&self, store_path: &StorePath) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
+    pub async fn narinfo(
+        &self,
+        store_path: &StorePath,
+    ) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
         let hash_part = &store_path.to_basename()[..32];
         for cache in &self.caches {
             if let Some(bytes) = cache.narinfo(hash_part).await? {
@@ -191,37 +229,59 @@ impl Extractor {
         }
         Err(ExtractError::NotInCache {
             store_path: store_path.to_absolute_path(),
-            tried: self.caches.iter().map(Cache::url).collect::<Vec<_>>().join(", "),
+            tried: self
+                .caches
+                .iter()
+                .map(Cache::url)
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
     /// Extracts `path` from `store_path` into a temp file in `tmp_dir`. Nothing is returned
     /// before every NAR involved has been verified.
-    pub async fn extract(&self, store_path: &StorePath, path: &RelPath, tmp_dir: &Path) -> Result<Extracted, ExtractError> {
+    pub async fn extract(
+        &self,
+        store_path: &StorePath,
+        path: &RelPath,
+        tmp_dir: &Path,
+    ) -> Result<Extracted, ExtractError> {
         let mut hops = 0;
         let mut store_path = store_path.clone();
         let mut path = path.clone();
         loop {
             let (cache, info) = self.narinfo(&store_path).await?;
-            let pass = self.pass(&cache, &info, &path, tmp_dir).await?;
+            let pass = self.pass(&cache, &info, Some(&path), tmp_dir).await?;
             let name = store_path.to_absolute_path();
             match resolve::resolve(&pass.listing, &path, &mut hops) {
-                Err(err) => return Err(ExtractError::Resolve { store_path: name, err }),
+                Err(err) => {
+                    return Err(ExtractError::Resolve {
+                        store_path: name,
+                        err,
+                    })
+                }
                 Ok(Target::File { path: found, .. }) => {
                     let captured = match pass.captured {
                         Some(c) if c.path == found => c,
                         // The file came before the symlink that leads to it: a second,
                         // independently verified pass for exactly that file.
                         _ => {
-                            let again = self.pass(&cache, &info, &found, tmp_dir).await?;
+                            let again = self.pass(&cache, &info, Some(&found), tmp_dir).await?;
                             captured_at(again, &found, &name)?
                         }
                     };
                     return self.finish(store_path, captured);
                 }
-                Ok(Target::StorePath { store_path: next, rest }) => {
+                Ok(Target::StorePath {
+                    store_path: next,
+                    rest,
+                }) => {
                     if !info.references(&next) {
-                        return Err(ExtractError::NotAReference { store_path: name, path, target: next.to_absolute_path() });
+                        return Err(ExtractError::NotAReference {
+                            store_path: name,
+                            path,
+                            target: next.to_absolute_path(),
+                        });
                     }
                     store_path = next;
                     path = rest;
@@ -235,11 +295,40 @@ impl Extractor {
         finish(Some(store_path), name, captured, self.allow_nix_store_deps)
     }
 
-    /// One verified pass over the NAR of `info`, from `cache`.
-    async fn pass(&self, cache: &Cache, info: &VerifiedNarInfo, wanted: &RelPath, tmp_dir: &Path) -> Result<PassResult, ExtractError> {
+    /// The tree of `store_path`: from the cache's `.ls` listing when it has one that agrees
+    /// with the signed NarSize, otherwise from a verified walk of the NAR itself.
+    pub async fn listing(
+        &self,
+        store_path: &StorePath,
+    ) -> Result<(VerifiedNarInfo, Listing, ListingSource), ExtractError> {
+        let (cache, info) = self.narinfo(store_path).await?;
+        let rejected = match fetch_ls(&cache, &info).await {
+            Ok(Some(listing)) => return Ok((info, listing, ListingSource::Ls)),
+            Ok(None) => None,
+            Err(reason) => {
+                tracing::warn!(%store_path, %reason, "listing rejected, walking the NAR");
+                Some(reason)
+            }
+        };
+        let pass = self.pass(&cache, &info, None, Path::new(".")).await?;
+        Ok((info, pass.listing, ListingSource::Nar { ls_rejected: rejected }))
+    }
+
+    /// One verified pass over the NAR of `info`, from `cache`, keeping the file at `wanted`
+    /// (or, without one, only listing the NAR).
+    async fn pass(
+        &self,
+        cache: &Cache,
+        info: &VerifiedNarInfo,
+        wanted: Option<&RelPath>,
+        tmp_dir: &Path,
+    ) -> Result<PassResult, ExtractError> {
         let store_path = info.store_path().to_absolute_path();
         let Some(mut fetched) = cache.nar(info.url()).await? else {
-            return Err(ExtractError::NarMissing { cache: cache.url().to_owned(), store_path });
+            return Err(ExtractError::NarMissing {
+                cache: cache.url().to_owned(),
+                store_path,
+            });
         };
         if let (Some(len), Some(limit)) = (fetched.len, info.file_size) {
             if len > limit {
@@ -247,10 +336,20 @@ impl Extractor {
             }
         }
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(BODY_CHANNEL_DEPTH);
-        let expected = Expected { nar_hash: Some(info.nar_hash), nar_size: Some(info.nar_size) };
-        let (codec, wanted, dir) = (info.codec, wanted.clone(), tmp_dir.to_owned());
+        let expected = Expected {
+            nar_hash: Some(info.nar_hash),
+            nar_size: Some(info.nar_size),
+        };
+        let (codec, wanted, dir) = (info.codec, wanted.cloned(), tmp_dir.to_owned());
         let pass = tokio::task::spawn_blocking(move || {
-            pipeline::run_pass(ChannelReader { rx, cur: Bytes::new() }, codec, expected, &wanted, &dir)
+            let source = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            };
+            match wanted {
+                Some(wanted) => pipeline::run_pass(source, codec, expected, &wanted, &dir),
+                None => pipeline::list_nar(source, codec, expected),
+            }
         });
         let (file_size, file_hash) = (info.file_size, info.file_hash);
         let feed = async move {
@@ -261,7 +360,9 @@ impl Extractor {
                     Ok(Some(chunk)) => {
                         total += chunk.len() as u64;
                         if file_size.is_some_and(|l| total > l) {
-                            FeedError::FileSize { limit: file_size.unwrap_or_default() }
+                            FeedError::FileSize {
+                                limit: file_size.unwrap_or_default(),
+                            }
                         } else {
                             if file_hash.is_some() {
                                 hasher.update(&chunk);
@@ -288,7 +389,10 @@ impl Extractor {
                 let report = match &err {
                     FeedError::Upstream(e) => FeedError::Upstream(e.clone()),
                     FeedError::FileSize { limit } => FeedError::FileSize { limit: *limit },
-                    FeedError::FileHash { expected, got } => FeedError::FileHash { expected: *expected, got: *got },
+                    FeedError::FileHash { expected, got } => FeedError::FileHash {
+                        expected: *expected,
+                        got: *got,
+                    },
                 };
                 let _ = tx.send(Err(io::Error::other(report))).await;
                 return Err(Some(err));
@@ -303,7 +407,8 @@ impl Extractor {
                 r = &mut feed, if fed.is_none() => fed = Some(r),
             }
         };
-        let result = result.map_err(|e| io::Error::other(format!("extraction thread failed: {e}")))?;
+        let result =
+            result.map_err(|e| io::Error::other(format!("extraction thread failed: {e}")))?;
         let pass = match result {
             Ok(pass) => pass,
             // A feed error is the cause; the pipeline only saw its echo.
@@ -339,12 +444,18 @@ fn feed_error(store_path: String, e: FeedError) -> ExtractError {
     }
 }
 
-fn captured_at(pass: PassResult, found: &RelPath, store_path: &str) -> Result<Captured, ExtractError> {
+fn captured_at(
+    pass: PassResult,
+    found: &RelPath,
+    store_path: &str,
+) -> Result<Captured, ExtractError> {
     match pass.captured {
         Some(c) if c.path == *found => Ok(c),
         _ => Err(ExtractError::Resolve {
             store_path: store_path.to_owned(),
-            err: ResolveError::NotFound { path: found.clone() },
+            err: ResolveError::NotFound {
+                path: found.clone(),
+            },
         }),
     }
 }
@@ -393,15 +504,27 @@ pub fn extract_local(
         let n = read_up_to(&mut file, &mut head)?;
         let codec = Codec::sniff(&head[..n], nar.file_name().and_then(|n| n.to_str()))?;
         let file = io::Cursor::new(head[..n].to_vec()).chain(file);
-        let expected = Expected { nar_hash, nar_size: None };
-        pipeline::run_pass(file, codec, expected, wanted, tmp_dir)
-            .map_err(|err| ExtractError::Pipeline { store_path: nar.display().to_string(), err })
+        let expected = Expected {
+            nar_hash,
+            nar_size: None,
+        };
+        pipeline::run_pass(file, codec, expected, wanted, tmp_dir).map_err(|err| {
+            ExtractError::Pipeline {
+                store_path: nar.display().to_string(),
+                err,
+            }
+        })
     };
     let pass = open(path)?;
     let name = nar.display().to_string();
     let mut hops = 0;
     let captured = match resolve::resolve(&pass.listing, path, &mut hops) {
-        Err(err) => return Err(ExtractError::Resolve { store_path: name, err }),
+        Err(err) => {
+            return Err(ExtractError::Resolve {
+                store_path: name,
+                err,
+            })
+        }
         Ok(Target::StorePath { store_path, rest }) => {
             return Err(ExtractError::LocalReference {
                 path: path.clone(),
@@ -427,6 +550,52 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Where a store path's listing came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListingSource {
+    /// The cache's `.ls` file, checked against the signed NarSize.
+    Ls,
+    /// A verified walk of the NAR; `ls_rejected` says why a listing was not used.
+    Nar { ls_rejected: Option<String> },
+}
+
+/// Fetches, decompresses, parses and checks `<hash>.ls`. `Ok(None)`: the cache has none.
+/// Listings are sometimes served compressed without `Content-Encoding`: sniff the magic.
+async fn fetch_ls(cache: &Cache, info: &VerifiedNarInfo) -> Result<Option<Listing>, String> {
+    let hash = &info.store_path().to_basename()[..32];
+    let path = CachePath::parse(&format!("{hash}.ls")).map_err(|e| e.to_string())?;
+    let Some(mut fetched) = cache.get(&path).await.map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = fetched.body.next_chunk().await.map_err(|e| e.to_string())? {
+        if body.len() + chunk.len() > ls::MAX_LS_SIZE {
+            return Err(format!("larger than {} bytes", ls::MAX_LS_SIZE));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let nar_size = info.nar_size;
+    let parsed = tokio::task::spawn_blocking(move || -> Result<Listing, String> {
+        let json = if body.first() == Some(&b'{') {
+            body
+        } else {
+            let codec = Codec::sniff(&body, None).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            codec
+                .decoder(body.as_slice())
+                .and_then(|d| d.take(ls::MAX_LS_SIZE as u64 + 1).read_to_end(&mut out))
+                .map_err(|e| format!("cannot decompress: {e}"))?;
+            out
+        };
+        let listing = ls::parse(&json).map_err(|e| e.to_string())?;
+        ls::check_against(&listing, nar_size).map_err(|e| e.to_string())?;
+        Ok(listing)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    parsed.map(Some)
 }
 
 /// The decode thread's view of the async body: a blocking `Read` over the channel.

@@ -10,10 +10,12 @@ pub fn nix32(digest: &[u8]) -> String {
 /// Lower-case hexadecimal, as `sha256sum` prints it.
 pub fn hex(digest: &[u8]) -> String {
     use std::fmt::Write;
-    digest.iter().fold(String::with_capacity(digest.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    digest
+        .iter()
+        .fold(String::with_capacity(digest.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Parses a SHA-256 hash in any of Nix's spellings (`sha256:<nix32|hex|base64>` or SRI).

@@ -4,6 +4,7 @@ pub mod codec;
 pub mod error;
 pub mod extract;
 pub mod hash;
+pub mod index;
 pub mod nar;
 pub mod narinfo;
 pub mod pipeline;

@@ -12,7 +12,8 @@ use nix_narinfo::{NarInfo, TrustedPublicKey};
 use crate::codec::{Codec, CodecError};
 
 /// The key of cache.nixos.org, trusted when no key is configured (as in Nix).
-pub const CACHE_NIXOS_ORG_KEY: &str = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+pub const CACHE_NIXOS_ORG_KEY: &str =
+    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
 /// Which signatures count.
 #[derive(Debug, Clone)]
@@ -35,14 +36,19 @@ impl Trust {
         let mut parsed: Vec<TrustedPublicKey> = Vec::new();
         for k in keys {
             let k = k.as_ref();
-            let key = TrustedPublicKey::parse(k)
-                .map_err(|e| KeyConfigError::Invalid { key: k.to_owned(), err: e.to_string() })?;
+            let key = TrustedPublicKey::parse(k).map_err(|e| KeyConfigError::Invalid {
+                key: k.to_owned(),
+                err: e.to_string(),
+            })?;
             if parsed.iter().any(|p| p.name == key.name) {
                 return Err(KeyConfigError::Duplicate(key.name));
             }
             parsed.push(key);
         }
-        Ok(Trust { keys: parsed, require_sigs })
+        Ok(Trust {
+            keys: parsed,
+            require_sigs,
+        })
     }
 
     pub fn require_sigs(&self) -> bool {
@@ -96,12 +102,20 @@ impl VerifiedNarInfo {
 }
 
 /// Parses `bytes` and checks it against `requested` and `trust`.
-pub fn verify(bytes: &[u8], requested: &StorePath, trust: &Trust) -> Result<VerifiedNarInfo, NarInfoError> {
+pub fn verify(
+    bytes: &[u8],
+    requested: &StorePath,
+    trust: &Trust,
+) -> Result<VerifiedNarInfo, NarInfoError> {
     let store_dir = StoreDir::default();
-    let info = NarInfo::parse_in(&store_dir, bytes).map_err(|e| NarInfoError::Parse(e.to_string()))?;
+    let info =
+        NarInfo::parse_in(&store_dir, bytes).map_err(|e| NarInfoError::Parse(e.to_string()))?;
     let path = requested.to_absolute_path();
     if info.store_path() != requested {
-        return Err(NarInfoError::WrongStorePath { expected: path, got: info.store_path().to_absolute_path() });
+        return Err(NarInfoError::WrongStorePath {
+            expected: path,
+            got: info.store_path().to_absolute_path(),
+        });
     }
     if trust.require_sigs && !info.has_valid_signature(&store_dir, &trust.keys) {
         let names = |trusted: bool| {
@@ -117,20 +131,37 @@ pub fn verify(bytes: &[u8], requested: &StorePath, trust: &Trust) -> Result<Veri
         return Err(if info.signatures().is_empty() {
             NarInfoError::Unsigned { path }
         } else if names(true).is_empty() {
-            NarInfoError::UntrustedKeys { path, names: names(false) }
+            NarInfoError::UntrustedKeys {
+                path,
+                names: names(false),
+            }
         } else {
-            NarInfoError::BadSignature { path, names: names(true) }
+            NarInfoError::BadSignature {
+                path,
+                names: names(true),
+            }
         });
     }
     let NixHash::Sha256(nar_hash) = info.nar_hash() else {
         return Err(NarInfoError::NotSha256 { path });
     };
     let nar_hash = *nar_hash;
-    let codec = Codec::from_narinfo(Some(info.compression().as_str()))
-        .map_err(|err| NarInfoError::Codec { path: path.clone(), err })?;
+    let codec = Codec::from_narinfo(Some(info.compression().as_str())).map_err(|err| {
+        NarInfoError::Codec {
+            path: path.clone(),
+            err,
+        }
+    })?;
     let file_hash = match info.file_hash() {
         Some(NixHash::Sha256(d)) => Some(*d),
         _ => None,
     };
-    Ok(VerifiedNarInfo { nar_size: info.nar_size(), file_size: info.file_size(), codec, nar_hash, file_hash, info })
+    Ok(VerifiedNarInfo {
+        nar_size: info.nar_size(),
+        file_size: info.file_size(),
+        codec,
+        nar_hash,
+        file_hash,
+        info,
+    })
 }

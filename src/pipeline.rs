@@ -134,6 +134,25 @@ pub fn run_pass<R: Read + Send + 'static>(
     wanted: &RelPath,
     tmp_dir: &Path,
 ) -> Result<PassResult, PipelineError> {
+    run(source, codec, expected, Some(wanted), tmp_dir)
+}
+
+/// A verified pass that only lists the NAR (for the index builder): no file is kept.
+pub fn list_nar<R: Read + Send + 'static>(
+    source: R,
+    codec: Codec,
+    expected: Expected,
+) -> Result<PassResult, PipelineError> {
+    run(source, codec, expected, None, Path::new("."))
+}
+
+fn run<R: Read + Send + 'static>(
+    source: R,
+    codec: Codec,
+    expected: Expected,
+    wanted: Option<&RelPath>,
+    tmp_dir: &Path,
+) -> Result<PassResult, PipelineError> {
     // One byte more than NarSize is enough to tell "too long" without decoding a bomb.
     let cap = expected.nar_size.map(|s| s.saturating_add(1));
     let input = match codec {
@@ -152,7 +171,7 @@ pub fn run_pass<R: Read + Send + 'static>(
     };
     let mut visitor = PassVisitor {
         listing: ListingBuilder::new(),
-        guess: wanted.clone(),
+        guess: wanted.cloned(),
         captured: None,
         tmp_dir,
     };
@@ -164,7 +183,10 @@ pub fn run_pass<R: Read + Send + 'static>(
     }
     if let Some(size) = expected.nar_size {
         if count != size {
-            return Err(PipelineError::SizeMismatch { expected: size, got: count });
+            return Err(PipelineError::SizeMismatch {
+                expected: size,
+                got: count,
+            });
         }
     }
     if let Some(want) = expected.nar_hash {
@@ -179,21 +201,34 @@ pub fn run_pass<R: Read + Send + 'static>(
         .listing
         .finish()
         .ok_or_else(|| PipelineError::Local(io::Error::other("empty NAR listing")))?;
-    Ok(PassResult { listing, captured: visitor.captured, nar_hash: hash, nar_size: count })
+    Ok(PassResult {
+        listing,
+        captured: visitor.captured,
+        nar_hash: hash,
+        nar_size: count,
+    })
 }
 
 fn classify(e: NarError, codec: Codec, expected: Expected) -> PipelineError {
-    let NarError::Io(io) = e else { return PipelineError::Nar(e) };
-    let Some(inner) = io.get_ref() else { return PipelineError::Local(io) };
+    let NarError::Io(io) = e else {
+        return PipelineError::Nar(e);
+    };
+    let Some(inner) = io.get_ref() else {
+        return PipelineError::Local(io);
+    };
     if inner.is::<SourceError>() {
-        let src = io.into_inner().and_then(|b| b.downcast::<SourceError>().ok());
+        let src = io
+            .into_inner()
+            .and_then(|b| b.downcast::<SourceError>().ok());
         return match src {
             Some(s) => PipelineError::Source(s.0),
             None => PipelineError::Local(io::Error::other("source error")),
         };
     }
     if inner.is::<TooLongError>() {
-        return PipelineError::TooLong { limit: expected.nar_size.unwrap_or(0) };
+        return PipelineError::TooLong {
+            limit: expected.nar_size.unwrap_or(0),
+        };
     }
     if inner.is::<DecodeError>() {
         let err = io
@@ -221,7 +256,9 @@ fn decode_thread<R: Read + Send>(
     };
     let mut decoder = decoder.take(cap.unwrap_or(u64::MAX));
     loop {
-        let mut buf = recycle.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        let mut buf = recycle
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
         buf.resize(CHUNK, 0);
         let mut filled = 0;
         let res = loop {
@@ -270,15 +307,36 @@ struct HashedInput {
 
 enum Src {
     Reader(Box<dyn Read + Send>),
-    Channel { rx: mpsc::Receiver<io::Result<Vec<u8>>>, recycle: mpsc::Sender<Vec<u8>> },
+    Channel {
+        rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+        recycle: mpsc::Sender<Vec<u8>>,
+    },
 }
 
 impl HashedInput {
     fn reader(r: Box<dyn Read + Send>, cap: Option<u64>) -> Self {
-        Self { src: Src::Reader(r), cur: Vec::with_capacity(CHUNK), pos: 0, hasher: Sha256::new(), count: 0, cap }
+        Self {
+            src: Src::Reader(r),
+            cur: Vec::with_capacity(CHUNK),
+            pos: 0,
+            hasher: Sha256::new(),
+            count: 0,
+            cap,
+        }
     }
-    fn channel(rx: mpsc::Receiver<io::Result<Vec<u8>>>, recycle: mpsc::Sender<Vec<u8>>, cap: Option<u64>) -> Self {
-        Self { src: Src::Channel { rx, recycle }, cur: Vec::new(), pos: 0, hasher: Sha256::new(), count: 0, cap }
+    fn channel(
+        rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+        recycle: mpsc::Sender<Vec<u8>>,
+        cap: Option<u64>,
+    ) -> Self {
+        Self {
+            src: Src::Channel { rx, recycle },
+            cur: Vec::new(),
+            pos: 0,
+            hasher: Sha256::new(),
+            count: 0,
+            cap,
+        }
     }
     fn finish(self) -> ([u8; 32], u64) {
         (self.hasher.finalize().into(), self.count)
@@ -341,7 +399,7 @@ struct PassVisitor<'a> {
     listing: ListingBuilder,
     /// Where the wanted file is thought to be, updated when a relative symlink on the way
     /// is met before its target (archive order is sorted, so targets often come later).
-    guess: RelPath,
+    guess: Option<RelPath>,
     captured: Option<Captured>,
     tmp_dir: &'a Path,
 }
@@ -353,11 +411,17 @@ impl Visitor for PassVisitor<'_> {
 
     fn symlink(&mut self, path: &[Vec<u8>], target: &[u8]) -> io::Result<()> {
         self.listing.symlink(path, target)?;
-        let guess = &self.guess.0;
+        let Some(guess) = self.guess.as_ref().map(|g| &g.0) else {
+            return Ok(());
+        };
         if !target.starts_with(b"/") && path.len() <= guess.len() && guess[..path.len()] == *path {
             let mut next: Vec<Vec<u8>> = path[..path.len().saturating_sub(1)].to_vec();
             let mut ok = !path.is_empty();
-            for c in RelPath::parse(target).0.into_iter().chain(guess[path.len()..].iter().cloned()) {
+            for c in RelPath::parse(target)
+                .0
+                .into_iter()
+                .chain(guess[path.len()..].iter().cloned())
+            {
                 if c == b".." {
                     ok &= next.pop().is_some();
                 } else {
@@ -365,18 +429,26 @@ impl Visitor for PassVisitor<'_> {
                 }
             }
             if ok {
-                self.guess = RelPath(next);
+                self.guess = Some(RelPath(next));
             }
         }
         Ok(())
     }
 
-    fn file(&mut self, path: &[Vec<u8>], meta: FileMeta, contents: &mut dyn BufRead) -> io::Result<()> {
+    fn file(
+        &mut self,
+        path: &[Vec<u8>],
+        meta: FileMeta,
+        contents: &mut dyn BufRead,
+    ) -> io::Result<()> {
         self.listing.file(path, meta, contents)?;
-        if self.captured.is_some() || path != self.guess.0.as_slice() {
+        if self.captured.is_some() || self.guess.as_ref().is_none_or(|g| path != g.0.as_slice()) {
             return Ok(());
         }
-        let mut file = tempfile::Builder::new().prefix(".binplz-").suffix(".tmp").tempfile_in(self.tmp_dir)?;
+        let mut file = tempfile::Builder::new()
+            .prefix(".binplz-")
+            .suffix(".tmp")
+            .tempfile_in(self.tmp_dir)?;
         let mut hasher = Sha256::new();
         loop {
             let buf = contents.fill_buf()?;
@@ -396,5 +468,105 @@ impl Visitor for PassVisitor<'_> {
             sha256: hasher.finalize().into(),
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nar::writer::{write_nar, Entry};
+
+    fn nar() -> Vec<u8> {
+        write_nar(&Entry::dir([
+            ("bin", Entry::dir([("tool", Entry::symlink("../libexec/tool"))])),
+            ("libexec", Entry::dir([("tool", Entry::executable(vec![42u8; 100_000]))])),
+        ]))
+    }
+
+    fn expected(nar: &[u8]) -> Expected {
+        Expected { nar_hash: Some(Sha256::digest(nar).into()), nar_size: Some(nar.len() as u64) }
+    }
+
+    fn run(data: Vec<u8>, codec: Codec, exp: Expected) -> Result<PassResult, PipelineError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = run_pass(io::Cursor::new(data), codec, exp, &RelPath::parse(b"bin/tool"), dir.path());
+        if r.is_err() {
+            assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "temp file left behind");
+        }
+        r
+    }
+
+    #[test]
+    fn wanted_file_is_captured_through_a_symlink_met_first() {
+        let nar = nar();
+        for codec in [Codec::None, Codec::Zstd] {
+            let data = if codec == Codec::Zstd { zstd::encode_all(nar.as_slice(), 3).expect("zstd") } else { nar.clone() };
+            let pass = run(data, codec, expected(&nar)).expect("verified");
+            let mut c = pass.captured.expect("captured");
+            std::io::Seek::rewind(c.file.as_file_mut()).expect("rewind");
+            assert_eq!(c.path, RelPath::parse(b"libexec/tool"));
+            assert!(c.executable);
+            // The directory is gone, but the open temp file is still readable.
+            let mut bytes = Vec::new();
+            c.file.as_file().read_to_end(&mut bytes).expect("read");
+            assert_eq!(bytes, vec![42u8; 100_000]);
+            assert_eq!(pass.nar_size, nar.len() as u64);
+        }
+    }
+
+    #[test]
+    fn hash_and_size_mismatches_are_refused() {
+        let nar = nar();
+        let mut exp = expected(&nar);
+        exp.nar_hash = Some([0; 32]);
+        assert!(matches!(run(nar.clone(), Codec::None, exp), Err(PipelineError::HashMismatch { .. })));
+        let mut exp = expected(&nar);
+        exp.nar_size = Some(nar.len() as u64 + 8);
+        assert!(matches!(run(nar.clone(), Codec::None, exp), Err(PipelineError::SizeMismatch { .. })));
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_nar_size_plus_one() {
+        // 64 MiB of zeros behind a valid NAR prefix, claiming to be a 1 KiB NAR.
+        let mut data = nar();
+        data.resize(64 << 20, 0);
+        let bomb = zstd::encode_all(data.as_slice(), 3).expect("zstd");
+        assert!(bomb.len() < 1 << 20);
+        let exp = Expected { nar_hash: None, nar_size: Some(1024) };
+        let r = run(bomb, Codec::Zstd, exp);
+        assert!(matches!(r, Err(PipelineError::TooLong { limit: 1024 }) | Err(PipelineError::Nar(_))), "{r:?}");
+    }
+
+    #[test]
+    fn data_after_the_nar_is_refused() {
+        let mut data = nar();
+        data.extend_from_slice(&[0; 8]);
+        let r = run(data, Codec::None, Expected::default());
+        assert!(matches!(r, Err(PipelineError::Nar(NarError::TrailingData { .. }))), "{r:?}");
+    }
+
+    #[test]
+    fn corrupt_compressed_data_is_a_decode_error() {
+        let mut data = zstd::encode_all(nar().as_slice(), 3).expect("zstd");
+        let mid = data.len() / 2;
+        data[mid] ^= 0xff;
+        data.truncate(data.len() - 4);
+        let r = run(data, Codec::Zstd, Expected::default());
+        assert!(matches!(r, Err(PipelineError::Decode { .. } | PipelineError::Nar(_))), "{r:?}");
+    }
+
+    #[test]
+    fn source_errors_are_told_apart_from_the_bytes() {
+        struct Failing;
+        impl Read for Failing {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset"))
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        for codec in [Codec::None, Codec::Xz] {
+            let r = run_pass(Failing, codec, Expected::default(), &RelPath::default(), dir.path());
+            assert!(matches!(&r, Err(PipelineError::Source(e)) if e.kind() == io::ErrorKind::ConnectionReset), "{r:?}");
+        }
     }
 }

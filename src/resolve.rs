@@ -57,9 +57,16 @@ impl fmt::Debug for RelPath {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// A regular file in this NAR.
-    File { path: RelPath, size: u64, executable: bool },
+    File {
+        path: RelPath,
+        size: u64,
+        executable: bool,
+    },
     /// Into another store path: `rest` is to be resolved there.
-    StorePath { store_path: StorePath, rest: RelPath },
+    StorePath {
+        store_path: StorePath,
+        rest: RelPath,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,17 +81,42 @@ pub enum ResolveError {
     Escapes { link: RelPath, target: String },
     #[error("symlink {link} -> {target} points outside /nix/store")]
     OutsideStore { link: RelPath, target: String },
-    #[error("symlink {link} -> {target} points into {store_path}, which is not a signed reference")]
-    NotAReference { link: RelPath, target: String, store_path: String },
+    #[error(
+        "symlink {link} -> {target} points into {store_path}, which is not a signed reference"
+    )]
+    NotAReference {
+        link: RelPath,
+        target: String,
+        store_path: String,
+    },
     #[error("symlink {link} is part of a loop")]
     Loop { link: RelPath },
     #[error("more than {MAX_SYMLINK_HOPS} symlinks to follow")]
     TooManyHops,
 }
 
-/// Resolves `path` in `listing`, counting followed symlinks in `hops` (shared across
-/// store paths by the caller).
-pub fn resolve(listing: &Listing, path: &RelPath, hops: &mut usize) -> Result<Target, ResolveError> {
+/// Resolves `path` in `listing` to a regular file, counting followed symlinks in `hops`
+/// (shared across store paths by the caller).
+pub fn resolve(
+    listing: &Listing,
+    path: &RelPath,
+    hops: &mut usize,
+) -> Result<Target, ResolveError> {
+    match walk(listing, path, hops)? {
+        Walked::Directory(path) => Err(ResolveError::IsADirectory { path }),
+        Walked::Target(t) => Ok(t),
+    }
+}
+
+/// Where [`walk`] ends: a file or another store path, or a directory of this NAR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Walked {
+    Target(Target),
+    Directory(RelPath),
+}
+
+/// Like [`resolve`], but a directory is a valid end (used to list `bin/`).
+pub fn walk(listing: &Listing, path: &RelPath, hops: &mut usize) -> Result<Walked, ResolveError> {
     // `cur` always names a directory (or the root); `todo` holds the components still to walk,
     // reversed so the next one is at the end.
     let mut cur: Vec<Vec<u8>> = Vec::new();
@@ -99,7 +131,10 @@ pub fn resolve(listing: &Listing, path: &RelPath, hops: &mut usize) -> Result<Ta
         } else if let Some(c) = todo.pop() {
             if c == b".." {
                 if cur.pop().is_none() {
-                    return Err(ResolveError::Escapes { link: path.clone(), target: path.to_string() });
+                    return Err(ResolveError::Escapes {
+                        link: path.clone(),
+                        target: path.to_string(),
+                    });
                 }
                 continue;
             }
@@ -107,20 +142,29 @@ pub fn resolve(listing: &Listing, path: &RelPath, hops: &mut usize) -> Result<Ta
             p.push(c);
             node_path = p;
         } else {
-            // Ran out of components while standing on a directory.
-            return Err(ResolveError::IsADirectory { path: RelPath(cur) });
+            return Ok(Walked::Directory(RelPath(cur)));
         }
         at_root = false;
         let Some(node) = listing.get(&node_path) else {
-            return Err(ResolveError::NotFound { path: RelPath(node_path) });
+            return Err(ResolveError::NotFound {
+                path: RelPath(node_path),
+            });
         };
         match node {
             Node::Directory { .. } => cur = node_path,
-            Node::Regular { size, executable, .. } => {
+            Node::Regular {
+                size, executable, ..
+            } => {
                 if !todo.is_empty() {
-                    return Err(ResolveError::NotADirectory { path: RelPath(node_path) });
+                    return Err(ResolveError::NotADirectory {
+                        path: RelPath(node_path),
+                    });
                 }
-                return Ok(Target::File { path: RelPath(node_path), size: *size, executable: *executable });
+                return Ok(Walked::Target(Target::File {
+                    path: RelPath(node_path),
+                    size: *size,
+                    executable: *executable,
+                }));
             }
             Node::Symlink { target } => {
                 let link = RelPath(node_path.clone());
@@ -135,23 +179,38 @@ pub fn resolve(listing: &Listing, path: &RelPath, hops: &mut usize) -> Result<Ta
                 if let Some(rest) = target.strip_prefix(STORE_DIR) {
                     let mut parts = RelPath::parse(rest).0;
                     if parts.is_empty() {
-                        return Err(ResolveError::OutsideStore { link, target: shown });
+                        return Err(ResolveError::OutsideStore {
+                            link,
+                            target: shown,
+                        });
                     }
                     let base = parts.remove(0);
                     let Ok(store_path) = StorePath::from_basename(&base) else {
-                        return Err(ResolveError::OutsideStore { link, target: shown });
+                        return Err(ResolveError::OutsideStore {
+                            link,
+                            target: shown,
+                        });
                     };
                     parts.extend(todo.into_iter().rev());
-                    return Ok(Target::StorePath { store_path, rest: RelPath(parts) });
+                    return Ok(Walked::Target(Target::StorePath {
+                        store_path,
+                        rest: RelPath(parts),
+                    }));
                 }
                 if target.starts_with(b"/") {
-                    return Err(ResolveError::OutsideStore { link, target: shown });
+                    return Err(ResolveError::OutsideStore {
+                        link,
+                        target: shown,
+                    });
                 }
                 // Relative: walk the target from the link's directory, then what was left.
                 let mut link_dir = node_path;
                 link_dir.pop();
                 if is_escape(&link_dir, target) {
-                    return Err(ResolveError::Escapes { link, target: shown });
+                    return Err(ResolveError::Escapes {
+                        link,
+                        target: shown,
+                    });
                 }
                 cur = link_dir;
                 todo.extend(RelPath::parse(target).0.into_iter().rev());
@@ -181,4 +240,162 @@ fn is_escape(dir: &[Vec<u8>], target: &[u8]) -> bool {
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nar::listing::ListingBuilder;
+    use crate::nar::read_nar;
+    use crate::nar::writer::{write_nar, Entry};
+
+    const HELLO: &str = "/nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0";
+
+    fn listing(root: &Entry) -> Listing {
+        let nar = write_nar(root);
+        let mut b = ListingBuilder::new();
+        read_nar(nar.as_slice(), None, &mut b).expect("valid NAR");
+        b.finish().expect("root")
+    }
+
+    fn tree() -> Listing {
+        listing(&Entry::dir([
+            (
+                "bin",
+                Entry::dir([
+                    ("a", Entry::symlink("b")),
+                    ("abs", Entry::symlink(format!("{HELLO}/bin/hello"))),
+                    ("b", Entry::symlink("../libexec/tool")),
+                    ("dangling", Entry::symlink("nope")),
+                    ("dir", Entry::symlink("../libexec")),
+                    ("escape", Entry::symlink("../../etc/passwd")),
+                    ("etc", Entry::symlink("/etc/passwd")),
+                    ("loop1", Entry::symlink("loop2")),
+                    ("loop2", Entry::symlink("loop1")),
+                    ("plain", Entry::executable("x")),
+                    ("self", Entry::symlink(".")),
+                    ("storeroot", Entry::symlink("/nix/store")),
+                ]),
+            ),
+            ("libexec", Entry::dir([("tool", Entry::executable("tool"))])),
+        ]))
+    }
+
+    fn go(l: &Listing, p: &str) -> Result<Target, ResolveError> {
+        resolve(l, &RelPath::parse(p.as_bytes()), &mut 0)
+    }
+
+    fn file(p: &str) -> Result<Target, ResolveError> {
+        Ok(Target::File {
+            path: RelPath::parse(p.as_bytes()),
+            size: p.len().min(4) as u64,
+            executable: true,
+        })
+    }
+
+    #[test]
+    fn plain_file_resolves_to_itself() {
+        assert_eq!(
+            go(&tree(), "bin/plain"),
+            Ok(Target::File {
+                path: RelPath::parse(b"bin/plain"),
+                size: 1,
+                executable: true
+            })
+        );
+    }
+
+    #[test]
+    fn relative_symlinks_chain_inside_the_output() {
+        assert_eq!(go(&tree(), "bin/a"), file("libexec/tool"));
+        assert_eq!(go(&tree(), "bin/dir/tool"), file("libexec/tool"));
+        assert_eq!(
+            go(&tree(), "bin/self/plain"),
+            Ok(Target::File {
+                path: RelPath::parse(b"bin/plain"),
+                size: 1,
+                executable: true
+            })
+        );
+    }
+
+    #[test]
+    fn absolute_store_link_leaves_the_nar_with_the_rest_of_the_path() {
+        let Ok(Target::StorePath { store_path, rest }) = go(&tree(), "bin/abs") else {
+            panic!("expected a store path")
+        };
+        assert_eq!(store_path.to_absolute_path(), HELLO);
+        assert_eq!(rest, RelPath::parse(b"bin/hello"));
+    }
+
+    #[test]
+    fn escaping_and_foreign_links_are_refused() {
+        assert!(matches!(
+            go(&tree(), "bin/escape"),
+            Err(ResolveError::Escapes { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "bin/etc"),
+            Err(ResolveError::OutsideStore { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "bin/storeroot"),
+            Err(ResolveError::OutsideStore { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "../x"),
+            Err(ResolveError::Escapes { .. })
+        ));
+    }
+
+    #[test]
+    fn loops_dangling_links_and_directories_are_errors() {
+        assert!(matches!(
+            go(&tree(), "bin/loop1"),
+            Err(ResolveError::Loop { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "bin/dangling"),
+            Err(ResolveError::NotFound { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "bin/missing"),
+            Err(ResolveError::NotFound { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "bin/dir"),
+            Err(ResolveError::IsADirectory { .. })
+        ));
+        assert!(matches!(
+            go(&tree(), "bin/plain/x"),
+            Err(ResolveError::NotADirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn hop_budget_is_shared_and_bounded() {
+        // A chain of 17 links exceeds the budget even without a loop.
+        let mut entries: Vec<(String, Entry)> = (0..17)
+            .map(|i| (format!("l{i:02}"), Entry::symlink(format!("l{:02}", i + 1))))
+            .collect();
+        entries.push(("l17".into(), Entry::file("end")));
+        let l = listing(&Entry::dir(entries));
+        assert_eq!(go(&l, "l01").map(|_| ()), Ok(()));
+        assert_eq!(go(&l, "l00"), Err(ResolveError::TooManyHops));
+        let mut hops = MAX_SYMLINK_HOPS;
+        assert_eq!(
+            resolve(&l, &RelPath::parse(b"l16"), &mut hops),
+            Err(ResolveError::TooManyHops)
+        );
+    }
+
+    #[test]
+    fn a_single_file_nar_resolves_with_an_empty_path() {
+        let l = listing(&Entry::executable("x"));
+        assert!(matches!(go(&l, ""), Ok(Target::File { .. })));
+        assert!(matches!(
+            go(&l, "bin/x"),
+            Err(ResolveError::NotFound { .. })
+        ));
+    }
 }

@@ -22,9 +22,15 @@ pub enum Linkage {
     /// An ELF that needs no interpreter and no shared libraries.
     Static,
     /// An ELF that needs a dynamic loader or libraries.
-    Dynamic { interpreter: Option<String>, needed: Vec<String>, runpath: Vec<String> },
+    Dynamic {
+        interpreter: Option<String>,
+        needed: Vec<String>,
+        runpath: Vec<String>,
+    },
     /// A script, with its `#!` line's interpreter (and arguments).
-    Script { interpreter: String },
+    Script {
+        interpreter: String,
+    },
     Other,
 }
 
@@ -42,7 +48,11 @@ impl Linkage {
     /// Why the file cannot run without `/nix/store`, if it cannot.
     pub fn needs_nix_store(&self) -> Option<String> {
         match self {
-            Linkage::Dynamic { interpreter, runpath, .. } => {
+            Linkage::Dynamic {
+                interpreter,
+                runpath,
+                ..
+            } => {
                 if let Some(i) = interpreter.as_deref().filter(|i| i.starts_with(NIX_STORE)) {
                     return Some(format!("its ELF interpreter is {i}"));
                 }
@@ -63,10 +73,18 @@ impl fmt::Display for Linkage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Linkage::Static => f.write_str("static ELF"),
-            Linkage::Dynamic { interpreter, needed, .. } => {
+            Linkage::Dynamic {
+                interpreter,
+                needed,
+                ..
+            } => {
                 f.write_str("dynamic ELF")?;
                 if let Some(i) = interpreter {
-                    let place = if i.starts_with(NIX_STORE) { "in /nix/store" } else { "outside /nix/store" };
+                    let place = if i.starts_with(NIX_STORE) {
+                        "in /nix/store"
+                    } else {
+                        "outside /nix/store"
+                    };
                     write!(f, ", interpreter {i} ({place})")?;
                 }
                 if !needed.is_empty() {
@@ -132,11 +150,15 @@ where
         if let Ok(strings) = sections.strings(endian, data, link) {
             for d in dynamic {
                 let Some(tag) = d.tag32(endian) else { continue };
-                let Some(s) = d.val32(endian).and_then(|v| strings.get(v).ok()) else { continue };
+                let Some(s) = d.val32(endian).and_then(|v| strings.get(v).ok()) else {
+                    continue;
+                };
                 let s = String::from_utf8_lossy(s).into_owned();
                 match tag {
                     elf::DT_NEEDED => needed.push(s),
-                    elf::DT_RUNPATH | elf::DT_RPATH => runpath.extend(s.split(':').map(str::to_owned)),
+                    elf::DT_RUNPATH | elf::DT_RPATH => {
+                        runpath.extend(s.split(':').map(str::to_owned))
+                    }
                     _ => {}
                 }
             }
@@ -145,6 +167,10 @@ where
     if interpreter.is_none() && needed.is_empty() {
         Some(Linkage::Static)
     } else {
-        Some(Linkage::Dynamic { interpreter, needed, runpath })
+        Some(Linkage::Dynamic {
+            interpreter,
+            needed,
+            runpath,
+        })
     }
 }

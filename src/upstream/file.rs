@@ -18,7 +18,10 @@ pub struct FileUpstream {
 
 impl FileUpstream {
     pub fn new(url: &str, root: PathBuf) -> Self {
-        FileUpstream { url: url.to_owned(), root }
+        FileUpstream {
+            url: url.to_owned(),
+            root,
+        }
     }
 }
 
@@ -27,11 +30,17 @@ impl Upstream for FileUpstream {
         &self.url
     }
 
-    fn get<'a>(&'a self, path: &'a CachePath) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>> {
+    fn get<'a>(
+        &'a self,
+        path: &'a CachePath,
+    ) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>> {
         Box::pin(async move {
             // CachePath has no `..`, absolute or empty segments, so this stays under root.
             let full = self.root.join(path.path());
-            let err = |e: io::Error| UpstreamError::Io { url: format!("{}/{path}", self.url), err: e.to_string() };
+            let err = |e: io::Error| UpstreamError::Io {
+                url: format!("{}/{path}", self.url),
+                err: e.to_string(),
+            };
             let file = match tokio::fs::File::open(&full).await {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -43,7 +52,10 @@ impl Upstream for FileUpstream {
             }
             Ok(Some(Fetched {
                 len: Some(meta.len()),
-                body: Box::new(FileBody { file, url: format!("{}/{path}", self.url) }),
+                body: Box::new(FileBody {
+                    file,
+                    url: format!("{}/{path}", self.url),
+                }),
             }))
         })
     }
@@ -62,7 +74,10 @@ impl Body for FileBody {
                 .file
                 .read_buf(&mut buf)
                 .await
-                .map_err(|e| UpstreamError::Io { url: self.url.clone(), err: e.to_string() })?;
+                .map_err(|e| UpstreamError::Io {
+                    url: self.url.clone(),
+                    err: e.to_string(),
+                })?;
             Ok((n > 0).then(|| buf.freeze()))
         })
     }

@@ -28,7 +28,10 @@ pub struct HttpUpstream {
 impl HttpUpstream {
     pub fn new(url: &str, config: ClientConfig) -> Result<Self, UpstreamError> {
         if url.parse::<http::Uri>().is_err() {
-            return Err(UpstreamError::InvalidUrl { url: url.to_owned(), reason: "not a valid URL" });
+            return Err(UpstreamError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "not a valid URL",
+            });
         }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -43,15 +46,23 @@ impl HttpUpstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(https);
-        Ok(HttpUpstream { url: url.to_owned(), client, config })
+        Ok(HttpUpstream {
+            url: url.to_owned(),
+            client,
+            config,
+        })
     }
 
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let exp = self.config.backoff.saturating_mul(1u32 << attempt.min(16));
         // Up to 25% jitter, so a fleet of edge nodes does not retry in lockstep.
-        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
         let jitter = exp.mul_f64(f64::from(nanos % 1000) / 4000.0);
-        (exp + jitter).max(retry_after.unwrap_or_default()).min(self.config.max_backoff)
+        (exp + jitter)
+            .max(retry_after.unwrap_or_default())
+            .min(self.config.max_backoff)
     }
 }
 
@@ -65,7 +76,10 @@ impl Upstream for HttpUpstream {
         &self.url
     }
 
-    fn get<'a>(&'a self, path: &'a CachePath) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>> {
+    fn get<'a>(
+        &'a self,
+        path: &'a CachePath,
+    ) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>> {
         Box::pin(async move {
             let url = format!("{}/{path}", self.url);
             let mut attempt = 0;
@@ -88,31 +102,74 @@ impl Upstream for HttpUpstream {
 
 impl HttpUpstream {
     async fn attempt(&self, url: &str) -> Attempt {
-        let req = match Request::get(url).header(header::USER_AGENT, concat!("binplz/", env!("CARGO_PKG_VERSION"))).body(Empty::new()) {
+        let req = match Request::get(url)
+            .header(
+                header::USER_AGENT,
+                concat!("binplz/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Empty::new())
+        {
             Ok(r) => r,
-            Err(_) => return Attempt::Done(Err(UpstreamError::InvalidUrl { url: url.to_owned(), reason: "not a valid URL" })),
-        };
-        let resp = match tokio::time::timeout(self.config.first_byte_timeout, self.client.request(req)).await {
-            Err(_) => return Attempt::Retry(UpstreamError::Timeout { url: url.to_owned(), phase: "response" }, None),
-            Ok(Err(e)) => {
-                let err = if e.is_connect() {
-                    UpstreamError::Connect { url: url.to_owned(), err: error_chain(&e) }
-                } else {
-                    UpstreamError::Body { url: url.to_owned(), err: error_chain(&e) }
-                };
-                return Attempt::Retry(err, None);
+            Err(_) => {
+                return Attempt::Done(Err(UpstreamError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "not a valid URL",
+                }))
             }
-            Ok(Ok(resp)) => resp,
         };
+        let resp =
+            match tokio::time::timeout(self.config.first_byte_timeout, self.client.request(req))
+                .await
+            {
+                Err(_) => {
+                    return Attempt::Retry(
+                        UpstreamError::Timeout {
+                            url: url.to_owned(),
+                            phase: "response",
+                        },
+                        None,
+                    )
+                }
+                Ok(Err(e)) => {
+                    let err = if e.is_connect() {
+                        UpstreamError::Connect {
+                            url: url.to_owned(),
+                            err: error_chain(&e),
+                        }
+                    } else {
+                        UpstreamError::Body {
+                            url: url.to_owned(),
+                            err: error_chain(&e),
+                        }
+                    };
+                    return Attempt::Retry(err, None);
+                }
+                Ok(Ok(resp)) => resp,
+            };
         let status = resp.status();
         if status.is_success() {
-            let len = resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-            let body = HttpBody { body: resp.into_body(), url: url.to_owned(), read_timeout: self.config.read_timeout };
-            return Attempt::Done(Ok(Some(Fetched { len, body: Box::new(body) })));
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok());
+            let body = HttpBody {
+                body: resp.into_body(),
+                url: url.to_owned(),
+                read_timeout: self.config.read_timeout,
+            };
+            return Attempt::Done(Ok(Some(Fetched {
+                len,
+                body: Box::new(body),
+            })));
         }
-        let err = UpstreamError::Status { url: url.to_owned(), status: status.as_u16() };
+        let err = UpstreamError::Status {
+            url: url.to_owned(),
+            status: status.as_u16(),
+        };
         match status {
-            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => Attempt::Done(Ok(None)),
+            StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => {
+                Attempt::Done(Ok(None))
+            }
             s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => {
                 let retry_after = resp
                     .headers()
@@ -137,10 +194,18 @@ impl Body for HttpBody {
         Box::pin(async move {
             loop {
                 let frame = match tokio::time::timeout(self.read_timeout, self.body.frame()).await {
-                    Err(_) => return Err(UpstreamError::Timeout { url: self.url.clone(), phase: "next bytes" }),
+                    Err(_) => {
+                        return Err(UpstreamError::Timeout {
+                            url: self.url.clone(),
+                            phase: "next bytes",
+                        })
+                    }
                     Ok(None) => return Ok(None),
                     Ok(Some(Err(e))) => {
-                        return Err(UpstreamError::Body { url: self.url.clone(), err: error_chain(&e) })
+                        return Err(UpstreamError::Body {
+                            url: self.url.clone(),
+                            err: error_chain(&e),
+                        })
                     }
                     Ok(Some(Ok(frame))) => frame,
                 };

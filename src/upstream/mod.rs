@@ -41,7 +41,10 @@ pub struct CachePath {
 
 impl CachePath {
     pub fn parse(s: &str) -> Result<CachePath, UpstreamError> {
-        let bad = |reason: &'static str| UpstreamError::InvalidUrl { url: s.to_owned(), reason };
+        let bad = |reason: &'static str| UpstreamError::InvalidUrl {
+            url: s.to_owned(),
+            reason,
+        };
         let (path, query) = match s.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (s, None),
@@ -59,11 +62,17 @@ impl CachePath {
             }
         }
         if let Some(q) = query {
-            if !q.chars().all(|c| ok_char(c) || c == '&' || c == '/' || c == '%') {
+            if !q
+                .chars()
+                .all(|c| ok_char(c) || c == '&' || c == '/' || c == '%')
+            {
                 return Err(bad("unexpected character in query"));
             }
         }
-        Ok(CachePath { path: path.to_owned(), query: query.map(str::to_owned) })
+        Ok(CachePath {
+            path: path.to_owned(),
+            query: query.map(str::to_owned),
+        })
     }
 
     pub fn path(&self) -> &str {
@@ -130,7 +139,10 @@ pub trait Upstream: Send + Sync + fmt::Debug {
     /// The cache's base URL, for messages.
     fn url(&self) -> &str;
     /// Fetches `path`. `Ok(None)` means the cache does not have it (404, or 403 as S3 says).
-    fn get<'a>(&'a self, path: &'a CachePath) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>>;
+    fn get<'a>(
+        &'a self,
+        path: &'a CachePath,
+    ) -> BoxFuture<'a, Result<Option<Fetched>, UpstreamError>>;
 }
 
 /// Timeouts and retries for network transports.
@@ -167,13 +179,19 @@ pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, Upstr
     let url = url.trim_end_matches('/');
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
-            return Err(UpstreamError::InvalidUrl { url: url.to_owned(), reason: "file URLs need an absolute path" });
+            return Err(UpstreamError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "file URLs need an absolute path",
+            });
         }
         Ok(Arc::new(FileUpstream::new(url, path.into())))
     } else if url.starts_with("http://") || url.starts_with("https://") {
         Ok(Arc::new(HttpUpstream::new(url, config.clone())?))
     } else {
-        Err(UpstreamError::InvalidUrl { url: url.to_owned(), reason: "expected http://, https:// or file://" })
+        Err(UpstreamError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "expected http://, https:// or file://",
+        })
     }
 }
 
@@ -186,7 +204,10 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(inner: Arc<dyn Upstream>) -> Cache {
-        Cache { inner, info_checked: Arc::default() }
+        Cache {
+            inner,
+            info_checked: Arc::default(),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -207,7 +228,10 @@ impl Cache {
                     if let Some(dir) = line.strip_prefix("StoreDir:") {
                         let dir = dir.trim();
                         if dir != STORE_DIR {
-                            return Err(UpstreamError::StoreDir { url: self.url().to_owned(), found: dir.to_owned() });
+                            return Err(UpstreamError::StoreDir {
+                                url: self.url().to_owned(),
+                                found: dir.to_owned(),
+                            });
                         }
                     }
                 }
@@ -244,18 +268,28 @@ impl Cache {
             let base = format!("{}/", self.url());
             match url.strip_prefix(&base) {
                 Some(rest) => CachePath::parse(rest),
-                None => Err(UpstreamError::ForeignUrl { url: url.to_owned(), cache: self.url().to_owned() }),
+                None => Err(UpstreamError::ForeignUrl {
+                    url: url.to_owned(),
+                    cache: self.url().to_owned(),
+                }),
             }
         } else {
             CachePath::parse(url)
         }
     }
 
-    async fn get_small(&self, path: &CachePath, limit: usize) -> Result<Option<Vec<u8>>, UpstreamError> {
+    async fn get_small(
+        &self,
+        path: &CachePath,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, UpstreamError> {
         let Some(mut fetched) = self.inner.get(path).await? else {
             return Ok(None);
         };
-        let too_large = || UpstreamError::TooLarge { url: format!("{}/{path}", self.url()), limit: limit as u64 };
+        let too_large = || UpstreamError::TooLarge {
+            url: format!("{}/{path}", self.url()),
+            limit: limit as u64,
+        };
         if fetched.len.is_some_and(|l| l > limit as u64) {
             return Err(too_large());
         }

@@ -1,0 +1,219 @@
+//! Reading a Nixpkgs evaluation: `nix-eval-jobs` JSON lines, or `nix-env -qaP --out-path
+//! --json` (one JSON object keyed by attribute path). The format is detected.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::EvalFailure;
+
+/// Largest single line or document accepted. A nix-env listing of all of Nixpkgs with
+/// `--meta` is about 200 MB; a nix-eval-jobs line is a few KiB.
+const MAX_EVAL_BYTES: u64 = 1 << 30;
+
+/// One attribute of the evaluation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EvalAttr {
+    pub attr: String,
+    pub attr_path_len: u32,
+    pub system: String,
+    /// Output name → store path.
+    pub outputs: BTreeMap<String, String>,
+    pub main_program: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalFormat {
+    EvalJobs,
+    NixEnv,
+}
+
+/// What one file gave.
+#[derive(Debug, Default)]
+pub struct EvalRead {
+    pub attrs: Vec<EvalAttr>,
+    pub failures: Vec<EvalFailure>,
+    /// `(line number, reason)` of lines that were skipped.
+    pub bad_lines: Vec<(usize, String)>,
+    pub format: Option<EvalFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("cannot read {path}: {err}")]
+    Io { path: String, err: std::io::Error },
+    #[error("{path}: not nix-eval-jobs JSON lines nor nix-env JSON: {err}")]
+    Format { path: String, err: String },
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    #[serde(rename = "mainProgram")]
+    main_program: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct JobLine {
+    attr: Option<String>,
+    #[serde(rename = "attrPath")]
+    attr_path: Option<Vec<String>>,
+    system: Option<String>,
+    outputs: Option<BTreeMap<String, Option<String>>>,
+    meta: Option<Meta>,
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct NixEnvPkg {
+    system: Option<String>,
+    outputs: Option<BTreeMap<String, Option<String>>>,
+    #[serde(rename = "outPath")]
+    out_path: Option<String>,
+    meta: Option<Meta>,
+}
+
+/// Reads one evaluation file, detecting its format from its first line.
+pub fn read(path: &Path) -> Result<EvalRead, EvalError> {
+    let io = |err| EvalError::Io { path: path.display().to_string(), err };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut r = BufReader::new(file.take(MAX_EVAL_BYTES));
+    let mut first = String::new();
+    r.read_line(&mut first).map_err(io)?;
+    let first_is_job = serde_json::from_str::<serde_json::Value>(first.trim())
+        .ok()
+        .is_some_and(|v| v.get("attr").is_some() || v.get("error").is_some());
+    if first_is_job {
+        let mut out = EvalRead { format: Some(EvalFormat::EvalJobs), ..EvalRead::default() };
+        job_line(&first, 1, &mut out);
+        for (i, line) in r.lines().enumerate() {
+            let line = line.map_err(io)?;
+            job_line(&line, i + 2, &mut out);
+        }
+        return Ok(out);
+    }
+    let mut rest = first.into_bytes();
+    r.read_to_end(&mut rest).map_err(io)?;
+    let doc: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&rest)
+        .map_err(|e| EvalError::Format { path: path.display().to_string(), err: e.to_string() })?;
+    let mut out = EvalRead { format: Some(EvalFormat::NixEnv), ..EvalRead::default() };
+    for (attr, value) in doc {
+        let pkg: NixEnvPkg = match serde_json::from_value(value) {
+            Ok(p) => p,
+            Err(e) => {
+                out.bad_lines.push((0, format!("{attr}: {e}")));
+                continue;
+            }
+        };
+        let mut outputs: BTreeMap<String, String> =
+            pkg.outputs.unwrap_or_default().into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        if outputs.is_empty() {
+            if let Some(p) = pkg.out_path {
+                outputs.insert("out".into(), p);
+            }
+        }
+        let Some(system) = pkg.system else {
+            out.bad_lines.push((0, format!("{attr}: no system")));
+            continue;
+        };
+        out.attrs.push(EvalAttr {
+            attr_path_len: attr.split('.').count() as u32,
+            attr,
+            system,
+            outputs,
+            main_program: pkg.meta.and_then(|m| m.main_program),
+        });
+    }
+    Ok(out)
+}
+
+fn job_line(line: &str, n: usize, out: &mut EvalRead) {
+    let line = line.trim();
+    if line.is_empty() {
+        return;
+    }
+    let job: JobLine = match serde_json::from_str(line) {
+        Ok(j) => j,
+        Err(e) => {
+            out.bad_lines.push((n, e.to_string()));
+            return;
+        }
+    };
+    let attr = match (job.attr, &job.attr_path) {
+        (Some(a), _) => a,
+        (None, Some(p)) => p.join("."),
+        (None, None) => {
+            out.bad_lines.push((n, "no attr".into()));
+            return;
+        }
+    };
+    let system = job.system.unwrap_or_default();
+    if let Some(message) = job.error {
+        out.failures.push(EvalFailure { system, attr, message });
+        return;
+    }
+    if system.is_empty() {
+        out.bad_lines.push((n, format!("{attr}: no system")));
+        return;
+    }
+    let outputs: BTreeMap<String, String> =
+        job.outputs.unwrap_or_default().into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    if outputs.is_empty() {
+        out.bad_lines.push((n, format!("{attr}: no outputs")));
+        return;
+    }
+    out.attrs.push(EvalAttr {
+        attr_path_len: job.attr_path.map_or_else(|| attr.split('.').count(), |p| p.len()) as u32,
+        attr,
+        system,
+        outputs,
+        main_program: job.meta.and_then(|m| m.main_program),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> EvalRead {
+        read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/eval").join(name)).expect("reads")
+    }
+
+    #[test]
+    fn both_formats_of_the_fixture_evaluation_agree() {
+        let jobs = fixture("nix-eval-jobs.jsonl");
+        let env = fixture("nix-env-meta.json");
+        assert_eq!(jobs.format, Some(EvalFormat::EvalJobs));
+        assert_eq!(env.format, Some(EvalFormat::NixEnv));
+        assert_eq!(jobs.failures.len(), 1);
+        assert_eq!(jobs.failures[0].attr, "broken");
+        let key = |a: &EvalAttr| (a.attr.clone(), a.outputs.clone(), a.main_program.clone());
+        let mut j: Vec<_> = jobs.attrs.iter().map(key).collect();
+        let mut e: Vec<_> = env.attrs.iter().map(key).collect();
+        j.sort();
+        e.sort();
+        assert_eq!(j, e);
+        let multi = jobs.attrs.iter().find(|a| a.attr == "multi").expect("multi");
+        assert_eq!(multi.outputs.len(), 2);
+        assert_eq!(multi.main_program.as_deref(), Some("multi-tool"));
+    }
+
+    #[test]
+    fn bad_lines_are_reported_with_their_numbers_and_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("eval.jsonl");
+        std::fs::write(
+            &p,
+            "{\"attr\":\"a\",\"attrPath\":[\"a\"],\"system\":\"x86_64-linux\",\"outputs\":{\"out\":\"/nix/store/x\"}}\n\
+             {not json\n\
+             {\"attr\":\"b\",\"error\":\"boom\"}\n",
+        )
+        .expect("write");
+        let r = read(&p).expect("reads");
+        assert_eq!(r.attrs.len(), 1);
+        assert_eq!(r.failures.len(), 1);
+        assert_eq!(r.bad_lines.len(), 1);
+        assert_eq!(r.bad_lines[0].0, 2);
+    }
+}

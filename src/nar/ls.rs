@@ -1,0 +1,302 @@
+//! Binary caches' `.ls` listings (`<hash>.ls`, written with `write-nar-listing=true`).
+//!
+//! A listing is not signed. It is parsed with the NAR reader's own limits, then checked
+//! against the signed NarSize: a NAR's size follows exactly from its tree (names, targets,
+//! file sizes, executable bits), and so does every file's `narOffset`. A listing whose
+//! implied size or offsets differ from the signed values disagrees with the NAR, and the
+//! caller walks the NAR itself instead.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::listing::{Listing, Node, MAX_LISTING_ENTRIES};
+use super::wire::{self, padding};
+
+/// Largest listing accepted, after decompression. A listing costs roughly 60 bytes a node,
+/// so this is above the largest NAR binplz would list.
+pub const MAX_LS_SIZE: usize = 64 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LsError {
+    #[error("invalid .ls listing: {0}")]
+    Json(String),
+    #[error("unsupported .ls version {0}")]
+    Version(u64),
+    #[error("invalid .ls listing: bad entry name {0:?}")]
+    BadName(String),
+    #[error("invalid .ls listing: bad symlink target {0:?}")]
+    BadTarget(String),
+    #[error("invalid .ls listing: deeper than {max}", max = wire::MAX_DEPTH)]
+    TooDeep,
+    #[error("invalid .ls listing: more than {MAX_LISTING_ENTRIES} entries")]
+    TooManyEntries,
+    #[error(".ls listing implies a NAR of {implied} bytes, but NarSize is {nar_size}")]
+    SizeMismatch { implied: u64, nar_size: u64 },
+    #[error(".ls listing gives {path} narOffset {listed}, but the tree puts it at {implied}")]
+    OffsetMismatch {
+        path: String,
+        listed: u64,
+        implied: u64,
+    },
+}
+
+#[derive(Deserialize)]
+struct LsFile {
+    version: u64,
+    root: LsNode,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum LsNode {
+    Regular {
+        size: u64,
+        #[serde(default)]
+        executable: bool,
+        #[serde(rename = "narOffset")]
+        nar_offset: Option<u64>,
+    },
+    Symlink {
+        target: String,
+    },
+    Directory {
+        entries: BTreeMap<String, LsNode>,
+    },
+}
+
+/// Parses a `.ls` document (already decompressed) into a [`Listing`].
+pub fn parse(bytes: &[u8]) -> Result<Listing, LsError> {
+    if bytes.len() > MAX_LS_SIZE {
+        return Err(LsError::Json(format!("larger than {MAX_LS_SIZE} bytes")));
+    }
+    // serde_json's recursion limit (128) bounds the stack before our depth check runs.
+    let file: LsFile = serde_json::from_slice(bytes).map_err(|e| LsError::Json(e.to_string()))?;
+    if file.version != 1 {
+        return Err(LsError::Version(file.version));
+    }
+    let mut count = 0;
+    let root = convert(file.root, 0, &mut count)?;
+    Ok(Listing { root })
+}
+
+fn convert(node: LsNode, depth: usize, count: &mut usize) -> Result<Node, LsError> {
+    *count += 1;
+    if *count > MAX_LISTING_ENTRIES {
+        return Err(LsError::TooManyEntries);
+    }
+    if depth > wire::MAX_DEPTH {
+        return Err(LsError::TooDeep);
+    }
+    Ok(match node {
+        LsNode::Regular {
+            size,
+            executable,
+            nar_offset,
+        } => Node::Regular {
+            size,
+            executable,
+            nar_offset,
+        },
+        LsNode::Symlink { target } => {
+            let t = target.as_bytes();
+            if t.is_empty() || t.contains(&0) || t.len() as u64 > wire::MAX_TARGET_LEN {
+                return Err(LsError::BadTarget(target));
+            }
+            Node::Symlink {
+                target: target.into_bytes(),
+            }
+        }
+        LsNode::Directory { entries } => {
+            let mut out = BTreeMap::new();
+            for (name, child) in entries {
+                let n = name.as_bytes();
+                if n.is_empty()
+                    || n == b"."
+                    || n == b".."
+                    || n.contains(&b'/')
+                    || n.contains(&0)
+                    || n.len() as u64 > wire::MAX_NAME_LEN
+                {
+                    return Err(LsError::BadName(name));
+                }
+                out.insert(name.into_bytes(), convert(child, depth + 1, count)?);
+            }
+            Node::Directory { entries: out }
+        }
+    })
+}
+
+/// Bytes a NAR string of `len` bytes takes: length, data, padding.
+const fn str_len(len: u64) -> u64 {
+    8 + len + padding(len)
+}
+
+/// Checks `listing` against the signed NarSize: the NAR size its tree implies, and every
+/// `narOffset` it gives, must be exactly what serialising that tree would produce.
+pub fn check_against(listing: &Listing, nar_size: u64) -> Result<(), LsError> {
+    let mut pos = str_len(wire::MAGIC.len() as u64);
+    let mut path = Vec::new();
+    layout(&listing.root, &mut pos, &mut path)?;
+    if pos != nar_size {
+        return Err(LsError::SizeMismatch {
+            implied: pos,
+            nar_size,
+        });
+    }
+    Ok(())
+}
+
+fn tok(t: &[u8]) -> u64 {
+    str_len(t.len() as u64)
+}
+
+fn layout(node: &Node, pos: &mut u64, path: &mut Vec<Vec<u8>>) -> Result<(), LsError> {
+    // Saturating: a hostile listing's sizes must not overflow, just fail the comparison.
+    let add = |pos: &mut u64, n: u64| *pos = pos.saturating_add(n);
+    add(pos, tok(wire::TOK_OPEN) + tok(wire::TOK_TYPE));
+    match node {
+        Node::Regular {
+            size,
+            executable,
+            nar_offset,
+        } => {
+            add(pos, tok(wire::TOK_REGULAR));
+            if *executable {
+                add(pos, tok(wire::TOK_EXECUTABLE) + tok(b""));
+            }
+            add(pos, tok(wire::TOK_CONTENTS) + 8);
+            if let Some(listed) = nar_offset {
+                if *listed != *pos {
+                    let joined = path.join(&b'/');
+                    return Err(LsError::OffsetMismatch {
+                        path: String::from_utf8_lossy(&joined).into_owned(),
+                        listed: *listed,
+                        implied: *pos,
+                    });
+                }
+            }
+            add(pos, size.saturating_add(padding(*size)));
+        }
+        Node::Symlink { target } => {
+            add(
+                pos,
+                tok(wire::TOK_SYMLINK) + tok(wire::TOK_TARGET) + str_len(target.len() as u64),
+            );
+        }
+        Node::Directory { entries } => {
+            add(pos, tok(wire::TOK_DIRECTORY));
+            for (name, child) in entries {
+                add(
+                    pos,
+                    tok(wire::TOK_ENTRY) + tok(wire::TOK_OPEN) + tok(wire::TOK_NAME),
+                );
+                add(pos, str_len(name.len() as u64) + tok(wire::TOK_NODE));
+                path.push(name.clone());
+                layout(child, pos, path)?;
+                path.pop();
+                add(pos, tok(wire::TOK_CLOSE));
+            }
+        }
+    }
+    add(pos, tok(wire::TOK_CLOSE));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nar::listing::ListingBuilder;
+    use crate::nar::read_nar;
+    use crate::nar::writer::{write_nar, Entry};
+
+    fn sample() -> Entry {
+        Entry::dir([
+            (
+                "bin",
+                Entry::dir([
+                    ("a", Entry::executable(vec![1u8; 13])),
+                    ("b", Entry::symlink("a")),
+                ]),
+            ),
+            (
+                "share",
+                Entry::dir([("doc", Entry::file("readme")), ("empty", Entry::file(""))]),
+            ),
+        ])
+    }
+
+    #[test]
+    fn implied_layout_matches_a_real_serialisation() {
+        let nar = write_nar(&sample());
+        let mut b = ListingBuilder::new();
+        read_nar(nar.as_slice(), None, &mut b).expect("valid");
+        let listing = b.finish().expect("root");
+        assert_eq!(check_against(&listing, nar.len() as u64), Ok(()));
+        assert!(matches!(
+            check_against(&listing, nar.len() as u64 + 8),
+            Err(LsError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn wrong_offsets_and_sizes_disagree() {
+        let nar = write_nar(&sample());
+        let json = r#"{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{
+            "a":{"type":"regular","size":13,"executable":true,"narOffset":8},"b":{"type":"symlink","target":"a"}}},
+            "share":{"type":"directory","entries":{"doc":{"type":"regular","size":6},"empty":{"type":"regular","size":0}}}}}}"#;
+        let listing = parse(json.as_bytes()).expect("parses");
+        assert!(matches!(
+            check_against(&listing, nar.len() as u64),
+            Err(LsError::OffsetMismatch { .. })
+        ));
+        let json = json
+            .replace(r#","narOffset":8"#, "")
+            .replace(r#""size":6"#, r#""size":7"#);
+        let listing = parse(json.as_bytes()).expect("parses");
+        // 6 and 7 bytes pad to the same length: size alone cannot tell, but 6 vs 9 can.
+        assert_eq!(check_against(&listing, nar.len() as u64), Ok(()));
+        let listing = parse(json.replace(r#""size":7"#, r#""size":9"#).as_bytes()).expect("parses");
+        assert!(matches!(
+            check_against(&listing, nar.len() as u64),
+            Err(LsError::SizeMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_listings_are_refused() {
+        let bad = [
+            r#"{"version":2,"root":{"type":"regular","size":1}}"#,
+            r#"{"version":1,"root":{"type":"directory","entries":{"..":{"type":"regular","size":1}}}}"#,
+            r#"{"version":1,"root":{"type":"directory","entries":{"a/b":{"type":"regular","size":1}}}}"#,
+            r#"{"version":1,"root":{"type":"symlink","target":""}}"#,
+            r#"{"version":1,"root":{"type":"fifo"}}"#,
+            r#"not json"#,
+        ];
+        for b in bad {
+            assert!(parse(b.as_bytes()).is_err(), "{b}");
+        }
+    }
+
+    #[test]
+    fn fixture_listings_agree_with_their_signed_nar_sizes() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/cache");
+        let mut checked = 0;
+        for e in std::fs::read_dir(dir).expect("fixtures") {
+            let p = e.expect("entry").path();
+            if p.extension().is_some_and(|x| x == "ls") {
+                let listing = parse(&std::fs::read(&p).expect("read")).expect("parses");
+                let narinfo =
+                    std::fs::read_to_string(p.with_extension("narinfo")).expect("narinfo");
+                let size: u64 = narinfo
+                    .lines()
+                    .find_map(|l| l.strip_prefix("NarSize: "))
+                    .and_then(|s| s.parse().ok())
+                    .expect("NarSize");
+                assert_eq!(check_against(&listing, size), Ok(()), "{}", p.display());
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10);
+    }
+}
