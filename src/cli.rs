@@ -34,6 +34,128 @@ enum Command {
     /// Build and query program indexes.
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Serve programs over HTTP: `curl -fsSL http://HOST/tree -o tree`.
+    ///
+    /// With no --upstream and no --index, serves a built-in demo (offline).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "BINPLZ_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    listen: std::net::SocketAddr,
+
+    /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in order.
+    #[arg(
+        long = "upstream",
+        value_name = "URL",
+        env = "BINPLZ_UPSTREAM",
+        value_delimiter = ' '
+    )]
+    upstreams: Vec<String>,
+
+    /// Public key whose signatures are trusted (NAME:BASE64). May repeat.
+    /// Default: cache.nixos.org's key.
+    #[arg(
+        long = "trusted-public-key",
+        value_name = "NAME:BASE64",
+        env = "BINPLZ_TRUSTED_PUBLIC_KEY",
+        value_delimiter = ' '
+    )]
+    trusted_public_keys: Vec<String>,
+
+    /// Accept narinfos without a valid trusted signature (NarHash is still checked).
+    #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
+    no_require_sigs: bool,
+
+    /// An index built by `binplz index build`. May repeat (one per Nixpkgs revision).
+    #[arg(
+        long = "index",
+        value_name = "PATH",
+        env = "BINPLZ_INDEX",
+        value_delimiter = ' '
+    )]
+    indexes: Vec<PathBuf>,
+
+    /// Directory of the disk cache [default: $XDG_CACHE_HOME/binplz or ~/.cache/binplz].
+    #[arg(long, value_name = "DIR", env = "BINPLZ_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Disk cache size (bytes; K, M, G and T suffixes are powers of 1024).
+    #[arg(long, value_name = "BYTES", env = "BINPLZ_DISK_CACHE_SIZE", default_value = "10G", value_parser = parse_bytes)]
+    disk_cache_size: u64,
+
+    /// Memory cache size.
+    #[arg(long, value_name = "BYTES", env = "BINPLZ_MEMORY_CACHE_SIZE", default_value = "256M", value_parser = parse_bytes)]
+    memory_cache_size: u64,
+
+    /// Largest file served.
+    #[arg(long, value_name = "BYTES", env = "BINPLZ_MAX_FILE_SIZE", default_value = "1G", value_parser = parse_bytes)]
+    max_file_size: u64,
+
+    /// System for requests that name none.
+    #[arg(
+        long,
+        value_name = "SYSTEM",
+        env = "BINPLZ_DEFAULT_SYSTEM",
+        default_value = "x86_64-linux"
+    )]
+    default_system: String,
+
+    /// Upstream extractions at once.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "BINPLZ_MAX_UPSTREAM_FETCHES",
+        default_value_t = 16
+    )]
+    max_upstream_fetches: usize,
+
+    /// Requests in progress per client address.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "BINPLZ_MAX_PER_CLIENT",
+        default_value_t = 32
+    )]
+    max_per_client: usize,
+
+    /// Seconds to finish responses in progress after SIGTERM or SIGINT.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "BINPLZ_SHUTDOWN_GRACE",
+        default_value_t = 30
+    )]
+    shutdown_grace: u64,
+
+    /// Log format: text or json.
+    #[arg(long, value_name = "FORMAT", env = "BINPLZ_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// Parses `1048576`, `512K`, `256M`, `10G` (powers of 1024).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&s[..i], 1 << 40),
+        _ => (s, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {s:?}: expected bytes, or a number with K, M, G or T"))
 }
 
 /// Where store paths come from and which signatures count.
@@ -152,6 +274,7 @@ pub fn main() -> ExitCode {
         Command::Index(IndexCommand::Build(args)) => run_index_build(args),
         Command::Index(IndexCommand::Show(args)) => run_index_show(args),
         Command::Index(IndexCommand::Stats { index }) => run_index_stats(&index),
+        Command::Serve(args) => run_serve(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -163,10 +286,12 @@ pub fn main() -> ExitCode {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,binplz::access=info,binplz::server=info")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(io::stderr)
         .try_init();
 }
@@ -287,7 +412,7 @@ fn write_out(extracted: Extracted, output: Option<&Path>) -> Result<(), String> 
 fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
     let extractor = args.upstream.extractor(true)?;
     let opts = BuildOptions {
-        evals: args.evals,
+        evals: args.evals.into_iter().map(build::EvalInput::File).collect(),
         revision: args.revision,
         jobs: usize::from(args.jobs),
         progress: true,
@@ -345,8 +470,9 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
         (None, _) => "x86_64-linux".to_owned(),
     };
     match index.resolve(&system, &args.program, args.attr.as_deref()) {
-        Lookup::Found(all) => {
-            let chosen = &all[0];
+        Lookup::Found(found) => {
+            let chosen = found.chosen();
+            let all: Vec<_> = found.iter().collect();
             if args.json {
                 let candidates: Vec<serde_json::Value> = all
                     .iter()
@@ -381,7 +507,8 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
                 args.program
             ),
         )),
-        Lookup::Unknown { suggestions } => {
+        Lookup::Unknown => {
+            let suggestions = index.suggest(&system, &args.program);
             let hint = if suggestions.is_empty() {
                 String::new()
             } else {
@@ -405,7 +532,10 @@ fn run_index_stats(path: &Path) -> Result<(), CliError> {
     let m = index.metadata();
     println!("index:      {}", path.display());
     println!("format:     version {}", format::VERSION);
-    println!("revision:   {}", m.revision.as_deref().unwrap_or("(unknown)"));
+    println!(
+        "revision:   {}",
+        m.revision.as_deref().unwrap_or("(unknown)")
+    );
     println!("systems:    {}", m.systems.join(", "));
     println!("created:    {} (Unix time)", m.created);
     println!("upstreams:  {}", m.upstreams.join(", "));
@@ -415,4 +545,123 @@ fn run_index_stats(path: &Path) -> Result<(), CliError> {
     println!("not built:  {}", m.not_built);
     println!("failures:   {}", m.failures);
     Ok(())
+}
+
+fn default_cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("binplz")
+}
+
+fn run_serve(args: ServeArgs) -> Result<(), CliError> {
+    use crate::server::{App, Config, IndexSource};
+    let demo = args.upstreams.is_empty() && args.indexes.is_empty();
+    if args.upstreams.is_empty() != args.indexes.is_empty() {
+        return Err(bad(
+            "give both --upstream and --index (or neither, for the built-in demo)".into(),
+        ));
+    }
+    let config = Config {
+        default_system: crate::server::routes::System::parse(&args.default_system)
+            .ok_or_else(|| bad(format!("unknown system {:?}", args.default_system)))?
+            .to_string(),
+        max_file_size: args.max_file_size,
+        max_upstream_fetches: args.max_upstream_fetches.max(1),
+        max_per_client: args.max_per_client.max(1),
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+        log_json: args.log_format == "json",
+        ..Config::default()
+    };
+    let keys = if demo {
+        vec![crate::demo::PUBLIC_KEY.trim().to_owned()]
+    } else if args.trusted_public_keys.is_empty() {
+        vec![CACHE_NIXOS_ORG_KEY.to_owned()]
+    } else {
+        args.trusted_public_keys.clone()
+    };
+    let trust = Trust::new(&keys, !args.no_require_sigs).map_err(|e| bad(e.to_string()))?;
+    let caches = if demo {
+        vec![Cache::new(std::sync::Arc::new(crate::demo::DemoUpstream))]
+    } else {
+        let client = ClientConfig::default();
+        args.upstreams
+            .iter()
+            .map(|u| upstream::open(u, &client).map(Cache::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?
+    };
+    let extractor = Extractor::new(caches, trust, false);
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cache_dir = if demo {
+        cache_dir.join("demo")
+    } else {
+        cache_dir
+    };
+    let disk =
+        crate::cache::disk::DiskCache::open(&cache_dir, args.disk_cache_size).map_err(|e| {
+            (
+                ErrorKind::Internal,
+                format!(
+                    "cannot open the cache directory {}: {e}",
+                    cache_dir.display()
+                ),
+            )
+        })?;
+    let files = crate::cache::files::Files::new(disk, args.memory_cache_size);
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let sources = if demo {
+            let opts = BuildOptions {
+                evals: vec![build::EvalInput::Bytes { name: "demo evaluation".into(), bytes: crate::demo::EVAL }],
+                revision: Some("demo".into()),
+                jobs: 8,
+                progress: false,
+            };
+            let built = build::build(extractor.clone(), vec![crate::demo::URL.into()], opts)
+                .await
+                .map_err(|e| (ErrorKind::Internal, format!("building the demo index: {e}")))?;
+            let index = crate::index::format::to_index(&built.meta, &built.programs, &built.not_built, &built.failures)
+                .map_err(|e| (ErrorKind::Internal, format!("building the demo index: {e}")))?;
+            vec![IndexSource::Memory(Box::new(index))]
+        } else {
+            args.indexes.iter().cloned().map(IndexSource::File).collect()
+        };
+        let app = App::new(config, sources, extractor, files).map_err(bad)?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| (ErrorKind::Internal, format!("cannot listen on {}: {e}", args.listen)))?;
+        let addr = listener.local_addr().map_err(|e| (ErrorKind::Internal, e.to_string()))?;
+        if demo {
+            tracing::info!(target: "binplz::server", "serving the built-in demo; try: curl -fsSL http://{addr}/hello -o hello && chmod +x hello && ./hello");
+        }
+        tracing::info!(target: "binplz::server", %addr, cache_dir = %cache_dir.display(), "listening");
+        let reload = app.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                reload.reload_indexes(true);
+            }
+        });
+        crate::server::run(listener, app, shutdown_signal())
+            .await
+            .map_err(|e| (ErrorKind::Internal, e.to_string()))
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
 }

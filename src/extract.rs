@@ -21,10 +21,11 @@ use sha2::{Digest, Sha256};
 
 use crate::codec::{Codec, CodecError};
 use crate::error::ErrorKind;
+use crate::nar::{ls, Listing};
 use crate::narinfo::{self, NarInfoError, Trust, VerifiedNarInfo};
+pub use crate::pipeline::Siblings;
 use crate::pipeline::{self, Captured, Expected, PassResult, PipelineError};
 use crate::resolve::{self, RelPath, ResolveError, Target};
-use crate::nar::{ls, Listing};
 use crate::upstream::{Cache, CachePath, UpstreamError};
 use crate::verdict::{self, Linkage};
 
@@ -79,7 +80,7 @@ pub enum ExtractError {
         store_path: String,
         path: RelPath,
         reason: String,
-        linkage: Linkage,
+        linkage: Box<Linkage>,
     },
     #[error("{0}")]
     Local(#[from] io::Error),
@@ -246,12 +247,35 @@ impl Extractor {
         path: &RelPath,
         tmp_dir: &Path,
     ) -> Result<Extracted, ExtractError> {
+        self.extract_with_siblings(store_path, path, None, tmp_dir)
+            .await
+            .map(|(e, _)| e)
+    }
+
+    /// [`Extractor::extract`], also keeping the `siblings` of the first NAR read (see
+    /// [`Siblings`]): verified with it, and only those that run without `/nix/store`.
+    pub async fn extract_with_siblings(
+        &self,
+        store_path: &StorePath,
+        path: &RelPath,
+        siblings: Option<&Siblings>,
+        tmp_dir: &Path,
+    ) -> Result<(Extracted, Vec<Extracted>), ExtractError> {
         let mut hops = 0;
+        let first = store_path.clone();
         let mut store_path = store_path.clone();
         let mut path = path.clone();
+        let mut extras = Vec::new();
         loop {
             let (cache, info) = self.narinfo(&store_path).await?;
-            let pass = self.pass(&cache, &info, Some(&path), tmp_dir).await?;
+            let sib = if store_path == first { siblings } else { None };
+            let mut pass = self.pass(&cache, &info, Some(&path), sib, tmp_dir).await?;
+            for c in pass.extras.drain(..) {
+                // A sibling is a bonus: one that cannot be served is simply not kept.
+                if let Ok(e) = finish(Some(store_path.clone()), String::new(), c, false) {
+                    extras.push(e);
+                }
+            }
             let name = store_path.to_absolute_path();
             match resolve::resolve(&pass.listing, &path, &mut hops) {
                 Err(err) => {
@@ -266,11 +290,13 @@ impl Extractor {
                         // The file came before the symlink that leads to it: a second,
                         // independently verified pass for exactly that file.
                         _ => {
-                            let again = self.pass(&cache, &info, Some(&found), tmp_dir).await?;
+                            let again = self
+                                .pass(&cache, &info, Some(&found), None, tmp_dir)
+                                .await?;
                             captured_at(again, &found, &name)?
                         }
                     };
-                    return self.finish(store_path, captured);
+                    return Ok((self.finish(store_path, captured)?, extras));
                 }
                 Ok(Target::StorePath {
                     store_path: next,
@@ -310,8 +336,14 @@ impl Extractor {
                 Some(reason)
             }
         };
-        let pass = self.pass(&cache, &info, None, Path::new(".")).await?;
-        Ok((info, pass.listing, ListingSource::Nar { ls_rejected: rejected }))
+        let pass = self.pass(&cache, &info, None, None, Path::new(".")).await?;
+        Ok((
+            info,
+            pass.listing,
+            ListingSource::Nar {
+                ls_rejected: rejected,
+            },
+        ))
     }
 
     /// One verified pass over the NAR of `info`, from `cache`, keeping the file at `wanted`
@@ -321,6 +353,7 @@ impl Extractor {
         cache: &Cache,
         info: &VerifiedNarInfo,
         wanted: Option<&RelPath>,
+        siblings: Option<&Siblings>,
         tmp_dir: &Path,
     ) -> Result<PassResult, ExtractError> {
         let store_path = info.store_path().to_absolute_path();
@@ -341,13 +374,21 @@ impl Extractor {
             nar_size: Some(info.nar_size),
         };
         let (codec, wanted, dir) = (info.codec, wanted.cloned(), tmp_dir.to_owned());
+        let siblings = siblings.cloned();
         let pass = tokio::task::spawn_blocking(move || {
             let source = ChannelReader {
                 rx,
                 cur: Bytes::new(),
             };
             match wanted {
-                Some(wanted) => pipeline::run_pass(source, codec, expected, &wanted, &dir),
+                Some(wanted) => pipeline::run_pass_with_siblings(
+                    source,
+                    codec,
+                    expected,
+                    &wanted,
+                    siblings.as_ref(),
+                    &dir,
+                ),
                 None => pipeline::list_nar(source, codec, expected),
             }
         });
@@ -474,7 +515,7 @@ fn finish(
                 store_path: name,
                 path: captured.path,
                 reason,
-                linkage,
+                linkage: Box::new(linkage),
             });
         }
     }

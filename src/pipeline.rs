@@ -16,6 +16,7 @@
 //! codecs and must stay off the async reactor. Nothing is trusted until [`run_pass`]
 //! returns: the caller gets the temp file only after NarHash and NarSize matched.
 
+use std::collections::HashSet;
 use std::io::{self, BufRead, Read, Write};
 use std::path::Path;
 use std::sync::mpsc;
@@ -54,6 +55,8 @@ pub struct Captured {
 pub struct PassResult {
     pub listing: Listing,
     pub captured: Option<Captured>,
+    /// Sibling files kept along the way (see [`Siblings`]).
+    pub extras: Vec<Captured>,
     pub nar_hash: [u8; 32],
     pub nar_size: u64,
 }
@@ -134,7 +137,30 @@ pub fn run_pass<R: Read + Send + 'static>(
     wanted: &RelPath,
     tmp_dir: &Path,
 ) -> Result<PassResult, PipelineError> {
-    run(source, codec, expected, Some(wanted), tmp_dir)
+    run(source, codec, expected, Some(wanted), None, tmp_dir)
+}
+
+/// Which other files a pass keeps besides the wanted one, so that requests for other
+/// programs of the same store path need no second download: the executables directly in
+/// `dir` (normally `bin`) and the targets of relative symlinks there that come later in
+/// the archive, each at most `max_each` bytes and `max_total` in all.
+#[derive(Debug, Clone)]
+pub struct Siblings {
+    pub dir: Vec<u8>,
+    pub max_each: u64,
+    pub max_total: u64,
+}
+
+/// [`run_pass`], also keeping `siblings`.
+pub fn run_pass_with_siblings<R: Read + Send + 'static>(
+    source: R,
+    codec: Codec,
+    expected: Expected,
+    wanted: &RelPath,
+    siblings: Option<&Siblings>,
+    tmp_dir: &Path,
+) -> Result<PassResult, PipelineError> {
+    run(source, codec, expected, Some(wanted), siblings, tmp_dir)
 }
 
 /// A verified pass that only lists the NAR (for the index builder): no file is kept.
@@ -143,7 +169,7 @@ pub fn list_nar<R: Read + Send + 'static>(
     codec: Codec,
     expected: Expected,
 ) -> Result<PassResult, PipelineError> {
-    run(source, codec, expected, None, Path::new("."))
+    run(source, codec, expected, None, None, Path::new("."))
 }
 
 fn run<R: Read + Send + 'static>(
@@ -151,6 +177,7 @@ fn run<R: Read + Send + 'static>(
     codec: Codec,
     expected: Expected,
     wanted: Option<&RelPath>,
+    siblings: Option<&Siblings>,
     tmp_dir: &Path,
 ) -> Result<PassResult, PipelineError> {
     // One byte more than NarSize is enough to tell "too long" without decoding a bomb.
@@ -173,6 +200,12 @@ fn run<R: Read + Send + 'static>(
         listing: ListingBuilder::new(),
         guess: wanted.cloned(),
         captured: None,
+        siblings: siblings.map(|s| SiblingState {
+            budget: s.max_total,
+            config: s.clone(),
+            targets: HashSet::new(),
+        }),
+        extras: Vec::new(),
         tmp_dir,
     };
     let mut input = input;
@@ -204,6 +237,7 @@ fn run<R: Read + Send + 'static>(
     Ok(PassResult {
         listing,
         captured: visitor.captured,
+        extras: visitor.extras,
         nar_hash: hash,
         nar_size: count,
     })
@@ -401,7 +435,60 @@ struct PassVisitor<'a> {
     /// is met before its target (archive order is sorted, so targets often come later).
     guess: Option<RelPath>,
     captured: Option<Captured>,
+    siblings: Option<SiblingState>,
+    extras: Vec<Captured>,
     tmp_dir: &'a Path,
+}
+
+struct SiblingState {
+    config: Siblings,
+    budget: u64,
+    /// Where relative symlinks in the directory point, for targets still to come.
+    targets: HashSet<Vec<Vec<u8>>>,
+}
+
+/// `target` resolved lexically from `dir`; `None` if it climbs above the root.
+fn join_relative(dir: &[Vec<u8>], target: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = dir.to_vec();
+    for c in RelPath::parse(target).0 {
+        if c == b".." {
+            out.pop()?;
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out)
+}
+
+/// Copies a file's contents into a new temp file in `dir`, hashing them on the way.
+fn capture(
+    dir: &Path,
+    path: &[Vec<u8>],
+    meta: FileMeta,
+    contents: &mut dyn BufRead,
+) -> io::Result<Captured> {
+    let mut file = tempfile::Builder::new()
+        .prefix(".binplz-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    let mut hasher = Sha256::new();
+    loop {
+        let buf = contents.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        hasher.update(buf);
+        file.write_all(buf)?;
+        let n = buf.len();
+        contents.consume(n);
+    }
+    Ok(Captured {
+        path: RelPath(path.to_vec()),
+        file,
+        size: meta.size,
+        executable: meta.executable,
+        sha256: hasher.finalize().into(),
+    })
 }
 
 impl Visitor for PassVisitor<'_> {
@@ -411,6 +498,15 @@ impl Visitor for PassVisitor<'_> {
 
     fn symlink(&mut self, path: &[Vec<u8>], target: &[u8]) -> io::Result<()> {
         self.listing.symlink(path, target)?;
+        if let Some(sib) = &mut self.siblings {
+            if let [dir, _] = path {
+                if *dir == sib.config.dir && !target.starts_with(b"/") {
+                    if let Some(t) = join_relative(&path[..1], target) {
+                        sib.targets.insert(t);
+                    }
+                }
+            }
+        }
         let Some(guess) = self.guess.as_ref().map(|g| &g.0) else {
             return Ok(());
         };
@@ -442,31 +538,22 @@ impl Visitor for PassVisitor<'_> {
         contents: &mut dyn BufRead,
     ) -> io::Result<()> {
         self.listing.file(path, meta, contents)?;
-        if self.captured.is_some() || self.guess.as_ref().is_none_or(|g| path != g.0.as_slice()) {
+        if self.captured.is_none() && self.guess.as_ref().is_some_and(|g| path == g.0.as_slice()) {
+            self.captured = Some(capture(self.tmp_dir, path, meta, contents)?);
             return Ok(());
         }
-        let mut file = tempfile::Builder::new()
-            .prefix(".binplz-")
-            .suffix(".tmp")
-            .tempfile_in(self.tmp_dir)?;
-        let mut hasher = Sha256::new();
-        loop {
-            let buf = contents.fill_buf()?;
-            if buf.is_empty() {
-                break;
+        if let Some(sib) = &mut self.siblings {
+            let in_dir = matches!(path, [dir, _] if *dir == sib.config.dir);
+            if meta.executable
+                && (in_dir || sib.targets.contains(path))
+                && meta.size <= sib.config.max_each
+                && meta.size <= sib.budget
+            {
+                sib.budget -= meta.size;
+                self.extras
+                    .push(capture(self.tmp_dir, path, meta, contents)?);
             }
-            hasher.update(buf);
-            file.write_all(buf)?;
-            let n = buf.len();
-            contents.consume(n);
         }
-        self.captured = Some(Captured {
-            path: RelPath(path.to_vec()),
-            file,
-            size: meta.size,
-            executable: meta.executable,
-            sha256: hasher.finalize().into(),
-        });
         Ok(())
     }
 }
@@ -478,20 +565,39 @@ mod tests {
 
     fn nar() -> Vec<u8> {
         write_nar(&Entry::dir([
-            ("bin", Entry::dir([("tool", Entry::symlink("../libexec/tool"))])),
-            ("libexec", Entry::dir([("tool", Entry::executable(vec![42u8; 100_000]))])),
+            (
+                "bin",
+                Entry::dir([("tool", Entry::symlink("../libexec/tool"))]),
+            ),
+            (
+                "libexec",
+                Entry::dir([("tool", Entry::executable(vec![42u8; 100_000]))]),
+            ),
         ]))
     }
 
     fn expected(nar: &[u8]) -> Expected {
-        Expected { nar_hash: Some(Sha256::digest(nar).into()), nar_size: Some(nar.len() as u64) }
+        Expected {
+            nar_hash: Some(Sha256::digest(nar).into()),
+            nar_size: Some(nar.len() as u64),
+        }
     }
 
     fn run(data: Vec<u8>, codec: Codec, exp: Expected) -> Result<PassResult, PipelineError> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let r = run_pass(io::Cursor::new(data), codec, exp, &RelPath::parse(b"bin/tool"), dir.path());
+        let r = run_pass(
+            io::Cursor::new(data),
+            codec,
+            exp,
+            &RelPath::parse(b"bin/tool"),
+            dir.path(),
+        );
         if r.is_err() {
-            assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "temp file left behind");
+            assert_eq!(
+                std::fs::read_dir(dir.path()).expect("dir").count(),
+                0,
+                "temp file left behind"
+            );
         }
         r
     }
@@ -500,7 +606,11 @@ mod tests {
     fn wanted_file_is_captured_through_a_symlink_met_first() {
         let nar = nar();
         for codec in [Codec::None, Codec::Zstd] {
-            let data = if codec == Codec::Zstd { zstd::encode_all(nar.as_slice(), 3).expect("zstd") } else { nar.clone() };
+            let data = if codec == Codec::Zstd {
+                zstd::encode_all(nar.as_slice(), 3).expect("zstd")
+            } else {
+                nar.clone()
+            };
             let pass = run(data, codec, expected(&nar)).expect("verified");
             let mut c = pass.captured.expect("captured");
             std::io::Seek::rewind(c.file.as_file_mut()).expect("rewind");
@@ -519,10 +629,16 @@ mod tests {
         let nar = nar();
         let mut exp = expected(&nar);
         exp.nar_hash = Some([0; 32]);
-        assert!(matches!(run(nar.clone(), Codec::None, exp), Err(PipelineError::HashMismatch { .. })));
+        assert!(matches!(
+            run(nar.clone(), Codec::None, exp),
+            Err(PipelineError::HashMismatch { .. })
+        ));
         let mut exp = expected(&nar);
         exp.nar_size = Some(nar.len() as u64 + 8);
-        assert!(matches!(run(nar.clone(), Codec::None, exp), Err(PipelineError::SizeMismatch { .. })));
+        assert!(matches!(
+            run(nar.clone(), Codec::None, exp),
+            Err(PipelineError::SizeMismatch { .. })
+        ));
     }
 
     #[test]
@@ -532,9 +648,18 @@ mod tests {
         data.resize(64 << 20, 0);
         let bomb = zstd::encode_all(data.as_slice(), 3).expect("zstd");
         assert!(bomb.len() < 1 << 20);
-        let exp = Expected { nar_hash: None, nar_size: Some(1024) };
+        let exp = Expected {
+            nar_hash: None,
+            nar_size: Some(1024),
+        };
         let r = run(bomb, Codec::Zstd, exp);
-        assert!(matches!(r, Err(PipelineError::TooLong { limit: 1024 }) | Err(PipelineError::Nar(_))), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(PipelineError::TooLong { limit: 1024 }) | Err(PipelineError::Nar(_))
+            ),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -542,7 +667,10 @@ mod tests {
         let mut data = nar();
         data.extend_from_slice(&[0; 8]);
         let r = run(data, Codec::None, Expected::default());
-        assert!(matches!(r, Err(PipelineError::Nar(NarError::TrailingData { .. }))), "{r:?}");
+        assert!(
+            matches!(r, Err(PipelineError::Nar(NarError::TrailingData { .. }))),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -552,7 +680,10 @@ mod tests {
         data[mid] ^= 0xff;
         data.truncate(data.len() - 4);
         let r = run(data, Codec::Zstd, Expected::default());
-        assert!(matches!(r, Err(PipelineError::Decode { .. } | PipelineError::Nar(_))), "{r:?}");
+        assert!(
+            matches!(r, Err(PipelineError::Decode { .. } | PipelineError::Nar(_))),
+            "{r:?}"
+        );
     }
 
     #[test]
@@ -565,8 +696,17 @@ mod tests {
         }
         let dir = tempfile::tempdir().expect("tempdir");
         for codec in [Codec::None, Codec::Xz] {
-            let r = run_pass(Failing, codec, Expected::default(), &RelPath::default(), dir.path());
-            assert!(matches!(&r, Err(PipelineError::Source(e)) if e.kind() == io::ErrorKind::ConnectionReset), "{r:?}");
+            let r = run_pass(
+                Failing,
+                codec,
+                Expected::default(),
+                &RelPath::default(),
+                dir.path(),
+            );
+            assert!(
+                matches!(&r, Err(PipelineError::Source(e)) if e.kind() == io::ErrorKind::ConnectionReset),
+                "{r:?}"
+            );
         }
     }
 }

@@ -30,9 +30,16 @@ use crate::resolve::{self, RelPath, Target, Walked};
 /// Attempts per output for transient failures (the HTTP client retries requests on top).
 const ATTEMPTS: u32 = 2;
 
+/// An evaluation to read: a file, or bytes already in memory (the built-in demo).
+#[derive(Debug, Clone)]
+pub enum EvalInput {
+    File(PathBuf),
+    Bytes { name: String, bytes: &'static [u8] },
+}
+
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    pub evals: Vec<PathBuf>,
+    pub evals: Vec<EvalInput>,
     pub revision: Option<String>,
     pub jobs: usize,
     /// Draw a progress line on standard error (when it is a terminal).
@@ -107,13 +114,20 @@ struct Scanner {
     skipped_links: AtomicUsize,
 }
 
-pub async fn build(extractor: Extractor, upstreams: Vec<String>, opts: BuildOptions) -> Result<Built, BuildError> {
+pub async fn build(
+    extractor: Extractor,
+    upstreams: Vec<String>,
+    opts: BuildOptions,
+) -> Result<Built, BuildError> {
     let mut built = Built::default();
     let mut attrs: Vec<EvalAttr> = Vec::new();
-    for path in &opts.evals {
-        let read = eval::read(path)?;
+    for input in &opts.evals {
+        let (read, name) = match input {
+            EvalInput::File(path) => (eval::read(path)?, path.display().to_string()),
+            EvalInput::Bytes { name, bytes } => (eval::read_from(*bytes, name)?, name.clone()),
+        };
         for (line, reason) in &read.bad_lines {
-            built.warnings.push(format!("{}:{line}: {reason}", path.display()));
+            built.warnings.push(format!("{name}:{line}: {reason}"));
         }
         built.summary.bad_lines += read.bad_lines.len();
         attrs.extend(read.attrs);
@@ -126,9 +140,16 @@ pub async fn build(extractor: Extractor, upstreams: Vec<String>, opts: BuildOpti
     built.summary.eval_failures = built.failures.len();
 
     // Each store path once, however many attributes share it.
-    let outputs: BTreeSet<&str> = attrs.iter().flat_map(|a| a.outputs.values().map(String::as_str)).collect();
+    let outputs: BTreeSet<&str> = attrs
+        .iter()
+        .flat_map(|a| a.outputs.values().map(String::as_str))
+        .collect();
     built.summary.outputs = outputs.len();
-    let scanner = Arc::new(Scanner { extractor, refs: Mutex::default(), skipped_links: AtomicUsize::new(0) });
+    let scanner = Arc::new(Scanner {
+        extractor,
+        refs: Mutex::default(),
+        skipped_links: AtomicUsize::new(0),
+    });
     let counters = Arc::new(Counters::default());
     let semaphore = Arc::new(Semaphore::new(opts.jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -187,7 +208,9 @@ pub async fn build(extractor: Extractor, upstreams: Vec<String>, opts: BuildOpti
     built.meta = Metadata {
         revision: opts.revision,
         systems: systems.into_iter().map(str::to_owned).collect(),
-        created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         upstreams,
         attributes: built.summary.attributes as u64,
         outputs: built.summary.outputs as u64,
@@ -247,7 +270,10 @@ fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>
         if let (false, Some(store_path)) = (any_built, missing) {
             // What a user would type for it: its name, and its declared main program.
             let last = attr.attr.rsplit('.').next().unwrap_or(&attr.attr);
-            for name in [Some(last), attr.main_program.as_deref()].into_iter().flatten() {
+            for name in [Some(last), attr.main_program.as_deref()]
+                .into_iter()
+                .flatten()
+            {
                 if ProgramName::parse(name).is_none() {
                     continue;
                 }
@@ -267,15 +293,25 @@ fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>
             }
         }
     }
-    built.summary.not_built = scans.values().filter(|s| matches!(s, Scan::NotBuilt)).count();
-    built.summary.failures = scans.values().filter(|s| matches!(s, Scan::Failed(_))).count();
+    built.summary.not_built = scans
+        .values()
+        .filter(|s| matches!(s, Scan::NotBuilt))
+        .count();
+    built.summary.failures = scans
+        .values()
+        .filter(|s| matches!(s, Scan::Failed(_)))
+        .count();
     for ((system, program), mut candidates) in groups {
         candidates.sort_by(|a, b| a.rank(&program).cmp(&b.rank(&program)));
         // One candidate per attribute: its preferred output (bin before out).
         let mut seen = BTreeSet::new();
         candidates.retain(|c| seen.insert(c.attr.clone()));
         built.summary.programs += 1;
-        built.programs.push(ProgramEntry { system, program, candidates });
+        built.programs.push(ProgramEntry {
+            system,
+            program,
+            candidates,
+        });
     }
     built.not_built = not_built.into_values().collect();
 }
@@ -290,7 +326,10 @@ impl Scanner {
             match self.scan(&store_path).await {
                 Ok((found, source)) => return (Scan::Programs(found), Some(source)),
                 Err(e) if e.kind() == ErrorKind::NotInCache => return (Scan::NotBuilt, None),
-                Err(e) if attempt < ATTEMPTS && matches!(e.kind(), ErrorKind::UpstreamBroken | ErrorKind::TimedOut) => {
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && matches!(e.kind(), ErrorKind::UpstreamBroken | ErrorKind::TimedOut) =>
+                {
                     tracing::debug!(%store_path, err = %e, "retrying output");
                     attempt += 1;
                 }
@@ -300,7 +339,10 @@ impl Scanner {
     }
 
     /// The programs in `bin/` of one output.
-    async fn scan(&self, store_path: &StorePath) -> Result<(Vec<Found>, ListingSource), ExtractError> {
+    async fn scan(
+        &self,
+        store_path: &StorePath,
+    ) -> Result<(Vec<Found>, ListingSource), ExtractError> {
         let (info, listing, source) = self.extractor.listing(store_path).await?;
         let mut hops = 0;
         let bin = match resolve::walk(&listing, &RelPath::parse(b"bin"), &mut hops) {
@@ -352,7 +394,11 @@ impl Scanner {
                 None => (info, listing),
             };
             match resolve::resolve(listing, &path, &mut hops) {
-                Ok(Target::File { path, size, executable }) => {
+                Ok(Target::File {
+                    path,
+                    size,
+                    executable,
+                }) => {
                     if !executable {
                         return None;
                     }
@@ -360,9 +406,17 @@ impl Scanner {
                         Some(Node::Regular { nar_offset, .. }) => *nar_offset,
                         _ => None,
                     };
-                    return Some((current.to_absolute_path(), path.to_string(), size, nar_offset));
+                    return Some((
+                        current.to_absolute_path(),
+                        path.to_string(),
+                        size,
+                        nar_offset,
+                    ));
                 }
-                Ok(Target::StorePath { store_path: next, rest }) => {
+                Ok(Target::StorePath {
+                    store_path: next,
+                    rest,
+                }) => {
                     if !info.references(&next) {
                         return None;
                     }
@@ -382,7 +436,10 @@ impl Scanner {
         }
         let (info, listing, _) = self.extractor.listing(store_path).await.ok()?;
         let pair = Arc::new((info, listing));
-        self.refs.lock().await.insert(store_path.clone(), pair.clone());
+        self.refs
+            .lock()
+            .await
+            .insert(store_path.clone(), pair.clone());
         Some(pair)
     }
 }

@@ -76,16 +76,30 @@ struct NixEnvPkg {
 
 /// Reads one evaluation file, detecting its format from its first line.
 pub fn read(path: &Path) -> Result<EvalRead, EvalError> {
-    let io = |err| EvalError::Io { path: path.display().to_string(), err };
-    let file = std::fs::File::open(path).map_err(io)?;
-    let mut r = BufReader::new(file.take(MAX_EVAL_BYTES));
+    let file = std::fs::File::open(path).map_err(|err| EvalError::Io {
+        path: path.display().to_string(),
+        err,
+    })?;
+    read_from(file, &path.display().to_string())
+}
+
+/// Reads an evaluation from any reader; `name` is used in messages.
+pub fn read_from(source: impl Read, name: &str) -> Result<EvalRead, EvalError> {
+    let io = |err| EvalError::Io {
+        path: name.to_owned(),
+        err,
+    };
+    let mut r = BufReader::new(source.take(MAX_EVAL_BYTES));
     let mut first = String::new();
     r.read_line(&mut first).map_err(io)?;
     let first_is_job = serde_json::from_str::<serde_json::Value>(first.trim())
         .ok()
         .is_some_and(|v| v.get("attr").is_some() || v.get("error").is_some());
     if first_is_job {
-        let mut out = EvalRead { format: Some(EvalFormat::EvalJobs), ..EvalRead::default() };
+        let mut out = EvalRead {
+            format: Some(EvalFormat::EvalJobs),
+            ..EvalRead::default()
+        };
         job_line(&first, 1, &mut out);
         for (i, line) in r.lines().enumerate() {
             let line = line.map_err(io)?;
@@ -95,9 +109,15 @@ pub fn read(path: &Path) -> Result<EvalRead, EvalError> {
     }
     let mut rest = first.into_bytes();
     r.read_to_end(&mut rest).map_err(io)?;
-    let doc: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&rest)
-        .map_err(|e| EvalError::Format { path: path.display().to_string(), err: e.to_string() })?;
-    let mut out = EvalRead { format: Some(EvalFormat::NixEnv), ..EvalRead::default() };
+    let doc: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&rest).map_err(|e| EvalError::Format {
+            path: name.to_owned(),
+            err: e.to_string(),
+        })?;
+    let mut out = EvalRead {
+        format: Some(EvalFormat::NixEnv),
+        ..EvalRead::default()
+    };
     for (attr, value) in doc {
         let pkg: NixEnvPkg = match serde_json::from_value(value) {
             Ok(p) => p,
@@ -106,8 +126,12 @@ pub fn read(path: &Path) -> Result<EvalRead, EvalError> {
                 continue;
             }
         };
-        let mut outputs: BTreeMap<String, String> =
-            pkg.outputs.unwrap_or_default().into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        let mut outputs: BTreeMap<String, String> = pkg
+            .outputs
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v?)))
+            .collect();
         if outputs.is_empty() {
             if let Some(p) = pkg.out_path {
                 outputs.insert("out".into(), p);
@@ -150,21 +174,31 @@ fn job_line(line: &str, n: usize, out: &mut EvalRead) {
     };
     let system = job.system.unwrap_or_default();
     if let Some(message) = job.error {
-        out.failures.push(EvalFailure { system, attr, message });
+        out.failures.push(EvalFailure {
+            system,
+            attr,
+            message,
+        });
         return;
     }
     if system.is_empty() {
         out.bad_lines.push((n, format!("{attr}: no system")));
         return;
     }
-    let outputs: BTreeMap<String, String> =
-        job.outputs.unwrap_or_default().into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    let outputs: BTreeMap<String, String> = job
+        .outputs
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect();
     if outputs.is_empty() {
         out.bad_lines.push((n, format!("{attr}: no outputs")));
         return;
     }
     out.attrs.push(EvalAttr {
-        attr_path_len: job.attr_path.map_or_else(|| attr.split('.').count(), |p| p.len()) as u32,
+        attr_path_len: job
+            .attr_path
+            .map_or_else(|| attr.split('.').count(), |p| p.len()) as u32,
         attr,
         system,
         outputs,
@@ -177,7 +211,12 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> EvalRead {
-        read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/eval").join(name)).expect("reads")
+        read(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures/eval")
+                .join(name),
+        )
+        .expect("reads")
     }
 
     #[test]
@@ -194,7 +233,11 @@ mod tests {
         j.sort();
         e.sort();
         assert_eq!(j, e);
-        let multi = jobs.attrs.iter().find(|a| a.attr == "multi").expect("multi");
+        let multi = jobs
+            .attrs
+            .iter()
+            .find(|a| a.attr == "multi")
+            .expect("multi");
         assert_eq!(multi.outputs.len(), 2);
         assert_eq!(multi.main_program.as_deref(), Some("multi-tool"));
     }

@@ -6,19 +6,21 @@
 //! 16  u64 metadata length, metadata (JSON), zero padding to 8
 //!     section table: SECTIONS × (u64 offset, u64 length)
 //!     strings      UTF-8 bytes, referenced as (u32 offset, u32 length); interned
-//!     programs     PROGRAM_REC bytes each: system, name, first, count, kind
+//!     programs     the hash table itself: a power of two ≥ 2 × programs of SLOT bytes:
+//!                  kind (0 = empty), hash fingerprint, system, name, first, count, and
+//!                  the name inline when it fits (most do), all in one cache line
 //!     candidates   CANDIDATE_REC bytes each, sorted best first within a program
 //!     not built    NOT_BUILT_REC bytes each: attr, store path
-//!     table        u32 slots, a power of two ≥ 2 × programs: program index + 1, 0 = empty
 //!     failures     FAILURE_REC bytes each: system, attr, message
 //! end-32  SHA-256 of everything before it
 //! ```
 //!
 //! All integers are little-endian. Loading reads the file, checks the checksum, the magic,
 //! the version and every offset once; lookups then hash `(system, program)` and probe the
-//! table (linear probing, load ≤ 0.5), so they cost O(1) whatever the index size.
+//! table (linear probing, load ≤ 0.5). A hit usually costs one cache miss for the slot and
+//! one for the chosen candidate, whatever the index size.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 
@@ -29,19 +31,23 @@ use super::{Candidate, EvalFailure, Metadata, NotBuilt};
 const MAGIC: &[u8; 8] = b"BINPLZIX";
 /// Bumped on any incompatible change; older binaries refuse newer files.
 pub const VERSION: u32 = 1;
-const SECTIONS: usize = 6;
+const SECTIONS: usize = 5;
 const S_STRINGS: usize = 0;
 const S_PROGRAMS: usize = 1;
 const S_CANDIDATES: usize = 2;
 const S_NOT_BUILT: usize = 3;
-const S_TABLE: usize = 4;
-const S_FAILURES: usize = 5;
-const PROGRAM_REC: usize = 32;
+const S_FAILURES: usize = 4;
+/// One slot of the program table: a cache line.
+const SLOT: usize = 64;
+/// Names up to this long are stored in the slot, so a lookup compares them without
+/// touching the strings section.
+const INLINE_NAME: usize = 31;
 const CANDIDATE_REC: usize = 104;
 const NOT_BUILT_REC: usize = 16;
 const FAILURE_REC: usize = 24;
-const KIND_BUILT: u32 = 0;
-const KIND_NOT_BUILT: u32 = 1;
+const KIND_EMPTY: u32 = 0;
+const KIND_BUILT: u32 = 1;
+const KIND_NOT_BUILT: u32 = 2;
 const FLAG_EXECUTABLE: u32 = 1;
 const FLAG_SHA256: u32 = 2;
 const FLAG_NAR_OFFSET: u32 = 4;
@@ -83,11 +89,27 @@ pub fn write(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let mut tmp = tempfile::Builder::new().prefix(".binplz-index-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".binplz-index-")
+        .tempfile_in(dir)?;
     tmp.write_all(&bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Builds an index in memory (the built-in demo), as [`write`] would write it.
+pub fn to_index(
+    meta: &Metadata,
+    programs: &[ProgramEntry],
+    not_built: &[NotBuilt],
+    failures: &[EvalFailure],
+) -> Result<Index, IndexError> {
+    let bytes = encode(meta, programs, not_built, failures).map_err(|err| IndexError::Io {
+        path: "(memory)".into(),
+        err,
+    })?;
+    Index::from_bytes(bytes, "(memory)")
 }
 
 #[derive(Default)]
@@ -101,16 +123,15 @@ impl Strings {
         let off = match self.seen.get(s) {
             Some(&o) => o,
             None => {
-                let o = u32::try_from(self.bytes.len()).map_err(|_| std::io::Error::other("index strings exceed 4 GiB"))?;
+                let o = u32_of(self.bytes.len())?;
                 self.bytes.extend_from_slice(s.as_bytes());
                 self.seen.insert(s.to_owned(), o);
                 o
             }
         };
-        let len = u32::try_from(s.len()).map_err(|_| std::io::Error::other("string too long"))?;
         let mut r = [0u8; 8];
         r[..4].copy_from_slice(&off.to_le_bytes());
-        r[4..].copy_from_slice(&len.to_le_bytes());
+        r[4..].copy_from_slice(&u32_of(s.len())?.to_le_bytes());
         Ok(r)
     }
 }
@@ -129,21 +150,45 @@ fn key_hash(system: &[u8], program: &[u8]) -> u64 {
     h
 }
 
-fn encode(meta: &Metadata, programs: &[ProgramEntry], not_built: &[NotBuilt], failures: &[EvalFailure]) -> std::io::Result<Vec<u8>> {
+/// A slot's fingerprint: the hash's high half (the low half picks the slot).
+fn fingerprint(hash: u64) -> u32 {
+    (hash >> 32) as u32
+}
+
+struct Slot {
+    hash: u64,
+    kind: u32,
+    system: [u8; 8],
+    name: [u8; 8],
+    first: u32,
+    count: u32,
+    program: String,
+}
+
+fn encode(
+    meta: &Metadata,
+    programs: &[ProgramEntry],
+    not_built: &[NotBuilt],
+    failures: &[EvalFailure],
+) -> std::io::Result<Vec<u8>> {
     let mut strings = Strings::default();
-    let mut prog_recs = Vec::new();
+    let mut slots: Vec<Slot> = Vec::new();
     let mut cand_recs = Vec::new();
-    let mut nb_recs = Vec::new();
-    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut keys: HashSet<(&str, &str)> = HashSet::new();
     let mut n_cands = 0usize;
     for p in programs {
-        prog_recs.extend_from_slice(&strings.add(&p.system)?);
-        prog_recs.extend_from_slice(&strings.add(&p.program)?);
-        prog_recs.extend_from_slice(&u32_of(n_cands)?.to_le_bytes());
-        prog_recs.extend_from_slice(&u32_of(p.candidates.len())?.to_le_bytes());
-        prog_recs.extend_from_slice(&KIND_BUILT.to_le_bytes());
-        prog_recs.extend_from_slice(&0u32.to_le_bytes());
-        keys.push((p.system.clone(), p.program.clone()));
+        if p.candidates.is_empty() || !keys.insert((&p.system, &p.program)) {
+            continue;
+        }
+        slots.push(Slot {
+            hash: key_hash(p.system.as_bytes(), p.program.as_bytes()),
+            kind: KIND_BUILT,
+            system: strings.add(&p.system)?,
+            name: strings.add(&p.program)?,
+            first: u32_of(n_cands)?,
+            count: u32_of(p.candidates.len())?,
+            program: p.program.clone(),
+        });
         for c in &p.candidates {
             n_cands += 1;
             for s in [&c.attr, &c.output, &c.output_path, &c.store_path, &c.path] {
@@ -167,32 +212,43 @@ fn encode(meta: &Metadata, programs: &[ProgramEntry], not_built: &[NotBuilt], fa
             cand_recs.extend_from_slice(&c.sha256.unwrap_or([0; 32]));
         }
     }
-    // Not-built entries whose name no built program has become programs of their own kind.
-    let built: std::collections::HashSet<(String, String)> = keys.iter().cloned().collect();
-    let mut nb_keys = std::collections::HashSet::new();
+    // A not-built entry becomes a program of its own kind, unless a built program has
+    // the same name (what is built wins).
+    let mut nb_recs = Vec::new();
     for (i, nb) in not_built.iter().enumerate() {
         nb_recs.extend_from_slice(&strings.add(&nb.attr)?);
         nb_recs.extend_from_slice(&strings.add(&nb.store_path)?);
-        let key = (nb.system.clone(), nb.program.clone());
-        if built.contains(&key) || !nb_keys.insert(key.clone()) {
+        if !keys.insert((&nb.system, &nb.program)) {
             continue;
         }
-        prog_recs.extend_from_slice(&strings.add(&nb.system)?);
-        prog_recs.extend_from_slice(&strings.add(&nb.program)?);
-        prog_recs.extend_from_slice(&u32_of(i)?.to_le_bytes());
-        prog_recs.extend_from_slice(&1u32.to_le_bytes());
-        prog_recs.extend_from_slice(&KIND_NOT_BUILT.to_le_bytes());
-        prog_recs.extend_from_slice(&0u32.to_le_bytes());
-        keys.push(key);
+        slots.push(Slot {
+            hash: key_hash(nb.system.as_bytes(), nb.program.as_bytes()),
+            kind: KIND_NOT_BUILT,
+            system: strings.add(&nb.system)?,
+            name: strings.add(&nb.program)?,
+            first: u32_of(i)?,
+            count: 1,
+            program: nb.program.clone(),
+        });
     }
-    let slots = (keys.len() * 2).next_power_of_two().max(8);
-    let mut table = vec![0u32; slots];
-    for (i, (system, program)) in keys.iter().enumerate() {
-        let mut at = key_hash(system.as_bytes(), program.as_bytes()) as usize & (slots - 1);
-        while table[at] != 0 {
-            at = (at + 1) & (slots - 1);
+    let n_slots = (slots.len() * 2).next_power_of_two().max(8);
+    let mut table = vec![0u8; n_slots * SLOT];
+    for s in &slots {
+        let mut at = s.hash as usize & (n_slots - 1);
+        while table[at * SLOT] != 0 {
+            at = (at + 1) & (n_slots - 1);
         }
-        table[at] = u32_of(i + 1)?;
+        let rec = &mut table[at * SLOT..(at + 1) * SLOT];
+        rec[0..4].copy_from_slice(&s.kind.to_le_bytes());
+        rec[4..8].copy_from_slice(&fingerprint(s.hash).to_le_bytes());
+        rec[8..16].copy_from_slice(&s.system);
+        rec[16..24].copy_from_slice(&s.name);
+        rec[24..28].copy_from_slice(&s.first.to_le_bytes());
+        rec[28..32].copy_from_slice(&s.count.to_le_bytes());
+        if s.program.len() <= INLINE_NAME {
+            rec[32] = s.program.len() as u8;
+            rec[33..33 + s.program.len()].copy_from_slice(s.program.as_bytes());
+        }
     }
     let mut fail_recs = Vec::new();
     for f in failures {
@@ -200,7 +256,6 @@ fn encode(meta: &Metadata, programs: &[ProgramEntry], not_built: &[NotBuilt], fa
         fail_recs.extend_from_slice(&strings.add(&f.attr)?);
         fail_recs.extend_from_slice(&strings.add(&f.message)?);
     }
-    let table_bytes: Vec<u8> = table.iter().flat_map(|s| s.to_le_bytes()).collect();
 
     let meta_json = serde_json::to_vec(meta).map_err(std::io::Error::other)?;
     let mut out = Vec::new();
@@ -212,7 +267,7 @@ fn encode(meta: &Metadata, programs: &[ProgramEntry], not_built: &[NotBuilt], fa
     pad8(&mut out);
     let table_at = out.len();
     out.resize(table_at + SECTIONS * 16, 0);
-    let sections = [strings.bytes, prog_recs, cand_recs, nb_recs, table_bytes, fail_recs];
+    let sections = [strings.bytes, table, cand_recs, nb_recs, fail_recs];
     for (i, s) in sections.iter().enumerate() {
         let off = out.len() as u64;
         out.extend_from_slice(s);
@@ -234,6 +289,8 @@ fn pad8(v: &mut Vec<u8>) {
 #[derive(Debug)]
 pub struct Index {
     bytes: Vec<u8>,
+    /// The strings section, checked to be UTF-8 once at load.
+    strings: String,
     meta: Metadata,
     sections: [(usize, usize); SECTIONS],
     n_programs: usize,
@@ -265,36 +322,52 @@ pub struct Found<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Lookup<'a> {
     /// The chosen candidate first, then the others.
-    Found(Vec<Found<'a>>),
+    Found(Candidates<'a>),
     /// Known, but its store path is not in the cache yet.
     NotBuilt { attr: &'a str, store_path: &'a str },
-    /// Nothing by that name (or not from that attribute): up to five close names.
-    Unknown { suggestions: Vec<String> },
+    /// Nothing by that name (or not from that attribute). [`Index::suggest`] finds close
+    /// names; it scans the index, so it is not done here.
+    Unknown,
 }
 
 fn rd_u32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4).and_then(|s| s.try_into().ok()).map_or(0, u32::from_le_bytes)
+    b.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u32::from_le_bytes)
 }
 
 fn rd_u64(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8).and_then(|s| s.try_into().ok()).map_or(0, u64::from_le_bytes)
+    b.get(at..at + 8)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 impl Index {
     /// Reads and validates an index file. A corrupt or truncated file is refused.
     pub fn load(path: &Path) -> Result<Index, IndexError> {
-        let bytes = std::fs::read(path).map_err(|err| IndexError::Io { path: path.display().to_string(), err })?;
+        let bytes = std::fs::read(path).map_err(|err| IndexError::Io {
+            path: path.display().to_string(),
+            err,
+        })?;
         Index::from_bytes(bytes, &path.display().to_string())
     }
 
     pub fn from_bytes(bytes: Vec<u8>, name: &str) -> Result<Index, IndexError> {
-        let corrupt = |what| IndexError::Corrupt { path: name.to_owned(), what };
+        let corrupt = |what| IndexError::Corrupt {
+            path: name.to_owned(),
+            what,
+        };
         if bytes.len() < 24 || &bytes[..8] != MAGIC {
-            return Err(IndexError::NotAnIndex { path: name.to_owned() });
+            return Err(IndexError::NotAnIndex {
+                path: name.to_owned(),
+            });
         }
         let version = rd_u32(&bytes, 8);
         if version != VERSION {
-            return Err(IndexError::Version { path: name.to_owned(), found: version });
+            return Err(IndexError::Version {
+                path: name.to_owned(),
+                found: version,
+            });
         }
         if bytes.len() < 24 + 32 {
             return Err(corrupt("too short"));
@@ -313,15 +386,20 @@ impl Index {
             .and_then(|m| serde_json::from_slice(m).ok())
             .ok_or_else(|| corrupt("bad metadata"))?;
         let table_at = meta_end.next_multiple_of(8);
+        let first_section = table_at + SECTIONS * 16;
+        if first_section > body {
+            return Err(corrupt("section table"));
+        }
         let mut sections = [(0usize, 0usize); SECTIONS];
         for (i, s) in sections.iter_mut().enumerate() {
             let off = rd_u64(&bytes, table_at + i * 16);
             let len = rd_u64(&bytes, table_at + i * 16 + 8);
-            let end = off.checked_add(len).ok_or_else(|| corrupt("section bounds"))?;
-            if table_at + SECTIONS * 16 > body || end > body as u64 || off < (table_at + SECTIONS * 16) as u64 {
-                return Err(corrupt("section bounds"));
+            match off.checked_add(len) {
+                Some(end) if off >= first_section as u64 && end <= body as u64 => {
+                    *s = (off as usize, len as usize)
+                }
+                _ => return Err(corrupt("section bounds")),
             }
-            *s = (off as usize, len as usize);
         }
         let count = |s: usize, rec: usize| {
             let len = sections[s].1;
@@ -331,24 +409,36 @@ impl Index {
                 Err(corrupt("section length"))
             }
         };
-        let n_programs = count(S_PROGRAMS, PROGRAM_REC)?;
+        let slots = count(S_PROGRAMS, SLOT)?;
         let n_candidates = count(S_CANDIDATES, CANDIDATE_REC)?;
         let n_not_built = count(S_NOT_BUILT, NOT_BUILT_REC)?;
         let n_failures = count(S_FAILURES, FAILURE_REC)?;
-        let slots = count(S_TABLE, 4)?;
-        if !slots.is_power_of_two() || slots < n_programs * 2 {
+        if !slots.is_power_of_two() {
             return Err(corrupt("hash table size"));
         }
-        let index = Index { bytes, meta, sections, n_programs, n_candidates, n_not_built, n_failures, slots };
-        index.validate().map_err(corrupt)?;
+        let (off, len) = sections[S_STRINGS];
+        let strings = std::str::from_utf8(&bytes[off..off + len])
+            .map_err(|_| corrupt("strings are not UTF-8"))?
+            .to_owned();
+        let mut index = Index {
+            bytes,
+            strings,
+            meta,
+            sections,
+            n_programs: 0,
+            n_candidates,
+            n_not_built,
+            n_failures,
+            slots,
+        };
+        index.n_programs = index.validate().map_err(corrupt)?;
         Ok(index)
     }
 
-    /// Checks every reference once, so lookups never meet an out-of-range offset.
-    fn validate(&self) -> Result<(), &'static str> {
-        let Ok(strings) = std::str::from_utf8(self.section(S_STRINGS)) else {
-            return Err("strings are not UTF-8");
-        };
+    /// Checks every reference once, so lookups never meet an out-of-range offset; returns
+    /// the number of programs.
+    fn validate(&self) -> Result<usize, &'static str> {
+        let strings = self.strings.as_str();
         let str_ok = |rec: &[u8], at: usize| {
             let off = rd_u32(rec, at) as usize;
             let len = rd_u32(rec, at + 4) as usize;
@@ -356,17 +446,30 @@ impl Index {
                 && strings.is_char_boundary(off)
                 && strings.is_char_boundary(off + len)
         };
-        for i in 0..self.n_programs {
-            let r = self.record(S_PROGRAMS, PROGRAM_REC, i);
-            let (first, n, kind) = (rd_u32(r, 16) as usize, rd_u32(r, 20) as usize, rd_u32(r, 24));
-            let limit = match kind {
+        let mut programs = 0;
+        for i in 0..self.slots {
+            let r = self.slot(i);
+            let (first, n) = (rd_u32(r, 24) as usize, rd_u32(r, 28) as usize);
+            let limit = match rd_u32(r, 0) {
+                KIND_EMPTY => continue,
                 KIND_BUILT => self.n_candidates,
                 KIND_NOT_BUILT => self.n_not_built,
                 _ => return Err("unknown program kind"),
             };
-            if !str_ok(r, 0) || !str_ok(r, 8) || first.checked_add(n).is_none_or(|e| e > limit) || n == 0 {
+            programs += 1;
+            let inline = r[32] as usize;
+            if !str_ok(r, 8)
+                || !str_ok(r, 16)
+                || n == 0
+                || first.checked_add(n).is_none_or(|e| e > limit)
+                || inline > INLINE_NAME
+                || (inline > 0 && r.get(33..33 + inline) != Some(self.str_at(r, 16).as_bytes()))
+            {
                 return Err("program record");
             }
+        }
+        if programs * 2 > self.slots {
+            return Err("hash table too full");
         }
         for i in 0..self.n_candidates {
             let r = self.record(S_CANDIDATES, CANDIDATE_REC, i);
@@ -386,12 +489,7 @@ impl Index {
                 return Err("failure record");
             }
         }
-        for s in 0..self.slots {
-            if rd_u32(self.section(S_TABLE), s * 4) as usize > self.n_programs {
-                return Err("hash table entry");
-            }
-        }
-        Ok(())
+        Ok(programs)
     }
 
     fn section(&self, s: usize) -> &[u8] {
@@ -400,13 +498,24 @@ impl Index {
     }
 
     fn record(&self, s: usize, size: usize, i: usize) -> &[u8] {
-        self.section(s).get(i * size..(i + 1) * size).unwrap_or_default()
+        self.section(s)
+            .get(i * size..(i + 1) * size)
+            .unwrap_or_default()
+    }
+
+    /// Slot `i` of the program table (always SLOT bytes; zeros if out of range).
+    fn slot(&self, i: usize) -> &[u8; SLOT] {
+        const EMPTY: [u8; SLOT] = [0; SLOT];
+        self.record(S_PROGRAMS, SLOT, i)
+            .try_into()
+            .unwrap_or(&EMPTY)
     }
 
     fn str_at(&self, rec: &[u8], at: usize) -> &str {
         let off = rd_u32(rec, at) as usize;
         let len = rd_u32(rec, at + 4) as usize;
-        self.section(S_STRINGS).get(off..off + len).and_then(|b| std::str::from_utf8(b).ok()).unwrap_or_default()
+        // Offsets and boundaries were checked at load; `get` keeps this panic-free anyway.
+        self.strings.get(off..off + len).unwrap_or_default()
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -422,19 +531,27 @@ impl Index {
         self.n_programs == 0
     }
 
-    fn find(&self, system: &str, program: &str) -> Option<&[u8]> {
+    fn find(&self, system: &str, program: &str) -> Option<&[u8; SLOT]> {
         let mask = self.slots - 1;
-        let mut at = key_hash(system.as_bytes(), program.as_bytes()) as usize & mask;
-        let table = self.section(S_TABLE);
+        let h = key_hash(system.as_bytes(), program.as_bytes());
+        let fp = fingerprint(h);
+        let mut at = h as usize & mask;
         // The table is at most half full, so a probe ends at an empty slot.
         for _ in 0..self.slots {
-            let slot = rd_u32(table, at * 4) as usize;
-            if slot == 0 {
+            let r = self.slot(at);
+            if rd_u32(r, 0) == KIND_EMPTY {
                 return None;
             }
-            let r = self.record(S_PROGRAMS, PROGRAM_REC, slot - 1);
-            if self.str_at(r, 8) == program && self.str_at(r, 0) == system {
-                return Some(r);
+            if rd_u32(r, 4) == fp {
+                let inline = r[32] as usize;
+                let name_matches = if inline > 0 {
+                    &r[33..33 + inline.min(INLINE_NAME)] == program.as_bytes()
+                } else {
+                    self.str_at(r, 16) == program
+                };
+                if name_matches && self.str_at(r, 8) == system {
+                    return Some(r);
+                }
             }
             at = (at + 1) & mask;
         }
@@ -455,41 +572,53 @@ impl Index {
             size: rd_u64(r, 48),
             nar_offset: (flags & FLAG_NAR_OFFSET != 0).then(|| rd_u64(r, 56)),
             executable: flags & FLAG_EXECUTABLE != 0,
-            sha256: (flags & FLAG_SHA256 != 0).then(|| r.get(64 + 8..64 + 40).and_then(|s| s.try_into().ok())).flatten(),
+            sha256: (flags & FLAG_SHA256 != 0)
+                .then(|| r.get(72..104).and_then(|s| s.try_into().ok()))
+                .flatten(),
         }
     }
 
     /// Resolves `program` for `system`, optionally from one attribute only.
     pub fn resolve(&self, system: &str, program: &str, attr: Option<&str>) -> Lookup<'_> {
         let Some(r) = self.find(system, program) else {
-            return Lookup::Unknown { suggestions: self.suggest(system, program) };
+            return Lookup::Unknown;
         };
-        let (first, n) = (rd_u32(r, 16) as usize, rd_u32(r, 20) as usize);
-        if rd_u32(r, 24) == KIND_NOT_BUILT {
+        let (first, n) = (rd_u32(r, 24) as usize, rd_u32(r, 28) as usize);
+        if rd_u32(r, 0) == KIND_NOT_BUILT {
             let nb = self.record(S_NOT_BUILT, NOT_BUILT_REC, first);
             let attr_name = self.str_at(nb, 0);
             if attr.is_some_and(|a| a != attr_name) {
-                return Lookup::Unknown { suggestions: Vec::new() };
+                return Lookup::Unknown;
             }
-            return Lookup::NotBuilt { attr: attr_name, store_path: self.str_at(nb, 8) };
-        }
-        let mut all: Vec<Found<'_>> = (first..first + n).map(|i| self.candidate(i)).collect();
-        if let Some(a) = attr {
-            let Some(pos) = all.iter().position(|c| c.attr == a) else {
-                return Lookup::Unknown { suggestions: Vec::new() };
+            return Lookup::NotBuilt {
+                attr: attr_name,
+                store_path: self.str_at(nb, 8),
             };
-            let chosen = all.remove(pos);
-            all.insert(0, chosen);
         }
-        Lookup::Found(all)
+        let chosen = match attr {
+            None => first,
+            Some(a) => {
+                let attr_of = |i| self.str_at(self.record(S_CANDIDATES, CANDIDATE_REC, i), 0);
+                match (first..first + n).find(|&i| attr_of(i) == a) {
+                    Some(i) => i,
+                    None => return Lookup::Unknown,
+                }
+            }
+        };
+        Lookup::Found(Candidates {
+            index: self,
+            first,
+            n,
+            chosen,
+        })
     }
 
-    /// Every `(system, program)` key, in file order.
+    /// Every `(system, program)` key, in table order.
     pub fn programs(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
-        (0..self.n_programs).map(|i| {
-            let r = self.record(S_PROGRAMS, PROGRAM_REC, i);
-            (self.str_at(r, 0), self.str_at(r, 8))
-        })
+        (0..self.slots)
+            .map(|i| self.slot(i))
+            .filter(|r| rd_u32(*r, 0) != KIND_EMPTY)
+            .map(|r| (self.str_at(r, 8), self.str_at(r, 16)))
     }
 
     /// Evaluation failures recorded at build time.
@@ -504,15 +633,18 @@ impl Index {
         })
     }
 
-    /// Up to five known names close to `program` (edit distance ≤ 2, or sharing a prefix).
+    /// Up to five known names close to `program` (small edit distance, or a prefix). This
+    /// scans every name: callers cache its answers.
     pub fn suggest(&self, system: &str, program: &str) -> Vec<String> {
         let mut best: Vec<(usize, &str)> = Vec::new();
         for (s, name) in self.programs() {
             if s != system || name == program {
                 continue;
             }
-            let d = if name.len().abs_diff(program.len()) <= 2 {
-                bounded_distance(program.as_bytes(), name.as_bytes(), 2)
+            // Two edits turn any short name into another: allow one below five bytes.
+            let max = if program.len() < 5 { 1 } else { 2 };
+            let d = if name.len().abs_diff(program.len()) <= max {
+                bounded_distance(program.as_bytes(), name.as_bytes(), max)
             } else {
                 None
             };
@@ -523,7 +655,52 @@ impl Index {
         }
         best.sort();
         best.dedup_by(|a, b| a.1 == b.1);
-        best.into_iter().take(5).map(|(_, n)| n.to_owned()).collect()
+        best.into_iter()
+            .take(5)
+            .map(|(_, n)| n.to_owned())
+            .collect()
+    }
+}
+
+/// The candidates for a program, read from the index only when asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidates<'a> {
+    index: &'a Index,
+    first: usize,
+    n: usize,
+    chosen: usize,
+}
+
+impl PartialEq for Candidates<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.index, other.index)
+            && (self.first, self.n, self.chosen) == (other.first, other.n, other.chosen)
+    }
+}
+
+impl Eq for Candidates<'_> {}
+
+impl<'a> Candidates<'a> {
+    /// The chosen candidate: the default, or the one of the requested attribute.
+    pub fn chosen(&self) -> Found<'a> {
+        self.index.candidate(self.chosen)
+    }
+
+    /// How many attributes provide the program.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The chosen candidate, then the others in order of preference.
+    pub fn iter(&self) -> impl Iterator<Item = Found<'a>> + 'a {
+        let (index, chosen) = (self.index, self.chosen);
+        std::iter::once(chosen)
+            .chain((self.first..self.first + self.n).filter(move |&i| i != chosen))
+            .map(move |i| index.candidate(i))
     }
 }
 
@@ -545,4 +722,160 @@ fn bounded_distance(a: &[u8], b: &[u8], max: usize) -> Option<usize> {
         std::mem::swap(&mut prev, &mut cur);
     }
     (prev[b.len()] <= max).then_some(prev[b.len()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(attr: &str, output: &str, main: Option<&str>) -> Candidate {
+        Candidate {
+            attr: attr.into(),
+            attr_path_len: attr.split('.').count() as u32,
+            main_program: main.map(Into::into),
+            output: output.into(),
+            output_path: format!("/nix/store/{:0>32}-{attr}", attr.len()),
+            store_path: format!("/nix/store/{:0>32}-{attr}", attr.len()),
+            path: "bin/x".into(),
+            size: 42,
+            executable: true,
+            sha256: Some([7; 32]),
+            nar_offset: None,
+        }
+    }
+
+    fn sample() -> Vec<u8> {
+        let programs = vec![
+            ProgramEntry {
+                system: "x86_64-linux".into(),
+                program: "tree".into(),
+                candidates: vec![cand("tree", "out", None), cand("busybox", "out", None)],
+            },
+            ProgramEntry {
+                system: "aarch64-linux".into(),
+                program: "tree".into(),
+                candidates: vec![cand("tree", "out", None)],
+            },
+            ProgramEntry {
+                system: "x86_64-linux".into(),
+                program: "rg".into(),
+                candidates: vec![cand("ripgrep", "out", Some("rg"))],
+            },
+        ];
+        let not_built = vec![
+            NotBuilt {
+                system: "x86_64-linux".into(),
+                program: "fd".into(),
+                attr: "fd".into(),
+                store_path: "/nix/store/x-fd".into(),
+            },
+            // Shadowed by a built program of the same name.
+            NotBuilt {
+                system: "x86_64-linux".into(),
+                program: "tree".into(),
+                attr: "tree2".into(),
+                store_path: "/nix/store/x-tree2".into(),
+            },
+        ];
+        let failures = vec![EvalFailure {
+            system: "x86_64-linux".into(),
+            attr: "broken".into(),
+            message: "boom".into(),
+        }];
+        let meta = Metadata {
+            revision: Some("abc".into()),
+            systems: vec!["x86_64-linux".into()],
+            ..Metadata::default()
+        };
+        encode(&meta, &programs, &not_built, &failures).expect("encodes")
+    }
+
+    #[test]
+    fn lookups_find_built_not_built_and_unknown_programs() {
+        let index = Index::from_bytes(sample(), "test").expect("loads");
+        assert_eq!(index.metadata().revision.as_deref(), Some("abc"));
+        let Lookup::Found(found) = index.resolve("x86_64-linux", "tree", None) else {
+            panic!("tree")
+        };
+        assert_eq!(
+            found.iter().map(|c| c.attr).collect::<Vec<_>>(),
+            ["tree", "busybox"]
+        );
+        assert_eq!(found.chosen().sha256, Some([7; 32]));
+        assert_eq!(found.chosen().size, 42);
+        let Lookup::Found(found) = index.resolve("x86_64-linux", "tree", Some("busybox")) else {
+            panic!("attr")
+        };
+        assert_eq!(found.chosen().attr, "busybox");
+        assert_eq!(
+            index.resolve("x86_64-linux", "tree", Some("nope")),
+            Lookup::Unknown
+        );
+        assert_eq!(
+            index.resolve("x86_64-linux", "fd", None),
+            Lookup::NotBuilt {
+                attr: "fd",
+                store_path: "/nix/store/x-fd"
+            }
+        );
+        assert_eq!(index.resolve("x86_64-linux", "tre", None), Lookup::Unknown);
+        assert_eq!(index.suggest("x86_64-linux", "tre"), ["tree"]);
+        assert!(matches!(
+            index.resolve("riscv64-linux", "tree", None),
+            Lookup::Unknown { .. }
+        ));
+        assert_eq!(index.failures().count(), 1);
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_refused() {
+        let bytes = sample();
+        for cut in [0, 7, 8, 23, 24, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                Index::from_bytes(bytes[..cut].to_vec(), "t").is_err(),
+                "cut at {cut}"
+            );
+        }
+        for at in (0..bytes.len()).step_by(7) {
+            let mut b = bytes.clone();
+            b[at] ^= 0x10;
+            assert!(Index::from_bytes(b, "t").is_err(), "flip at {at}");
+        }
+    }
+
+    #[test]
+    fn a_newer_version_is_refused_with_its_number() {
+        let mut b = sample();
+        b[8] = 9;
+        assert!(matches!(
+            Index::from_bytes(b, "t"),
+            Err(IndexError::Version { found: 9, .. })
+        ));
+        assert!(matches!(
+            Index::from_bytes(b"hello world, not an index".to_vec(), "t"),
+            Err(IndexError::NotAnIndex { .. })
+        ));
+    }
+
+    #[test]
+    fn writing_is_atomic_and_loads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("index.bin");
+        write(&path, &Metadata::default(), &[], &[], &[]).expect("writes");
+        let index = Index::load(&path).expect("loads");
+        assert!(index.is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).expect("dir").count(),
+            1,
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn bounded_distance_is_levenshtein_up_to_the_bound() {
+        assert_eq!(bounded_distance(b"tree", b"tree", 2), Some(0));
+        assert_eq!(bounded_distance(b"tree", b"tre", 2), Some(1));
+        assert_eq!(bounded_distance(b"ripgrep", b"ripgrap", 2), Some(1));
+        assert_eq!(bounded_distance(b"abc", b"xyz", 2), None);
+    }
 }

@@ -27,7 +27,8 @@ impl ProgramName {
             && s.len() <= MAX_PROGRAM_NAME
             && !s.starts_with('.')
             && !s.starts_with('-')
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
         ok.then(|| ProgramName(s.to_owned()))
     }
 

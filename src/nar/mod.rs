@@ -13,9 +13,13 @@
 //! ```
 
 pub mod listing;
+pub mod ls;
 pub mod reader;
 pub mod wire;
 pub mod writer;
+
+#[cfg(test)]
+mod tests;
 
 pub use listing::{Listing, Node};
 pub use reader::{read_nar, NarError, Visitor};

@@ -1,0 +1,793 @@
+//! `binplz serve`: the HTTP edge node.
+//!
+//! ```text
+//!  accept (connection cap) ─► hyper (header read timeout) ─► handle()
+//!     routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
+//!     extraction (upstream permits) ─► response with provenance, Range, ETag ─► log line
+//! ```
+//!
+//! [`run`] takes a bound listener and a shutdown future, so tests run the server in-process
+//! on `127.0.0.1:0`; `main` wires signals to it. All state lives in one [`App`] handle.
+
+pub mod body;
+mod indexes;
+pub mod metrics;
+mod page;
+pub mod respond;
+pub mod routes;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use self::body::Body;
+use self::indexes::Indexes;
+use self::metrics::Metrics;
+use self::respond::*;
+use self::routes::{ProgramRequest, Route, RouteError};
+use crate::cache::files::{Content, Files, Hit};
+use crate::error::ErrorKind;
+use crate::extract::{ExtractError, Extractor, Siblings};
+
+/// Most bytes of sibling files kept from one NAR besides the requested one.
+const SIBLINGS_BUDGET: u64 = 256 << 20;
+use crate::index::Lookup;
+use crate::resolve::RelPath;
+
+pub use indexes::IndexSource;
+
+/// Validated server settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub default_system: String,
+    pub max_file_size: u64,
+    /// Upstream extractions running at once; more wait, and past `max_queued` get a 503.
+    pub max_upstream_fetches: usize,
+    pub max_queued_fetches: usize,
+    /// Requests in progress per client address.
+    pub max_per_client: usize,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    /// How long shutdown waits for responses in progress.
+    pub shutdown_grace: Duration,
+    /// How long an unknown program (or a path missing upstream) is remembered.
+    pub negative_ttl: Duration,
+    /// How often index files are checked for changes.
+    pub index_poll: Duration,
+    pub log_json: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            default_system: "x86_64-linux".into(),
+            max_file_size: 1 << 30,
+            max_upstream_fetches: 16,
+            max_queued_fetches: 256,
+            max_per_client: 32,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(30),
+            index_poll: Duration::from_secs(5),
+            log_json: false,
+        }
+    }
+}
+
+/// The server's state: cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    indexes: Indexes,
+    extractor: Extractor,
+    files: Files,
+    metrics: Metrics,
+    upstream_permits: Semaphore,
+    queued: AtomicU64,
+    clients: Mutex<HashMap<IpAddr, usize>>,
+    /// Answers remembered for a short while: unknown names (with their suggestions) and
+    /// store paths the upstream does not have. Upstream failures are never remembered.
+    negative: moka::future::Cache<String, (ErrorKind, String)>,
+    /// Unix seconds of the last successful upstream fetch (0: none yet).
+    upstream_ok_at: AtomicU64,
+}
+
+/// What went wrong with one request; `kind()` decides the status.
+#[derive(Debug, Clone)]
+struct Failure {
+    kind: ErrorKind,
+    message: String,
+}
+
+impl Failure {
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl App {
+    pub fn new(
+        config: Config,
+        indexes: Vec<IndexSource>,
+        extractor: Extractor,
+        files: Files,
+    ) -> Result<App, String> {
+        let indexes = Indexes::load(indexes)?;
+        let negative = moka::future::Cache::builder()
+            .max_capacity(100_000)
+            .time_to_live(config.negative_ttl)
+            .build();
+        Ok(App {
+            inner: Arc::new(Inner {
+                upstream_permits: Semaphore::new(config.max_upstream_fetches.max(1)),
+                config,
+                indexes,
+                extractor,
+                files,
+                metrics: Metrics::default(),
+                queued: AtomicU64::new(0),
+                clients: Mutex::default(),
+                negative,
+                upstream_ok_at: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Re-reads index files that changed (every file if `force`, as on SIGHUP); a bad file
+    /// keeps the old index serving.
+    pub fn reload_indexes(&self, force: bool) {
+        self.inner.indexes.reload(force);
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let head = method == Method::HEAD;
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().map(str::to_owned);
+        let (route_name, resp, tier) = if method != Method::GET && method != Method::HEAD {
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                TEXT_PLAIN,
+                "only GET and HEAD\n".into(),
+                head,
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            ("other", r, None)
+        } else {
+            match routes::parse(&path, query.as_deref()) {
+                Err(RouteError::NotFound) => (
+                    "other",
+                    text(
+                        StatusCode::NOT_FOUND,
+                        TEXT_PLAIN,
+                        "no such page\n".into(),
+                        head,
+                    ),
+                    None,
+                ),
+                Err(RouteError::BadRequest(why)) => {
+                    ("program", error(ErrorKind::BadRequest, why, head), None)
+                }
+                Ok(route) => self.route(route, req.headers(), head, peer).await,
+            }
+        };
+        let status = resp.status().as_u16();
+        self.inner.metrics.request(route_name, status);
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let tier = tier.unwrap_or("-");
+        if self.inner.config.log_json {
+            let line = serde_json::json!({
+                "method": method.as_str(), "path": path, "status": status, "bytes": bytes,
+                "ms": (ms * 1000.0).round() / 1000.0, "cache": tier, "client": peer.ip().to_string(),
+            });
+            tracing::info!(target: "binplz::access", "{line}");
+        } else {
+            tracing::info!(target: "binplz::access", method = %method, path = %path, status, bytes, ms = format_args!("{ms:.3}"), cache = tier, client = %peer.ip());
+        }
+        resp
+    }
+
+    async fn route(
+        &self,
+        route: Route,
+        headers: &HeaderMap,
+        head: bool,
+        peer: SocketAddr,
+    ) -> (&'static str, Response<Body>, Option<&'static str>) {
+        match route {
+            Route::Home => (
+                "home",
+                page::home(self.inner.indexes.current().as_deref(), headers, head),
+                None,
+            ),
+            Route::Health => (
+                "healthz",
+                text(StatusCode::OK, TEXT_PLAIN, "ok\n".into(), head),
+                None,
+            ),
+            Route::Ready => ("readyz", self.ready(head), None),
+            Route::Metrics => ("metrics", self.render_metrics(head), None),
+            Route::Search { query } => (
+                "search",
+                page::search(
+                    self.inner.indexes.current().as_deref(),
+                    &self.inner.config.default_system,
+                    &query,
+                    headers,
+                    head,
+                ),
+                None,
+            ),
+            Route::Program(req) => {
+                let Some(_slot) = self.client_slot(peer.ip()) else {
+                    return (
+                        "program",
+                        error(
+                            ErrorKind::Overloaded,
+                            "too many requests from this address at once",
+                            head,
+                        ),
+                        None,
+                    );
+                };
+                match self.program(&req, headers, head, false).await {
+                    Ok((resp, tier)) => ("program", resp, Some(tier)),
+                    Err(f) => ("program", error(f.kind, &f.message, head), None),
+                }
+            }
+            Route::Sha256(req) => {
+                let Some(_slot) = self.client_slot(peer.ip()) else {
+                    return (
+                        "sha256",
+                        error(
+                            ErrorKind::Overloaded,
+                            "too many requests from this address at once",
+                            head,
+                        ),
+                        None,
+                    );
+                };
+                match self.program(&req, headers, head, true).await {
+                    Ok((resp, tier)) => ("sha256", resp, Some(tier)),
+                    Err(f) => ("sha256", error(f.kind, &f.message, head), None),
+                }
+            }
+        }
+    }
+
+    fn ready(&self, head: bool) -> Response<Body> {
+        let loaded = self.inner.indexes.current().is_some();
+        let ok_at = self.inner.upstream_ok_at.load(Ordering::Relaxed);
+        let (status, msg) = if !loaded {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no index loaded\n".to_owned(),
+            )
+        } else {
+            let since = if ok_at == 0 {
+                "no upstream fetch yet".to_owned()
+            } else {
+                format!("last upstream fetch at {ok_at}")
+            };
+            (StatusCode::OK, format!("ready: index loaded, {since}\n"))
+        };
+        text(status, TEXT_PLAIN, msg, head)
+    }
+
+    fn render_metrics(&self, head: bool) -> Response<Body> {
+        let disk = self.inner.files.disk().stats();
+        let extra = [
+            (
+                "binplz_disk_cache_bytes",
+                "Bytes in the disk cache.",
+                disk.1,
+            ),
+            (
+                "binplz_disk_cache_entries",
+                "Files in the disk cache.",
+                disk.0 as u64,
+            ),
+            (
+                "binplz_memory_cache_bytes",
+                "Bytes in the memory cache.",
+                self.inner.files.memory_bytes(),
+            ),
+            (
+                "binplz_upstream_queue",
+                "Extractions waiting for an upstream permit.",
+                self.inner.queued.load(Ordering::Relaxed),
+            ),
+        ];
+        text(
+            StatusCode::OK,
+            PROMETHEUS,
+            self.inner.metrics.render(&extra),
+            head,
+        )
+    }
+
+    /// Counts a request against its client's limit; `None` when the client is at it.
+    fn client_slot(&self, ip: IpAddr) -> Option<ClientSlot> {
+        let mut clients = self.inner.clients.lock().ok()?;
+        let n = clients.entry(ip).or_default();
+        if *n >= self.inner.config.max_per_client {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            app: self.clone(),
+            ip,
+        })
+    }
+
+    async fn program(
+        &self,
+        req: &ProgramRequest,
+        headers: &HeaderMap,
+        head: bool,
+        sha_only: bool,
+    ) -> Result<(Response<Body>, &'static str), Failure> {
+        let inner = &self.inner;
+        let system = req
+            .system
+            .as_ref()
+            .map_or(inner.config.default_system.as_str(), |s| s.as_str());
+        let index = match &req.rev {
+            Some(rev) => inner.indexes.by_revision(rev.as_str()).ok_or_else(|| {
+                Failure::new(
+                    ErrorKind::UnknownProgram,
+                    format!("unknown revision {}", rev.as_str()),
+                )
+            })?,
+            None => inner
+                .indexes
+                .current()
+                .ok_or_else(|| Failure::new(ErrorKind::Overloaded, "no index loaded yet"))?,
+        };
+        let program = req.program.as_str();
+        let attr = req.attr.as_ref().map(|a| a.as_str());
+        let neg_key = format!(
+            "{}|{system}|{}|{program}",
+            req.rev.as_ref().map_or("", |r| r.as_str()),
+            attr.unwrap_or("")
+        );
+        if let Some((kind, message)) = inner.negative.get(&neg_key).await {
+            return Err(Failure::new(kind, message));
+        }
+        let found = match index.resolve(system, program, attr) {
+            Lookup::Found(c) => c,
+            Lookup::NotBuilt { attr, store_path } => {
+                return Err(Failure::new(
+                    ErrorKind::NotBuilt,
+                    format!("{program} ({attr}, {store_path}) is not built yet; try again later"),
+                ));
+            }
+            Lookup::Unknown => {
+                let suggestions = index.suggest(system, program);
+                let from = attr.map(|a| format!(" in {a}")).unwrap_or_default();
+                let mut msg = format!("unknown program {program}{from} for {system}");
+                if !suggestions.is_empty() {
+                    msg.push_str(&format!("; did you mean: {}?", suggestions.join(", ")));
+                }
+                inner
+                    .negative
+                    .insert(neg_key, (ErrorKind::UnknownProgram, msg.clone()))
+                    .await;
+                return Err(Failure::new(ErrorKind::UnknownProgram, msg));
+            }
+        };
+        let chosen = found.chosen();
+        if chosen.size > inner.config.max_file_size {
+            return Err(Failure::new(
+                ErrorKind::Refused,
+                format!(
+                    "{program} is {} bytes, over this server's limit of {}",
+                    chosen.size, inner.config.max_file_size
+                ),
+            ));
+        }
+        let (store_path, path) = (chosen.store_path.to_owned(), chosen.path.to_owned());
+        let hit = self.file(&store_path, &path, &neg_key).await?;
+        let others: Vec<&str> = found.iter().skip(1).map(|c| c.attr).collect();
+        let pinned = req.rev.is_some();
+        let revision = index.metadata().revision.clone();
+        let mut resp = if sha_only {
+            let body = format!("{}  {program}\n", crate::hash::hex(&hit.meta.sha256));
+            text(StatusCode::OK, TEXT_PLAIN, body, head)
+        } else {
+            file_response(&hit, program, headers, head)
+        };
+        let h = resp.headers_mut();
+        let mut set = |name: &'static str, value: &str| {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                h.insert(name, v);
+            }
+        };
+        set(X_NIX_STORE_PATH, &hit.meta.store_path);
+        set(X_NIX_ATTR, chosen.attr);
+        if let Some(rev) = &revision {
+            set(X_NIXPKGS_REVISION, rev);
+        }
+        set(X_BINPLZ_SHA256, &crate::hash::hex(&hit.meta.sha256));
+        set(X_BINPLZ_LINKAGE, &hit.meta.linkage);
+        set(X_BINPLZ_CACHE, hit.tier);
+        if !others.is_empty() {
+            set(X_BINPLZ_CANDIDATES, &others.join(", "));
+        }
+        let cache_control = if pinned {
+            "public, max-age=31536000, immutable"
+        } else {
+            "public, max-age=300"
+        };
+        set(header::CACHE_CONTROL.as_str(), cache_control);
+        inner.metrics.hit(hit.tier);
+        Ok((resp, hit.tier))
+    }
+
+    /// The verified file, from a cache tier or extracted once for all who ask.
+    async fn file(&self, store_path: &str, path: &str, neg_key: &str) -> Result<Hit, Failure> {
+        let inner = &self.inner;
+        let sp = crate::extract::parse_store_path(store_path)
+            .map_err(|e| Failure::new(ErrorKind::Internal, e.to_string()))?;
+        let rel = RelPath::parse(path.as_bytes());
+        let app = self.clone();
+        let fetch = move |tmp: PathBuf| {
+            let (app, sp, rel) = (app.clone(), sp.clone(), rel.clone());
+            async move {
+                let inner = &app.inner;
+                if inner.queued.load(Ordering::Relaxed) >= inner.config.max_queued_fetches as u64 {
+                    return Err(ExtractError::Local(std::io::Error::other(Overloaded)));
+                }
+                inner.queued.fetch_add(1, Ordering::Relaxed);
+                let permit = inner.upstream_permits.acquire().await;
+                inner.queued.fetch_sub(1, Ordering::Relaxed);
+                let _permit =
+                    permit.map_err(|_| ExtractError::Local(std::io::Error::other(Overloaded)))?;
+                let started = Instant::now();
+                let siblings = Siblings {
+                    dir: b"bin".to_vec(),
+                    max_each: inner.config.max_file_size,
+                    max_total: SIBLINGS_BUDGET,
+                };
+                let result = inner
+                    .extractor
+                    .extract_with_siblings(&sp, &rel, Some(&siblings), &tmp)
+                    .await;
+                inner.metrics.extraction(started.elapsed());
+                inner.metrics.upstream_fetch(result.is_ok());
+                match &result {
+                    Ok((e, _)) if e.size > inner.config.max_file_size => {
+                        return Err(ExtractError::Local(std::io::Error::other(TooLarge(e.size))));
+                    }
+                    Ok(_) => {
+                        let now = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        inner.upstream_ok_at.store(now, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == ErrorKind::VerificationFailed => {
+                        inner.metrics.verification_failure()
+                    }
+                    Err(_) => {}
+                }
+                result
+            }
+        };
+        match inner.files.get(store_path, path, fetch).await {
+            Ok(hit) => Ok(hit),
+            Err(e) => {
+                let f = failure_of(&e, store_path);
+                tracing::warn!(store_path, path, err = %e, "cannot serve");
+                if f.kind == ErrorKind::NotInCache {
+                    inner
+                        .negative
+                        .insert(neg_key.to_owned(), (f.kind, f.message.clone()))
+                        .await;
+                }
+                Err(f)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Overloaded;
+impl std::fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("too many upstream fetches waiting")
+    }
+}
+impl std::error::Error for Overloaded {}
+
+#[derive(Debug)]
+struct TooLarge(u64);
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the file is {} bytes, over this server's limit", self.0)
+    }
+}
+impl std::error::Error for TooLarge {}
+
+/// What a client is told about an extraction failure: a short message, never the
+/// upstream's internals (those go to the log).
+fn failure_of(e: &ExtractError, store_path: &str) -> Failure {
+    if let ExtractError::Local(io) = e {
+        if let Some(inner) = io.get_ref() {
+            if inner.is::<Overloaded>() {
+                return Failure::new(
+                    ErrorKind::Overloaded,
+                    "too many downloads in progress; try again shortly",
+                );
+            }
+            if let Some(t) = inner.downcast_ref::<TooLarge>() {
+                return Failure::new(ErrorKind::Refused, t.to_string());
+            }
+        }
+    }
+    if let ExtractError::NeedsNixStore {
+        store_path,
+        path,
+        reason,
+        ..
+    } = e
+    {
+        return Failure::new(
+            ErrorKind::Refused,
+            format!("{store_path}/{path} needs /nix/store at run time: {reason}"),
+        );
+    }
+    let kind = e.kind();
+    let message = match kind {
+        ErrorKind::Refused => e.to_string(),
+        ErrorKind::NotInCache => {
+            format!("{store_path} is not in the binary cache yet; try again later")
+        }
+        ErrorKind::UpstreamBroken => "the upstream binary cache failed; try again later".to_owned(),
+        ErrorKind::VerificationFailed => {
+            format!("{store_path} failed verification against its signed hash; nothing was served")
+        }
+        ErrorKind::TimedOut => "the upstream binary cache timed out; try again later".to_owned(),
+        ErrorKind::Overloaded => "overloaded; try again shortly".to_owned(),
+        ErrorKind::UnknownProgram => format!("the file is not in {store_path}"),
+        ErrorKind::BadRequest | ErrorKind::NotBuilt | ErrorKind::Internal => {
+            "internal error".to_owned()
+        }
+    };
+    Failure::new(kind, message)
+}
+
+/// Releases a client's request slot when dropped.
+struct ClientSlot {
+    app: App,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Ok(mut clients) = self.app.inner.clients.lock() {
+            if let Some(n) = clients.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    clients.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// The 200/206/304/416 response for a file, honouring `Range` and `If-None-Match`.
+fn file_response(hit: &Hit, program: &str, headers: &HeaderMap, head: bool) -> Response<Body> {
+    let size = hit.meta.size;
+    let etag = format!("\"{}\"", crate::hash::hex(&hit.meta.sha256));
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{program}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    let matches_etag = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim() == "*"
+                || v.split(',')
+                    .any(|t| t.trim().trim_start_matches("W/") == etag)
+        });
+    if matches_etag {
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        return resp;
+    }
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, size));
+    let (status, start, len) = match range {
+        None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, size),
+        Some(RangeSpec::Unsatisfiable) => {
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            return resp;
+        }
+        Some(RangeSpec::Bytes(a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+    };
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
+            h.insert(header::CONTENT_RANGE, v);
+        }
+    }
+    if !head {
+        *resp.body_mut() = match &hit.content {
+            Content::Memory(b) => {
+                let (s, e) = (start as usize, (start + len) as usize);
+                Body::from(b.slice(s.min(b.len())..e.min(b.len())))
+            }
+            Content::Disk(f) => match f.try_clone() {
+                Ok(f) => Body::file(f, start, len),
+                Err(_) => Body::empty(),
+            },
+        };
+    }
+    resp
+}
+
+enum RangeSpec {
+    /// Not a single byte range we serve: send the whole file.
+    Ignore,
+    Unsatisfiable,
+    /// Inclusive bounds.
+    Bytes(u64, u64),
+}
+
+/// Parses a single `bytes=a-b`, `bytes=a-` or `bytes=-n` range (multiple ranges: whole file).
+fn parse_range(v: &str, size: u64) -> RangeSpec {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeSpec::Ignore;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parsed = match (a.is_empty(), b.is_empty()) {
+        (true, false) => b
+            .parse::<u64>()
+            .ok()
+            .map(|n| (size.saturating_sub(n), size.saturating_sub(1), n == 0)),
+        (false, true) => a
+            .parse::<u64>()
+            .ok()
+            .map(|s| (s, size.saturating_sub(1), false)),
+        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e => Some((s, e.min(size.saturating_sub(1)), false)),
+            _ => None,
+        },
+        (true, true) => None,
+    };
+    match parsed {
+        None => RangeSpec::Ignore,
+        Some((_, _, true)) => RangeSpec::Unsatisfiable,
+        Some((s, _, _)) if s >= size => RangeSpec::Unsatisfiable,
+        Some((s, e, _)) => RangeSpec::Bytes(s, e),
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits up
+/// to the configured grace period for responses in progress.
+pub async fn run(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let config = app.inner.config.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64)
+        .max_pending_accept_reset_streams(Some(64))
+        .max_local_error_reset_streams(Some(64));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let poller = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(app.inner.config.index_poll).await;
+                app.reload_indexes(false);
+            }
+        })
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(err = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(err = %e, %peer, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    poller.abort();
+    drop(listener);
+    tracing::info!("shutting down: finishing responses in progress");
+    if tokio::time::timeout(config.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; closing remaining connections");
+    }
+    Ok(())
+}

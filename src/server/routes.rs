@@ -1,0 +1,312 @@
+//! Request paths parsed into typed values before any lookup: garbage is a 400, never a scan.
+
+use std::fmt;
+
+use crate::index::ProgramName;
+
+/// Longest attribute path accepted (`python313Packages.something-long.dist` is ~60).
+const MAX_ATTR: usize = 200;
+/// Longest revision accepted (a git SHA-1 is 40, SHA-256 64).
+const MAX_REV: usize = 100;
+
+/// A Nix system, normalised from the spellings users type (`uname -m` and Debian names).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct System(String);
+
+impl System {
+    /// Accepts `x86_64-linux`, `aarch64-linux` and the other Nix doubles, and the bare
+    /// architecture names `x86_64`, `amd64`, `aarch64`, `arm64` (meaning Linux).
+    pub fn parse(s: &str) -> Option<System> {
+        let full = match s {
+            "x86_64" | "amd64" | "x86_64-linux" => "x86_64-linux",
+            "aarch64" | "arm64" | "aarch64-linux" => "aarch64-linux",
+            "i686-linux" | "armv7l-linux" | "riscv64-linux" | "powerpc64le-linux" => s,
+            "x86_64-darwin" | "aarch64-darwin" => s,
+            _ => return None,
+        };
+        Some(System(full.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for System {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An attribute path: dot-separated names of `[A-Za-z0-9_+-]`, each not starting with `.`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Attr(String);
+
+impl Attr {
+    pub fn parse(s: &str) -> Option<Attr> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_ATTR
+            && s.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_+-'".contains(&b))
+            });
+        ok.then(|| Attr(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A Nixpkgs revision as given in `?rev=`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Revision(String);
+
+impl Revision {
+    pub fn parse(s: &str) -> Option<Revision> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_REV
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        ok.then(|| Revision(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What a binary request asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProgramRequest {
+    pub system: Option<System>,
+    pub attr: Option<Attr>,
+    pub program: ProgramName,
+    pub rev: Option<Revision>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Home,
+    Health,
+    Ready,
+    Metrics,
+    Search {
+        query: String,
+    },
+    Program(ProgramRequest),
+    /// `<program>.sha256`: prints `<sha256>  <program>`.
+    Sha256(ProgramRequest),
+}
+
+/// Why a path is not a valid request. The text is safe to show (no request bytes in it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no such page")]
+    NotFound,
+    #[error("{0}")]
+    BadRequest(&'static str),
+}
+
+/// Most query length looked at.
+const MAX_QUERY: usize = 1024;
+
+/// Parses a request target's path and query.
+pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
+    if query.is_some_and(|q| q.len() > MAX_QUERY) {
+        return Err(RouteError::BadRequest("query string too long"));
+    }
+    let segments: Vec<&str> = path
+        .strip_prefix('/')
+        .ok_or(RouteError::BadRequest("path must start with /"))?
+        .split('/')
+        .collect();
+    match segments.as_slice() {
+        [""] => return Ok(Route::Home),
+        ["-", "healthz"] => return Ok(Route::Health),
+        ["-", "readyz"] => return Ok(Route::Ready),
+        ["-", "metrics"] => return Ok(Route::Metrics),
+        ["-", "search"] => {
+            let q = query_param(query, "q")?.unwrap_or_default();
+            return Ok(Route::Search { query: q });
+        }
+        ["-", ..] => return Err(RouteError::NotFound),
+        _ => {}
+    }
+    let rev = match query_param(query, "rev")? {
+        Some(r) => Some(Revision::parse(&r).ok_or(RouteError::BadRequest("invalid revision"))?),
+        None => None,
+    };
+    let (system, attr, last) = match segments.as_slice() {
+        [p] => (None, None, *p),
+        [a, p] => match System::parse(a) {
+            Some(s) => (Some(s), None, *p),
+            None => (None, Some(parse_attr(a)?), *p),
+        },
+        [s, a, p] => (
+            Some(System::parse(s).ok_or(RouteError::BadRequest("unknown system"))?),
+            Some(parse_attr(a)?),
+            *p,
+        ),
+        _ => {
+            return Err(RouteError::BadRequest(
+                "expected /PROGRAM, /ATTR/PROGRAM or /SYSTEM/ATTR/PROGRAM",
+            ))
+        }
+    };
+    let (name, sha) = match last.strip_suffix(".sha256") {
+        Some(n) => (n, true),
+        None => (last, false),
+    };
+    let program = ProgramName::parse(name).ok_or(RouteError::BadRequest("invalid program name"))?;
+    let req = ProgramRequest {
+        system,
+        attr,
+        program,
+        rev,
+    };
+    Ok(if sha {
+        Route::Sha256(req)
+    } else {
+        Route::Program(req)
+    })
+}
+
+fn parse_attr(s: &str) -> Result<Attr, RouteError> {
+    Attr::parse(s).ok_or(RouteError::BadRequest("invalid attribute name"))
+}
+
+/// The value of `key` in a query string, percent-decoded (`+` is a space). A malformed
+/// escape is an error.
+fn query_param(query: Option<&str>, key: &str) -> Result<Option<String>, RouteError> {
+    let Some(query) = query else { return Ok(None) };
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == key {
+            return percent_decode(v).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn percent_decode(s: &str) -> Result<String, RouteError> {
+    let bad = RouteError::BadRequest("malformed query string");
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = [
+                    bytes.next().ok_or(bad.clone())?,
+                    bytes.next().ok_or(bad.clone())?,
+                ];
+                let hex = std::str::from_utf8(&hex).map_err(|_| bad.clone())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad.clone())?);
+            }
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prog(system: Option<&str>, attr: Option<&str>, program: &str) -> ProgramRequest {
+        ProgramRequest {
+            system: system.map(|s| System(s.into())),
+            attr: attr.map(|a| Attr(a.into())),
+            program: ProgramName::parse(program).expect("valid"),
+            rev: None,
+        }
+    }
+
+    #[test]
+    fn program_routes_parse_into_typed_values() {
+        assert_eq!(
+            parse("/tree", None),
+            Ok(Route::Program(prog(None, None, "tree")))
+        );
+        assert_eq!(
+            parse("/python3Packages.black/black", None),
+            Ok(Route::Program(prog(
+                None,
+                Some("python3Packages.black"),
+                "black"
+            )))
+        );
+        assert_eq!(
+            parse("/arm64/tree", None),
+            Ok(Route::Program(prog(Some("aarch64-linux"), None, "tree")))
+        );
+        assert_eq!(
+            parse("/amd64/tree/tree", None),
+            Ok(Route::Program(prog(
+                Some("x86_64-linux"),
+                Some("tree"),
+                "tree"
+            )))
+        );
+        assert_eq!(
+            parse("/x86_64-linux/rg", None),
+            Ok(Route::Program(prog(Some("x86_64-linux"), None, "rg")))
+        );
+        assert_eq!(
+            parse("/rg.sha256", None),
+            Ok(Route::Sha256(prog(None, None, "rg")))
+        );
+        let Ok(Route::Program(r)) = parse("/tree", Some("rev=abc123")) else {
+            panic!("rev")
+        };
+        assert_eq!(r.rev.map(|r| r.0), Some("abc123".into()));
+    }
+
+    #[test]
+    fn service_routes_parse() {
+        assert_eq!(parse("/", None), Ok(Route::Home));
+        assert_eq!(parse("/-/healthz", None), Ok(Route::Health));
+        assert_eq!(
+            parse("/-/search", Some("q=ri+p%67")),
+            Ok(Route::Search {
+                query: "ri pg".into()
+            })
+        );
+        assert_eq!(parse("/-/nope", None), Err(RouteError::NotFound));
+    }
+
+    #[test]
+    fn hostile_paths_are_bad_requests() {
+        for p in [
+            "/x;reboot",
+            "/$(id)",
+            "/..",
+            "/a/b/c/d",
+            "/%2e%2e/etc",
+            "/.hidden",
+            "/-rf",
+            "//",
+            "/a//b",
+            "/tree/",
+            "/bad%20name",
+            "/unknown-os/attr/tree",
+            "/a b",
+        ] {
+            assert!(
+                matches!(parse(p, None), Err(RouteError::BadRequest(_))),
+                "{p}"
+            );
+        }
+        assert!(matches!(
+            parse("/tree", Some("rev=../../x")),
+            Err(RouteError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse("/-/search", Some("q=%zz")),
+            Err(RouteError::BadRequest(_))
+        ));
+    }
+}
