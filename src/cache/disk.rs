@@ -1,0 +1,1352 @@
+//! The disk cache: verified files kept by content hash, bounded in bytes, evicted LRU.
+//!
+//! ```text
+//!  DIR/files/ab/abcdef…  content, named by the lower-case hex SHA-256 the extractor verified
+//!  DIR/keys/0123…        one small JSON file per (store path, path), named by the hex
+//!                        SHA-256 of `store_path \0 path`: which content, size, executable
+//!                        bit, linkage
+//!  DIR/tmp/              files being written; renamed into files/ or keys/ once durable
+//! ```
+//!
+//! A key map that survives restarts means a restarted node serves from disk without
+//! asking the upstream anything. Identical content under different keys is stored once.
+//!
+//! Nothing found on disk at start-up is trusted: names that are not ours are deleted, keys
+//! whose JSON is bad or whose content is missing are deleted, and every content file is
+//! re-hashed the first time it is opened after start-up (its size is checked on every open).
+//! A bad entry is dropped with its keys and reported as a miss, so the caller fetches again.
+//!
+//! One mutex guards the in-memory index *and* every change to names on disk (rename in,
+//! unlink), so the two always agree. The slow parts (fsync of file data, re-hashing,
+//! reading) run outside it. The API is synchronous: the server calls it from
+//! `spawn_blocking`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tempfile::NamedTempFile;
+use tracing::{debug, info, warn};
+
+use crate::hash::hex;
+use crate::nar::wire::{MAX_DEPTH, MAX_NAME_LEN};
+
+/// The default `--disk-cache-size`: 10 GiB.
+pub const DEFAULT_CAPACITY: u64 = 10 << 30;
+
+/// Largest key file written or read. A key holds a store path (at most 211 bytes) and a
+/// path of at most `MAX_DEPTH` names of `MAX_NAME_LEN` bytes; JSON escaping can turn one
+/// byte into six (`\u0000`). Anything larger on disk was not written by us.
+const KEY_FILE_MAX: u64 = 1024 + 6 * (MAX_DEPTH as u64) * (MAX_NAME_LEN + 1);
+
+/// An open refreshes the content file's mtime (the last use a restart recovers) only when it
+/// is older than this, so a hot file does not cost an inode write on every request.
+const MTIME_REFRESH: Duration = Duration::from_secs(60);
+
+/// Read size when re-hashing a content file.
+const HASH_CHUNK: usize = 64 * 1024;
+
+/// A SHA-256 digest: of a file's content, or of a key.
+type Digest32 = [u8; 32];
+
+/// What the cache knows about one `(store path, path)`: the fields of its key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyMeta {
+    pub store_path: String,
+    pub path: String,
+    /// SHA-256 of the content, as verified by the extractor.
+    pub sha256: [u8; 32],
+    pub size: u64,
+    pub executable: bool,
+    /// The portability verdict's short name (`static`, `dynamic`, `script`, `other`).
+    pub linkage: String,
+}
+
+/// What [`DiskCache::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The content was written; `evicted` entries were removed to make room for it.
+    Written { evicted: usize },
+    /// Identical content was already on disk; only the key was recorded.
+    Shared,
+    /// Larger than the whole capacity: neither the content nor the key was kept.
+    TooLarge,
+}
+
+impl Stored {
+    /// Whether the file can now be found by its key.
+    pub fn is_stored(self) -> bool {
+        match self {
+            Stored::Written { .. } | Stored::Shared => true,
+            Stored::TooLarge => false,
+        }
+    }
+}
+
+/// The key file's JSON.
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    store_path: String,
+    path: String,
+    sha256: String,
+    size: u64,
+    executable: bool,
+    linkage: String,
+}
+
+impl KeyFile {
+    fn from_meta(meta: &KeyMeta) -> KeyFile {
+        KeyFile {
+            store_path: meta.store_path.clone(),
+            path: meta.path.clone(),
+            sha256: hex(&meta.sha256),
+            size: meta.size,
+            executable: meta.executable,
+            linkage: meta.linkage.clone(),
+        }
+    }
+
+    fn into_meta(self) -> Option<KeyMeta> {
+        Some(KeyMeta {
+            sha256: parse_hex32(&self.sha256)?,
+            store_path: self.store_path,
+            path: self.path,
+            size: self.size,
+            executable: self.executable,
+            linkage: self.linkage,
+        })
+    }
+}
+
+/// The paths under the cache directory.
+#[derive(Debug)]
+struct Layout {
+    files: PathBuf,
+    keys: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Layout {
+    fn shard(&self, sha: &Digest32) -> PathBuf {
+        self.files.join(hex(&sha[..1]))
+    }
+
+    fn content(&self, sha: &Digest32) -> PathBuf {
+        self.shard(sha).join(hex(sha))
+    }
+
+    fn key(&self, id: &Digest32) -> PathBuf {
+        self.keys.join(hex(id))
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    size: u64,
+    /// Position in [`Index::lru`].
+    last_use: u64,
+    /// Unique per insertion, so a check that ran outside the lock only drops the entry it
+    /// checked, not one inserted again meanwhile.
+    generation: u64,
+    /// Re-hashed since start-up, or written by this process.
+    verified: bool,
+    /// Ids of the keys naming this content.
+    keys: Vec<Digest32>,
+}
+
+/// The in-memory index. Invariants: `lru` holds exactly one `(last_use, sha)` per entry,
+/// `bytes` is the sum of entry sizes, and every key names an entry that lists it.
+#[derive(Debug, Default)]
+struct Index {
+    entries: HashMap<Digest32, Entry>,
+    /// Least recently used first.
+    lru: BTreeMap<u64, Digest32>,
+    keys: HashMap<Digest32, KeyMeta>,
+    bytes: u64,
+    /// Source of `last_use` and `generation` values.
+    clock: u64,
+}
+
+impl Index {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn add(&mut self, sha: Digest32, size: u64, verified: bool) {
+        let t = self.tick();
+        self.lru.insert(t, sha);
+        self.bytes = self.bytes.saturating_add(size);
+        self.entries.insert(
+            sha,
+            Entry {
+                size,
+                last_use: t,
+                generation: t,
+                verified,
+                keys: Vec::new(),
+            },
+        );
+    }
+
+    fn touch(&mut self, sha: &Digest32) {
+        let t = self.tick();
+        if let Some(e) = self.entries.get_mut(sha) {
+            self.lru.remove(&e.last_use);
+            e.last_use = t;
+            self.lru.insert(t, *sha);
+        }
+    }
+
+    /// Points key `id` at `meta.sha256`, detaching it from the content it named before.
+    fn set_key(&mut self, id: Digest32, meta: KeyMeta) {
+        if let Some(old) = self.keys.get(&id) {
+            if old.sha256 != meta.sha256 {
+                if let Some(e) = self.entries.get_mut(&old.sha256) {
+                    e.keys.retain(|k| *k != id);
+                }
+            }
+        }
+        if let Some(e) = self.entries.get_mut(&meta.sha256) {
+            if !e.keys.contains(&id) {
+                e.keys.push(id);
+            }
+        }
+        self.keys.insert(id, meta);
+    }
+
+    /// Drops an entry, its keys and their files.
+    fn remove(&mut self, layout: &Layout, sha: &Digest32) -> Option<Entry> {
+        let entry = self.entries.remove(sha)?;
+        self.lru.remove(&entry.last_use);
+        self.bytes = self.bytes.saturating_sub(entry.size);
+        for id in &entry.keys {
+            self.keys.remove(id);
+            remove_quietly(&layout.key(id));
+        }
+        remove_quietly(&layout.content(sha));
+        Some(entry)
+    }
+
+    /// Evicts least recently used entries until `incoming` more bytes fit in `capacity`.
+    fn make_room(&mut self, layout: &Layout, incoming: u64, capacity: u64) -> usize {
+        let mut evicted = 0;
+        while self.bytes.saturating_add(incoming) > capacity {
+            let Some((&t, &sha)) = self.lru.first_key_value() else {
+                break;
+            };
+            match self.remove(layout, &sha) {
+                Some(e) => {
+                    debug!(
+                        sha256 = %hex(&sha),
+                        size = e.size,
+                        keys = e.keys.len(),
+                        "disk cache evicted"
+                    );
+                    evicted += 1;
+                }
+                // Only if the invariant were broken; without this the loop would not end.
+                None => {
+                    self.lru.remove(&t);
+                }
+            }
+        }
+        evicted
+    }
+}
+
+/// What an open needs to know about an entry, read under the lock and checked outside it.
+#[derive(Clone, Copy)]
+struct Ticket {
+    size: u64,
+    generation: u64,
+    verified: bool,
+}
+
+/// A content-addressed, size-bounded, LRU disk cache of verified files. See the module doc.
+pub struct DiskCache {
+    dir: PathBuf,
+    layout: Layout,
+    capacity: u64,
+    index: Mutex<Index>,
+}
+
+impl fmt::Debug for DiskCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (entries, bytes) = self.stats();
+        f.debug_struct("DiskCache")
+            .field("dir", &self.dir)
+            .field("capacity", &self.capacity)
+            .field("entries", &entries)
+            .field("bytes", &bytes)
+            .finish()
+    }
+}
+
+impl DiskCache {
+    /// Opens (creating if need be) the cache in `dir`, holding at most `capacity` bytes of
+    /// content: removes stale temp files, re-indexes content and keys, drops what is not
+    /// ours or not consistent, and evicts down to `capacity`.
+    pub fn open(dir: impl Into<PathBuf>, capacity: u64) -> io::Result<DiskCache> {
+        let dir = dir.into();
+        let layout = Layout {
+            files: dir.join("files"),
+            keys: dir.join("keys"),
+            tmp: dir.join("tmp"),
+        };
+        for d in [&layout.files, &layout.keys, &layout.tmp] {
+            fs::create_dir_all(d)?;
+        }
+        let stale = clear_tmp(&layout.tmp)?;
+        let mut index = Index::default();
+        scan_files(&layout, &mut index)?;
+        let dropped_keys = scan_keys(&layout, &mut index)?;
+        let evicted = index.make_room(&layout, 0, capacity);
+        info!(
+            dir = %dir.display(),
+            entries = index.entries.len(),
+            keys = index.keys.len(),
+            bytes = index.bytes,
+            capacity,
+            stale_temp_files = stale,
+            dropped_keys,
+            evicted,
+            "disk cache opened"
+        );
+        Ok(DiskCache {
+            dir,
+            layout,
+            capacity,
+            index: Mutex::new(index),
+        })
+    }
+
+    /// Where callers create the temp files they hand to [`DiskCache::insert`]: on the same
+    /// file system as the cache, so keeping a file is a rename.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.layout.tmp
+    }
+
+    /// The capacity in bytes of content.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// `(entries, bytes)`: content files held and their total size.
+    pub fn stats(&self) -> (usize, u64) {
+        let index = self.lock();
+        (index.entries.len(), index.bytes)
+    }
+
+    /// The metadata recorded for `(store_path, path)`. Does not count as a use; opening the
+    /// content does.
+    pub fn lookup(&self, store_path: &str, path: &str) -> Option<KeyMeta> {
+        let id = key_id(store_path, path);
+        let index = self.lock();
+        index
+            .keys
+            .get(&id)
+            .filter(|m| m.store_path == store_path && m.path == path)
+            .cloned()
+    }
+
+    /// Keeps `file` as the content of `meta.sha256` and records `meta` under its key,
+    /// evicting least recently used entries to make room.
+    ///
+    /// `file` must be complete, its content must hash to `meta.sha256` (it is trusted, not
+    /// re-hashed) and it must have been created in [`DiskCache::tmp_dir`]. A file larger
+    /// than the capacity is not kept ([`Stored::TooLarge`]).
+    pub fn insert(&self, file: NamedTempFile, meta: KeyMeta) -> io::Result<Stored> {
+        let sha = meta.sha256;
+        if meta.size > self.capacity {
+            debug!(
+                sha256 = %hex(&sha),
+                size = meta.size,
+                capacity = self.capacity,
+                "larger than the disk cache; not kept"
+            );
+            return Ok(Stored::TooLarge);
+        }
+        let len = file.as_file().metadata()?.len();
+        if len != meta.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file is {len} bytes but its metadata says {}", meta.size),
+            ));
+        }
+        let id = key_id(&meta.store_path, &meta.path);
+        let (had_content, key_current) = {
+            let index = self.lock();
+            (
+                index.entries.contains_key(&sha),
+                index.keys.get(&id) == Some(&meta),
+            )
+        };
+        // Flush data before the rename makes it visible under its hash: otherwise a power
+        // loss shortly after the rename can leave the name pointing at a zero-length or
+        // partly written file (ext4 and XFS delay allocation). The re-hash after restart
+        // would catch that, but only by throwing the entry away.
+        if !had_content {
+            file.as_file().sync_all()?;
+        }
+        let key_tmp = if key_current {
+            None
+        } else {
+            Some(self.key_temp(&meta)?)
+        };
+
+        let mut index = self.lock();
+        let stored = if index.entries.contains_key(&sha) {
+            drop(file);
+            Stored::Shared
+        } else {
+            if had_content {
+                // Evicted since we looked: rare enough to flush under the lock.
+                file.as_file().sync_all()?;
+            }
+            let evicted = index.make_room(&self.layout, meta.size, self.capacity);
+            fs::create_dir_all(self.layout.shard(&sha))?;
+            file.persist(self.layout.content(&sha))
+                .map_err(|e| e.error)?;
+            index.add(sha, meta.size, true);
+            Stored::Written { evicted }
+        };
+        let key_written = if index.keys.get(&id) == Some(&meta) {
+            false
+        } else {
+            let tmp = match key_tmp {
+                Some(t) => t,
+                // Dropped since we looked: rare enough to write under the lock.
+                None => self.key_temp(&meta)?,
+            };
+            tmp.persist(self.layout.key(&id)).map_err(|e| e.error)?;
+            index.set_key(id, meta);
+            true
+        };
+        index.touch(&sha);
+        drop(index);
+
+        // Make the renames themselves durable, so a key we reported as kept is still there
+        // after a power loss.
+        if matches!(stored, Stored::Written { .. }) {
+            sync_dir(&self.layout.shard(&sha))?;
+        }
+        if key_written {
+            sync_dir(&self.layout.keys)?;
+        }
+        Ok(stored)
+    }
+
+    /// Opens the content of `sha`, checked: `Ok(None)` if it is not cached, or if it was
+    /// found corrupt (it is then dropped with its keys, so the caller fetches it again).
+    /// Counts as a use.
+    pub fn open_file(&self, sha: &[u8; 32]) -> io::Result<Option<File>> {
+        let Some((ticket, mut file)) = self.open_sized(sha)? else {
+            return Ok(None);
+        };
+        if !ticket.verified {
+            let (got, len) = hash_reader(&mut file)?;
+            if !self.check_hash(sha, ticket, got, len) {
+                return Ok(None);
+            }
+            file.seek(SeekFrom::Start(0))?;
+        }
+        self.used(sha, ticket, &file);
+        Ok(Some(file))
+    }
+
+    /// Reads the whole content of `sha`, with the same checks as [`DiskCache::open_file`].
+    /// Meant for files small enough to keep in memory.
+    pub fn read_all(&self, sha: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
+        let Some((ticket, file)) = self.open_sized(sha)? else {
+            return Ok(None);
+        };
+        let cap = usize::try_from(ticket.size).unwrap_or(0);
+        let mut buf = Vec::with_capacity(cap);
+        // One byte more than expected, so growth after the size check is noticed too.
+        (&file)
+            .take(ticket.size.saturating_add(1))
+            .read_to_end(&mut buf)?;
+        let len = buf.len() as u64;
+        if len != ticket.size {
+            self.drop_bad(
+                sha,
+                ticket,
+                "changed size while being read",
+                ticket.size,
+                len,
+            );
+            return Ok(None);
+        }
+        if !ticket.verified && !self.check_hash(sha, ticket, Sha256::digest(&buf).into(), len) {
+            return Ok(None);
+        }
+        self.used(sha, ticket, &file);
+        Ok(Some(buf))
+    }
+
+    /// Drops the content of `sha` and its keys. Returns whether it was cached.
+    pub fn remove(&self, sha: &[u8; 32]) -> bool {
+        self.lock().remove(&self.layout, sha).is_some()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Index> {
+        // Nothing that runs under the lock panics by design; if something did, the index is
+        // still usable (at worst an entry is missing), and refusing every later request would
+        // be worse.
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Opens the content file and checks its size against the index.
+    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File)>> {
+        let ticket = {
+            let index = self.lock();
+            let Some(e) = index.entries.get(sha) else {
+                return Ok(None);
+            };
+            Ticket {
+                size: e.size,
+                generation: e.generation,
+                verified: e.verified,
+            }
+        };
+        let file = match File::open(self.layout.content(sha)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.drop_bad(sha, ticket, "content file missing", ticket.size, 0);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let md = file.metadata()?;
+        if !md.is_file() {
+            self.drop_bad(sha, ticket, "content is not a regular file", ticket.size, 0);
+            return Ok(None);
+        }
+        if md.len() != ticket.size {
+            self.drop_bad(
+                sha,
+                ticket,
+                "content has the wrong size",
+                ticket.size,
+                md.len(),
+            );
+            return Ok(None);
+        }
+        Ok(Some((ticket, file)))
+    }
+
+    /// Compares a re-hash with the name; marks the entry verified or drops it.
+    fn check_hash(&self, sha: &Digest32, ticket: Ticket, got: Digest32, len: u64) -> bool {
+        if len != ticket.size {
+            self.drop_bad(
+                sha,
+                ticket,
+                "changed size while being hashed",
+                ticket.size,
+                len,
+            );
+            return false;
+        }
+        if got != *sha {
+            warn!(
+                sha256 = %hex(sha),
+                got = %hex(&got),
+                "disk cache content does not match its hash; dropped"
+            );
+            self.drop_if_current(sha, ticket);
+            return false;
+        }
+        if let Some(e) = self.lock().entries.get_mut(sha) {
+            if e.generation == ticket.generation {
+                e.verified = true;
+            }
+        }
+        true
+    }
+
+    fn drop_bad(
+        &self,
+        sha: &Digest32,
+        ticket: Ticket,
+        problem: &'static str,
+        expected: u64,
+        actual: u64,
+    ) {
+        // An entry evicted or replaced while we looked is not corruption, just a race.
+        if self.drop_if_current(sha, ticket) {
+            warn!(
+                sha256 = %hex(sha),
+                expected,
+                actual,
+                problem,
+                "disk cache entry corrupt; dropped"
+            );
+        }
+    }
+
+    /// Drops the entry the ticket was issued for, unless it is already gone or was inserted
+    /// again since. Returns whether it dropped it.
+    fn drop_if_current(&self, sha: &Digest32, ticket: Ticket) -> bool {
+        let mut index = self.lock();
+        let current = index
+            .entries
+            .get(sha)
+            .is_some_and(|e| e.generation == ticket.generation);
+        if current {
+            index.remove(&self.layout, sha);
+        }
+        current
+    }
+
+    /// Marks a successful open as a use, in the index and (coarsely) in the file's mtime,
+    /// which is what a restart recovers the order from.
+    fn used(&self, sha: &Digest32, ticket: Ticket, file: &File) {
+        {
+            let mut index = self.lock();
+            if index
+                .entries
+                .get(sha)
+                .is_some_and(|e| e.generation == ticket.generation)
+            {
+                index.touch(sha);
+            }
+        }
+        let now = SystemTime::now();
+        let stale = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_or(true, |m| {
+                now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH)
+            });
+        if stale {
+            if let Err(e) = file.set_modified(now) {
+                debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");
+            }
+        }
+    }
+
+    /// Writes `meta`'s key file to a durable temp file, ready to be renamed into place.
+    fn key_temp(&self, meta: &KeyMeta) -> io::Result<NamedTempFile> {
+        let json = serde_json::to_vec(&KeyFile::from_meta(meta))?;
+        if json.len() as u64 > KEY_FILE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "key file would be {} bytes (limit {KEY_FILE_MAX})",
+                    json.len()
+                ),
+            ));
+        }
+        let mut tmp = NamedTempFile::new_in(&self.layout.tmp)?;
+        tmp.write_all(&json)?;
+        // Same crash as for content: without this, a power loss after the rename can leave
+        // an empty key file (harmless, it is dropped at start-up, but the key is lost).
+        tmp.as_file().sync_all()?;
+        Ok(tmp)
+    }
+}
+
+/// The id of a key: SHA-256 of `store_path \0 path`. `\0` cannot occur in either, so
+/// distinct pairs cannot run together.
+fn key_id(store_path: &str, path: &str) -> Digest32 {
+    let mut h = Sha256::new();
+    h.update(store_path.as_bytes());
+    h.update([0]);
+    h.update(path.as_bytes());
+    h.finalize().into()
+}
+
+/// Parses exactly 64 lower-case hex digits, the only names the cache writes.
+fn parse_hex32(s: &str) -> Option<Digest32> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+fn hash_reader(r: &mut impl Read) -> io::Result<(Digest32, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut len = 0u64;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((h.finalize().into(), len))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Removes a file the index no longer names. A failure leaves an orphan that the next
+/// start-up re-indexes or deletes, so it is logged, not returned.
+fn remove_quietly(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %path.display(), err = %e, "could not remove disk cache file"),
+    }
+}
+
+/// Deletes a directory entry that is not ours. Directories are left alone (and logged):
+/// recursive deletion on a guess is not worth the risk.
+fn remove_junk(path: &Path, is_dir: bool) {
+    if is_dir {
+        warn!(path = %path.display(), "unexpected directory in the disk cache; left alone");
+    } else {
+        debug!(path = %path.display(), "removing unexpected file from the disk cache");
+        remove_quietly(path);
+    }
+}
+
+/// Empties `tmp/`: whatever is there was being written when the last process stopped.
+fn clear_tmp(tmp: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for dent in fs::read_dir(tmp)? {
+        let dent = dent?;
+        let path = dent.path();
+        // `file_type` does not follow symlinks, and `remove_dir_all` does not either.
+        let result = if dent.file_type()?.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        match result {
+            Ok(()) => removed += 1,
+            Err(e) => warn!(path = %path.display(), err = %e, "could not remove stale temp file"),
+        }
+    }
+    Ok(removed)
+}
+
+/// Indexes `files/<ab>/<abcdef…>`; the oldest mtime becomes the least recently used.
+fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<()> {
+    let mut found: Vec<(SystemTime, Digest32, u64)> = Vec::new();
+    for shard in fs::read_dir(&layout.files)? {
+        let shard = shard?;
+        let shard_path = shard.path();
+        let shard_is_dir = shard.file_type()?.is_dir();
+        let prefix = shard.file_name().to_str().map(str::to_owned);
+        let prefix = match prefix {
+            Some(p) if shard_is_dir && p.len() == 2 && p.bytes().all(is_lower_hex) => p,
+            _ => {
+                remove_junk(&shard_path, shard_is_dir);
+                continue;
+            }
+        };
+        for dent in fs::read_dir(&shard_path)? {
+            let dent = dent?;
+            let path = dent.path();
+            let ft = dent.file_type()?;
+            let sha = dent
+                .file_name()
+                .to_str()
+                .filter(|n| n.starts_with(prefix.as_str()))
+                .and_then(parse_hex32);
+            let (Some(sha), true) = (sha, ft.is_file()) else {
+                remove_junk(&path, ft.is_dir());
+                continue;
+            };
+            let md = dent.metadata()?;
+            let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            found.push((mtime, sha, md.len()));
+        }
+    }
+    found.sort_unstable();
+    for (_, sha, size) in found {
+        index.add(sha, size, false);
+    }
+    Ok(())
+}
+
+/// Loads `keys/*`, deleting keys that are unreadable, misnamed, or name missing content.
+/// Returns how many were deleted.
+fn scan_keys(layout: &Layout, index: &mut Index) -> io::Result<usize> {
+    let mut dropped = 0;
+    for dent in fs::read_dir(&layout.keys)? {
+        let dent = dent?;
+        let path = dent.path();
+        let ft = dent.file_type()?;
+        let id = dent.file_name().to_str().and_then(parse_hex32);
+        let (Some(id), true) = (id, ft.is_file()) else {
+            remove_junk(&path, ft.is_dir());
+            continue;
+        };
+        match read_key(&path) {
+            Ok(meta) if key_id(&meta.store_path, &meta.path) != id => {
+                warn!(path = %path.display(), "disk cache key file is misnamed; dropped");
+            }
+            Ok(meta) => match index.entries.get(&meta.sha256) {
+                Some(e) if e.size == meta.size => {
+                    index.set_key(id, meta);
+                    continue;
+                }
+                Some(e) => warn!(
+                    path = %path.display(),
+                    sha256 = %hex(&meta.sha256),
+                    expected = meta.size,
+                    actual = e.size,
+                    "disk cache key disagrees with its content's size; dropped"
+                ),
+                None => debug!(
+                    path = %path.display(),
+                    sha256 = %hex(&meta.sha256),
+                    "disk cache key names missing content; dropped"
+                ),
+            },
+            Err(e) => {
+                warn!(path = %path.display(), err = %e, "disk cache key file unreadable; dropped");
+            }
+        }
+        remove_quietly(&path);
+        dropped += 1;
+    }
+    Ok(dropped)
+}
+
+fn read_key(path: &Path) -> io::Result<KeyMeta> {
+    let mut buf = Vec::new();
+    File::open(path)?
+        .take(KEY_FILE_MAX + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > KEY_FILE_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {KEY_FILE_MAX} bytes"),
+        ));
+    }
+    let key: KeyFile = serde_json::from_slice(&buf)?;
+    key.into_meta()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "sha256 is not 64 hex digits"))
+}
+
+fn is_lower_hex(b: u8) -> bool {
+    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::fs::OpenOptions;
+
+    const SP: &str = "/nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0";
+
+    fn meta(store_path: &str, path: &str, bytes: &[u8]) -> KeyMeta {
+        KeyMeta {
+            store_path: store_path.to_owned(),
+            path: path.to_owned(),
+            sha256: Sha256::digest(bytes).into(),
+            size: bytes.len() as u64,
+            executable: true,
+            linkage: "static".to_owned(),
+        }
+    }
+
+    fn put(cache: &DiskCache, path: &str, bytes: &[u8]) -> (KeyMeta, Stored) {
+        put_at(cache, SP, path, bytes)
+    }
+
+    fn put_at(cache: &DiskCache, sp: &str, path: &str, bytes: &[u8]) -> (KeyMeta, Stored) {
+        let mut tmp = NamedTempFile::new_in(cache.tmp_dir()).unwrap();
+        tmp.write_all(bytes).unwrap();
+        let m = meta(sp, path, bytes);
+        let stored = cache.insert(tmp, m.clone()).unwrap();
+        (m, stored)
+    }
+
+    fn content(cache: &DiskCache, m: &KeyMeta) -> PathBuf {
+        cache.layout.content(&m.sha256)
+    }
+
+    fn set_mtime(path: &Path, secs: u64) {
+        let f = File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    fn count_files(dir: &Path) -> usize {
+        fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<DiskCache>();
+    }
+
+    #[test]
+    fn inserted_file_is_found_by_key_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (m, stored) = put(&cache, "bin/hello", b"hello world");
+        assert_eq!(stored, Stored::Written { evicted: 0 });
+        assert!(stored.is_stored());
+        assert_eq!(cache.lookup(SP, "bin/hello"), Some(m.clone()));
+        assert_eq!(cache.lookup(SP, "bin/other"), None);
+        let mut f = cache.open_file(&m.sha256).unwrap().unwrap();
+        let mut s = Vec::new();
+        f.read_to_end(&mut s).unwrap();
+        assert_eq!(s, b"hello world");
+        assert_eq!(cache.read_all(&m.sha256).unwrap().unwrap(), b"hello world");
+        assert_eq!(cache.stats(), (1, 11));
+        let name = content(&cache, &m);
+        assert_eq!(
+            name.file_name().unwrap().to_str().unwrap(),
+            hex(&m.sha256),
+            "content is named by its hash"
+        );
+        assert_eq!(
+            count_files(cache.tmp_dir()),
+            0,
+            "temp files were renamed away"
+        );
+    }
+
+    #[test]
+    fn identical_content_under_two_keys_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let other = "/nix/store/00000000000000000000000000000000-other";
+        let (a, s1) = put(&cache, "bin/a", b"same bytes");
+        let (b, s2) = put_at(&cache, other, "bin/b", b"same bytes");
+        assert_eq!(s1, Stored::Written { evicted: 0 });
+        assert_eq!(s2, Stored::Shared);
+        assert_eq!(cache.stats(), (1, 10));
+        assert_eq!(cache.lookup(SP, "bin/a"), Some(a));
+        assert_eq!(cache.lookup(other, "bin/b"), Some(b.clone()));
+        assert_eq!(count_files(&cache.layout.keys), 2);
+        assert_eq!(count_files(cache.tmp_dir()), 0);
+        // Dropping the content drops every key naming it.
+        assert!(cache.remove(&b.sha256));
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert_eq!(cache.lookup(other, "bin/b"), None);
+        assert_eq!(count_files(&cache.layout.keys), 0);
+        assert_eq!(cache.stats(), (0, 0));
+        assert!(!cache.remove(&b.sha256));
+    }
+
+    #[test]
+    fn eviction_takes_the_least_recently_opened_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 30).unwrap();
+        let (a, _) = put(&cache, "a", &[b'a'; 10]);
+        let (b, _) = put(&cache, "b", &[b'b'; 10]);
+        let (c, _) = put(&cache, "c", &[b'c'; 10]);
+        // `a` is the oldest insert, but opening it makes `b` the least recently used.
+        assert!(cache.open_file(&a.sha256).unwrap().is_some());
+        let (d, stored) = put(&cache, "d", &[b'd'; 10]);
+        assert_eq!(stored, Stored::Written { evicted: 1 });
+        assert_eq!(cache.lookup(SP, "b"), None);
+        assert!(!content(&cache, &b).exists());
+        assert!(cache.open_file(&b.sha256).unwrap().is_none());
+        for m in [&a, &c, &d] {
+            assert!(cache.lookup(SP, &m.path).is_some(), "{} kept", m.path);
+        }
+        assert_eq!(cache.stats(), (3, 30));
+        // read_all counts as a use too: now `a` is the oldest use.
+        assert!(cache.read_all(&c.sha256).unwrap().is_some());
+        assert!(cache.read_all(&d.sha256).unwrap().is_some());
+        let (_, stored) = put(&cache, "e", &[b'e'; 20]);
+        assert_eq!(stored, Stored::Written { evicted: 2 });
+        assert_eq!(cache.lookup(SP, "a"), None);
+        assert_eq!(cache.lookup(SP, "c"), None);
+        assert!(cache.lookup(SP, "d").is_some());
+        assert_eq!(count_files(&cache.layout.keys), 2);
+    }
+
+    #[test]
+    fn file_larger_than_the_capacity_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 8).unwrap();
+        let (small, _) = put(&cache, "small", b"1234");
+        let (big, stored) = put(&cache, "big", b"123456789");
+        assert_eq!(stored, Stored::TooLarge);
+        assert!(!stored.is_stored());
+        assert_eq!(cache.lookup(SP, "big"), None);
+        assert!(cache.open_file(&big.sha256).unwrap().is_none());
+        assert!(
+            cache.lookup(SP, &small.path).is_some(),
+            "nothing evicted for it"
+        );
+        assert_eq!(count_files(cache.tmp_dir()), 0, "its temp file is gone");
+    }
+
+    #[test]
+    fn insert_rejects_a_file_whose_size_disagrees_with_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let mut tmp = NamedTempFile::new_in(cache.tmp_dir()).unwrap();
+        tmp.write_all(b"abc").unwrap();
+        let mut m = meta(SP, "x", b"abc");
+        m.size = 2;
+        let err = cache.insert(tmp, m).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(cache.stats(), (0, 0));
+    }
+
+    #[test]
+    fn a_key_can_be_repointed_at_new_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (old, _) = put(&cache, "bin/x", b"old");
+        let (new, _) = put(&cache, "bin/x", b"new!");
+        assert_eq!(cache.lookup(SP, "bin/x"), Some(new));
+        // The old content no longer owns the key: dropping it leaves the key alone.
+        assert!(cache.remove(&old.sha256));
+        assert!(cache.lookup(SP, "bin/x").is_some());
+        drop(cache);
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            cache
+                .read_all(&cache.lookup(SP, "bin/x").unwrap().sha256)
+                .unwrap()
+                .unwrap(),
+            b"new!"
+        );
+    }
+
+    #[test]
+    fn restart_serves_files_and_keys_from_disk_without_inserts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (a, _) = put(&cache, "bin/a", b"alpha");
+            let (b, _) = put(&cache, "lib/b", b"bravo!");
+            (a, b)
+        };
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(cache.stats(), (2, 11));
+        assert_eq!(cache.lookup(SP, "bin/a"), Some(a.clone()));
+        assert_eq!(cache.lookup(SP, "lib/b"), Some(b.clone()));
+        assert_eq!(cache.read_all(&a.sha256).unwrap().unwrap(), b"alpha");
+        let mut s = String::new();
+        cache
+            .open_file(&b.sha256)
+            .unwrap()
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        assert_eq!(s, "bravo!", "the re-hash left the file at its start");
+        // Verified once, it stays verified and servable.
+        assert!(cache.open_file(&b.sha256).unwrap().is_some());
+    }
+
+    #[test]
+    fn restart_recovers_use_order_from_mtimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (a, _) = put(&cache, "a", &[1; 10]);
+            let (b, _) = put(&cache, "b", &[2; 10]);
+            let (c, _) = put(&cache, "c", &[3; 10]);
+            set_mtime(&content(&cache, &a), 3_000);
+            set_mtime(&content(&cache, &b), 1_000);
+            set_mtime(&content(&cache, &c), 2_000);
+            (a, b, c)
+        };
+        let cache = DiskCache::open(dir.path(), 30).unwrap();
+        let (_, stored) = put(&cache, "d", &[4; 10]);
+        assert_eq!(stored, Stored::Written { evicted: 1 });
+        assert_eq!(cache.lookup(SP, "b"), None, "oldest mtime goes first");
+        assert!(cache.lookup(SP, &a.path).is_some());
+        assert!(cache.lookup(SP, &c.path).is_some());
+        assert!(!content(&cache, &b).exists());
+    }
+
+    #[test]
+    fn opening_refreshes_a_stale_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "a", b"aaa");
+        set_mtime(&content(&cache, &a), 1_000);
+        assert!(cache.open_file(&a.sha256).unwrap().is_some());
+        let mtime = fs::metadata(content(&cache, &a))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert!(mtime > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+    }
+
+    #[test]
+    fn capacity_is_enforced_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (a, _) = put(&cache, "a", &[1; 10]);
+            let (b, _) = put(&cache, "b", &[2; 10]);
+            let (c, _) = put(&cache, "c", &[3; 10]);
+            set_mtime(&content(&cache, &a), 1_000);
+            set_mtime(&content(&cache, &b), 3_000);
+            set_mtime(&content(&cache, &c), 2_000);
+            (a, b, c)
+        };
+        let cache = DiskCache::open(dir.path(), 15).unwrap();
+        assert_eq!(cache.stats(), (1, 10));
+        assert!(
+            cache.lookup(SP, &b.path).is_some(),
+            "most recently used kept"
+        );
+        for m in [&a, &c] {
+            assert_eq!(cache.lookup(SP, &m.path), None);
+            assert!(!content(&cache, m).exists());
+        }
+        assert_eq!(count_files(&cache.layout.keys), 1);
+        drop(cache);
+        let cache = DiskCache::open(dir.path(), 0).unwrap();
+        assert_eq!(cache.stats(), (0, 0));
+        assert_eq!(count_files(&cache.layout.keys), 0);
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let tmp = cache.tmp_dir().to_owned();
+        fs::write(tmp.join(".tmpAbC123"), b"half written").unwrap();
+        fs::create_dir(tmp.join("leftover")).unwrap();
+        fs::write(tmp.join("leftover/x"), b"x").unwrap();
+        drop(cache);
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(count_files(cache.tmp_dir()), 0);
+        assert_eq!(cache.stats(), (0, 0));
+    }
+
+    #[test]
+    fn flipped_byte_is_caught_on_first_open_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (m, _) = put(&cache, "bin/a", b"precious bytes");
+            let path = content(&cache, &m);
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[3] ^= 0x20;
+            fs::write(&path, bytes).unwrap();
+            m
+        };
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert!(
+            cache.lookup(SP, "bin/a").is_some(),
+            "same size: only a re-hash can tell"
+        );
+        assert!(cache.open_file(&m.sha256).unwrap().is_none());
+        assert_eq!(cache.lookup(SP, "bin/a"), None, "its key went with it");
+        assert!(!content(&cache, &m).exists());
+        assert_eq!(count_files(&cache.layout.keys), 0);
+        assert_eq!(cache.stats(), (0, 0));
+    }
+
+    #[test]
+    fn flipped_byte_is_caught_by_read_all_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (m, _) = put(&cache, "bin/a", b"precious bytes");
+            let path = content(&cache, &m);
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[0] ^= 1;
+            fs::write(&path, bytes).unwrap();
+            m
+        };
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert!(cache.read_all(&m.sha256).unwrap().is_none());
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert_eq!(cache.stats(), (0, 0));
+    }
+
+    #[test]
+    fn truncated_entry_is_dropped_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (m, _) = put(&cache, "bin/a", b"precious bytes");
+            let f = OpenOptions::new()
+                .write(true)
+                .open(content(&cache, &m))
+                .unwrap();
+            f.set_len(4).unwrap();
+            m
+        };
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        // The key disagrees with the file's size, so it is dropped at start-up; the content
+        // is dropped on its first open.
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert!(cache.open_file(&m.sha256).unwrap().is_none());
+        assert!(!content(&cache, &m).exists());
+        assert_eq!(count_files(&cache.layout.keys), 0);
+        assert_eq!(cache.stats(), (0, 0));
+    }
+
+    #[test]
+    fn size_change_is_caught_without_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "bin/a", b"precious bytes");
+        let (b, _) = put(&cache, "bin/b", b"other bytes");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(content(&cache, &a))
+            .unwrap();
+        f.write_all(b"!").unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(content(&cache, &b))
+            .unwrap()
+            .set_len(3)
+            .unwrap();
+        assert!(cache.open_file(&a.sha256).unwrap().is_none());
+        assert!(cache.read_all(&b.sha256).unwrap().is_none());
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert_eq!(cache.lookup(SP, "bin/b"), None);
+        assert_eq!(cache.stats(), (0, 0));
+        assert_eq!(count_files(&cache.layout.keys), 0);
+    }
+
+    #[test]
+    fn deleted_content_is_a_miss_and_drops_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "bin/a", b"here today");
+        fs::remove_file(content(&cache, &a)).unwrap();
+        assert!(cache.open_file(&a.sha256).unwrap().is_none());
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert_eq!(cache.stats(), (0, 0));
+    }
+
+    #[test]
+    fn keys_naming_missing_content_are_dropped_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (a, _) = put(&cache, "bin/a", b"gone soon");
+            put(&cache, "bin/b", b"staying");
+            fs::remove_file(content(&cache, &a)).unwrap();
+        }
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert!(cache.lookup(SP, "bin/b").is_some());
+        assert_eq!(count_files(&cache.layout.keys), 1);
+    }
+
+    #[test]
+    fn invalid_keys_and_junk_names_are_removed_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let (good, keys, files) = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (good, _) = put(&cache, "bin/good", b"good");
+            put(&cache, "bin/bad", b"bad");
+            fs::write(
+                cache.layout.key(&key_id(SP, "bin/bad")),
+                b"{\"store_path\": ",
+            )
+            .unwrap();
+            (good, cache.layout.keys.clone(), cache.layout.files.clone())
+        };
+        let shard = files.join(hex(&good.sha256[..1]));
+        let upper = hex(&good.sha256).to_uppercase();
+        // Junk: not hex, upper-case hex, wrong shard, a symlink, a stray file in files/.
+        fs::write(keys.join("not-a-key.json"), b"{}").unwrap();
+        fs::write(keys.join(&upper), b"{}").unwrap();
+        fs::write(shard.join("README"), b"hi").unwrap();
+        fs::write(shard.join(&upper), b"good").unwrap();
+        let wrong_shard = files.join(if hex(&good.sha256[..1]) == "00" {
+            "01"
+        } else {
+            "00"
+        });
+        fs::create_dir_all(&wrong_shard).unwrap();
+        fs::write(wrong_shard.join(hex(&good.sha256)), b"good").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", shard.join(hex(&[7u8; 32]))).unwrap();
+        fs::write(files.join("stray"), b"x").unwrap();
+        // A key file named for a different key: must not shadow the real one.
+        let forged = key_id(SP, "bin/forged");
+        fs::copy(
+            keys.join(hex(&key_id(SP, "bin/good"))),
+            keys.join(hex(&forged)),
+        )
+        .unwrap();
+
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(cache.lookup(SP, "bin/good"), Some(good.clone()));
+        assert_eq!(cache.lookup(SP, "bin/bad"), None);
+        assert_eq!(cache.lookup(SP, "bin/forged"), None);
+        assert_eq!(count_files(&keys), 1, "only the good key is left");
+        let mut names: Vec<String> = fs::read_dir(&shard)
+            .unwrap()
+            .map(|d| d.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        let mut expected = vec![hex(&good.sha256)];
+        // The content of the bad key may share the shard; it is still valid content.
+        let bad_sha: Digest32 = Sha256::digest(b"bad").into();
+        if bad_sha[0] == good.sha256[0] {
+            expected.push(hex(&bad_sha));
+            expected.sort();
+        }
+        assert_eq!(names, expected);
+        assert_eq!(count_files(&wrong_shard), 0);
+        assert!(!files.join("stray").exists());
+        assert_eq!(cache.stats().0, 2, "good and bad content, nothing else");
+        assert_eq!(cache.read_all(&good.sha256).unwrap().unwrap(), b"good");
+    }
+
+    #[test]
+    fn key_with_a_malformed_hash_is_dropped_at_startup() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (m, _) = put(&cache, "bin/a", b"aaa");
+            let path = cache.layout.key(&key_id(SP, "bin/a"));
+            let mut kf = KeyFile::from_meta(&m);
+            kf.sha256 = "../../../etc/passwd".into();
+            fs::write(path, serde_json::to_vec(&kf).unwrap()).unwrap();
+            cache.layout.keys.clone()
+        };
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert_eq!(count_files(&keys), 0);
+    }
+
+    #[test]
+    fn parse_hex32_takes_only_64_lower_case_hex_digits() {
+        let h = hex(&[0xab; 32]);
+        assert_eq!(parse_hex32(&h), Some([0xab; 32]));
+        assert_eq!(parse_hex32(&h.to_uppercase()), None);
+        assert_eq!(parse_hex32(&h[1..]), None);
+        assert_eq!(parse_hex32(&format!("{h}0")), None);
+        assert_eq!(parse_hex32(&format!("{}g", &h[1..])), None);
+        assert_eq!(parse_hex32(""), None);
+    }
+
+    #[test]
+    fn key_ids_separate_store_path_from_path() {
+        assert_ne!(key_id("/nix/store/a", "b/c"), key_id("/nix/store/a/b", "c"));
+    }
+}
