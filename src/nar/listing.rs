@@ -14,9 +14,17 @@ pub const MAX_LISTING_ENTRIES: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    Regular { size: u64, executable: bool, nar_offset: Option<u64> },
-    Symlink { target: Vec<u8> },
-    Directory { entries: BTreeMap<Vec<u8>, Node> },
+    Regular {
+        size: u64,
+        executable: bool,
+        nar_offset: Option<u64>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
+    Directory {
+        entries: BTreeMap<Vec<u8>, Node>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,22 +47,40 @@ impl Listing {
 }
 
 /// Builds a [`Listing`] from the reader's events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ListingBuilder {
     root: Option<Node>,
     count: usize,
+    limit: usize,
+}
+
+impl Default for ListingBuilder {
+    fn default() -> Self {
+        Self::with_limit(MAX_LISTING_ENTRIES)
+    }
 }
 
 impl ListingBuilder {
+    /// A builder holding at most [`MAX_LISTING_ENTRIES`] nodes.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A builder holding at most `limit` nodes (the root included); the walk fails past it.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            root: None,
+            count: 0,
+            limit,
+        }
+    }
+
     fn insert(&mut self, path: &[Vec<u8>], node: Node) -> io::Result<()> {
         self.count += 1;
-        if self.count > MAX_LISTING_ENTRIES {
+        if self.count > self.limit {
+            let limit = self.limit;
             return Err(io::Error::other(format!(
-                "the NAR has more than {MAX_LISTING_ENTRIES} entries"
+                "the NAR has more than {limit} entries"
             )));
         }
         let Some((last, parents)) = path.split_last() else {
@@ -74,7 +100,9 @@ impl ListingBuilder {
                 Ok(())
             }
             // The reader emits parents before children, so this cannot happen for a valid walk.
-            _ => Err(io::Error::other("listing: entry without a parent directory")),
+            _ => Err(io::Error::other(
+                "listing: entry without a parent directory",
+            )),
         }
     }
 
@@ -86,15 +114,29 @@ impl ListingBuilder {
 
 impl Visitor for ListingBuilder {
     fn directory(&mut self, path: &[Vec<u8>]) -> io::Result<()> {
-        self.insert(path, Node::Directory { entries: BTreeMap::new() })
+        self.insert(
+            path,
+            Node::Directory {
+                entries: BTreeMap::new(),
+            },
+        )
     }
     fn symlink(&mut self, path: &[Vec<u8>], target: &[u8]) -> io::Result<()> {
-        self.insert(path, Node::Symlink { target: target.to_vec() })
+        self.insert(
+            path,
+            Node::Symlink {
+                target: target.to_vec(),
+            },
+        )
     }
     fn file(&mut self, path: &[Vec<u8>], meta: FileMeta, _: &mut dyn BufRead) -> io::Result<()> {
         self.insert(
             path,
-            Node::Regular { size: meta.size, executable: meta.executable, nar_offset: Some(meta.offset) },
+            Node::Regular {
+                size: meta.size,
+                executable: meta.executable,
+                nar_offset: Some(meta.offset),
+            },
         )
     }
 }

@@ -27,7 +27,9 @@ pub enum NarError {
     BadMagic,
     #[error("malformed NAR at byte {offset}: expected {expected:?}")]
     UnexpectedToken { offset: u64, expected: &'static str },
-    #[error("malformed NAR at byte {offset}: a token of {len} bytes is longer than any in the grammar")]
+    #[error(
+        "malformed NAR at byte {offset}: a token of {len} bytes is longer than any in the grammar"
+    )]
     TokenTooLong { offset: u64, len: u64 },
     #[error("malformed NAR at byte {offset}: padding is not zero")]
     NonZeroPadding { offset: u64 },
@@ -89,7 +91,12 @@ pub trait Visitor {
         Ok(())
     }
     /// `contents` yields exactly `meta.size` bytes; what the visitor leaves unread is skipped.
-    fn file(&mut self, path: &[Vec<u8>], meta: FileMeta, contents: &mut dyn BufRead) -> io::Result<()> {
+    fn file(
+        &mut self,
+        path: &[Vec<u8>],
+        meta: FileMeta,
+        contents: &mut dyn BufRead,
+    ) -> io::Result<()> {
         let _ = (path, meta, contents);
         Ok(())
     }
@@ -100,14 +107,20 @@ impl Visitor for () {}
 
 /// Reads one whole NAR from `source`, which must end right after it.
 ///
-/// `max_size` bounds the archive (its expected NarSize, when known): no length prefix may
-/// reach past it. Returns the number of bytes read.
+/// `max_size` bounds the archive (its expected NarSize, when known): no byte is read past
+/// it, and a length prefix reaching past it fails before its data is read. Returns the
+/// number of bytes read.
 pub fn read_nar<R: BufRead, V: Visitor + ?Sized>(
     source: R,
     max_size: Option<u64>,
     visitor: &mut V,
 ) -> Result<u64, NarError> {
-    let mut r = Reader { src: source, pos: 0, limit: max_size.unwrap_or(u64::MAX), path: Vec::new() };
+    let mut r = Reader {
+        src: source,
+        pos: 0,
+        limit: max_size.unwrap_or(u64::MAX),
+        path: Vec::new(),
+    };
     match r.expect_token(wire::MAGIC, "nix-archive-1") {
         Err(NarError::UnexpectedToken { .. } | NarError::TokenTooLong { .. }) => {
             return Err(NarError::BadMagic)
@@ -116,10 +129,14 @@ pub fn read_nar<R: BufRead, V: Visitor + ?Sized>(
     }
     r.node(visitor)?;
     let offset = r.pos;
-    if !r.src.fill_buf()?.is_empty() {
-        return Err(NarError::TrailingData { offset });
+    loop {
+        match r.src.fill_buf() {
+            Ok([]) => return Ok(r.pos),
+            Ok(_) => return Err(NarError::TrailingData { offset }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok(r.pos)
 }
 
 struct Reader<R> {
@@ -131,6 +148,16 @@ struct Reader<R> {
 
 impl<R: BufRead> Reader<R> {
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), NarError> {
+        // Tokens and length prefixes count against `max_size` too, so a NAR can never be
+        // read (or reported) as longer than the caller allowed.
+        let len = buf.len() as u64;
+        if self.pos.checked_add(len).is_none_or(|end| end > self.limit) {
+            return Err(NarError::TooLarge {
+                offset: self.pos,
+                len,
+                limit: self.limit,
+            });
+        }
         match self.src.read_exact(buf) {
             Ok(()) => {
                 self.pos += buf.len() as u64;
@@ -164,14 +191,22 @@ impl<R: BufRead> Reader<R> {
 
     /// Checks a length prefix against the NAR's remaining size before anything is read.
     fn check_len(&self, offset: u64, len: u64) -> Result<(), NarError> {
-        let end = self.pos.checked_add(len).and_then(|e| e.checked_add(padding(len)));
+        let end = self
+            .pos
+            .checked_add(len)
+            .and_then(|e| e.checked_add(padding(len)));
         match end {
             Some(end) if end <= self.limit => Ok(()),
-            _ => Err(NarError::TooLarge { offset, len, limit: self.limit }),
+            _ => Err(NarError::TooLarge {
+                offset,
+                len,
+                limit: self.limit,
+            }),
         }
     }
 
-    /// Reads a string of at most `max` bytes into `buf`; `Ok(false)` when longer (unread).
+    /// Reads a string of at most `max` bytes into `buf`; `Ok(Some(len))` when longer, with
+    /// nothing past the length prefix read.
     fn read_str_into(&mut self, max: u64, buf: &mut Vec<u8>) -> Result<Option<u64>, NarError> {
         let offset = self.pos;
         let len = self.read_u64()?;
@@ -203,7 +238,10 @@ impl<R: BufRead> Reader<R> {
         let offset = self.pos;
         let (b, len) = self.read_token()?;
         if &b[..len] != token {
-            return Err(NarError::UnexpectedToken { offset, expected: name });
+            return Err(NarError::UnexpectedToken {
+                offset,
+                expected: name,
+            });
         }
         Ok(())
     }
@@ -235,20 +273,47 @@ impl<R: BufRead> Reader<R> {
                 true
             }
             t if t == wire::TOK_CONTENTS => false,
-            _ => return Err(NarError::UnexpectedToken { offset, expected: "executable or contents" }),
+            _ => {
+                return Err(NarError::UnexpectedToken {
+                    offset,
+                    expected: "executable or contents",
+                })
+            }
         };
         let offset = self.pos;
         let size = self.read_u64()?;
         self.check_len(offset, size)?;
-        let meta = FileMeta { executable, size, offset: self.pos };
-        let mut contents = Contents { inner: &mut self.src, remaining: size };
-        visitor.file(&self.path, meta, &mut contents)?;
+        let meta = FileMeta {
+            executable,
+            size,
+            offset: self.pos,
+        };
+        let mut contents = Contents {
+            inner: &mut self.src,
+            remaining: size,
+            source_ended: false,
+        };
+        let visited = visitor.file(&self.path, meta, &mut contents);
+        let eof = |c: &Contents<'_, R>| NarError::UnexpectedEof {
+            offset: meta.offset + size - c.remaining,
+        };
+        if let Err(e) = visited {
+            // A visitor that met the early end (`read_exact` does) reports it as its own
+            // I/O error; the archive is what is truncated, so say so.
+            if contents.source_ended {
+                return Err(eof(&contents));
+            }
+            return Err(e.into());
+        }
         // Skip whatever the visitor left, without buffering it.
         while contents.remaining > 0 {
-            let n = contents.fill_buf()?.len();
+            let n = match contents.fill_buf() {
+                Ok(buf) => buf.len(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
             if n == 0 {
-                let offset = meta.offset + size - contents.remaining;
-                return Err(NarError::UnexpectedEof { offset });
+                return Err(eof(&contents));
             }
             contents.consume(n);
         }
@@ -283,7 +348,12 @@ impl<R: BufRead> Reader<R> {
             match &b[..len] {
                 t if t == wire::TOK_CLOSE => return Ok(()),
                 t if t == wire::TOK_ENTRY => {}
-                _ => return Err(NarError::UnexpectedToken { offset, expected: "entry or )" }),
+                _ => {
+                    return Err(NarError::UnexpectedToken {
+                        offset,
+                        expected: "entry or )",
+                    })
+                }
             }
             self.expect_token(wire::TOK_OPEN, "(")?;
             self.expect_token(wire::TOK_NAME, "name")?;
@@ -297,7 +367,9 @@ impl<R: BufRead> Reader<R> {
                 match prev.as_slice().cmp(name.as_slice()) {
                     std::cmp::Ordering::Less => {}
                     std::cmp::Ordering::Equal => return Err(NarError::DuplicateEntry { offset }),
-                    std::cmp::Ordering::Greater => return Err(NarError::EntriesNotSorted { offset }),
+                    std::cmp::Ordering::Greater => {
+                        return Err(NarError::EntriesNotSorted { offset })
+                    }
                 }
             }
             self.expect_token(wire::TOK_NODE, "node")?;
@@ -327,6 +399,8 @@ fn check_name(name: &[u8], offset: u64) -> Result<(), NarError> {
 struct Contents<'a, R> {
     inner: &'a mut R,
     remaining: u64,
+    /// The source ended before `remaining` reached zero: the NAR is truncated.
+    source_ended: bool,
 }
 
 impl<R: BufRead> Read for Contents<'_, R> {
@@ -345,11 +419,18 @@ impl<R: BufRead> BufRead for Contents<'_, R> {
             return Ok(&[]);
         }
         let buf = self.inner.fill_buf()?;
-        let n = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        if buf.is_empty() {
+            self.source_ended = true;
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         Ok(&buf[..n])
     }
 
     fn consume(&mut self, amt: usize) {
+        // Never past this file, even for a visitor that over-consumes.
+        let amt = amt.min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         self.inner.consume(amt);
         self.remaining -= amt as u64;
     }

@@ -8,25 +8,39 @@ use super::wire::{self, padding};
 /// A tree to serialise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
-    File { executable: bool, contents: Vec<u8> },
-    Symlink { target: Vec<u8> },
+    File {
+        executable: bool,
+        contents: Vec<u8>,
+    },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// Entries are written in the order given: sort them for a valid NAR.
     Directory(Vec<(Vec<u8>, Entry)>),
 }
 
 impl Entry {
     pub fn file(contents: impl Into<Vec<u8>>) -> Self {
-        Entry::File { executable: false, contents: contents.into() }
+        Entry::File {
+            executable: false,
+            contents: contents.into(),
+        }
     }
     pub fn executable(contents: impl Into<Vec<u8>>) -> Self {
-        Entry::File { executable: true, contents: contents.into() }
+        Entry::File {
+            executable: true,
+            contents: contents.into(),
+        }
     }
     pub fn symlink(target: impl Into<Vec<u8>>) -> Self {
-        Entry::Symlink { target: target.into() }
+        Entry::Symlink {
+            target: target.into(),
+        }
     }
     /// A directory with its entries sorted by name, as Nix writes them.
     pub fn dir<N: Into<Vec<u8>>>(entries: impl IntoIterator<Item = (N, Entry)>) -> Self {
-        let mut v: Vec<(Vec<u8>, Entry)> = entries.into_iter().map(|(n, e)| (n.into(), e)).collect();
+        let mut v: Vec<(Vec<u8>, Entry)> =
+            entries.into_iter().map(|(n, e)| (n.into(), e)).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         Entry::Directory(v)
     }
@@ -51,7 +65,10 @@ fn write_node(out: &mut Vec<u8>, node: &Entry) {
     write_str(out, wire::TOK_OPEN);
     write_str(out, wire::TOK_TYPE);
     match node {
-        Entry::File { executable, contents } => {
+        Entry::File {
+            executable,
+            contents,
+        } => {
             write_str(out, wire::TOK_REGULAR);
             if *executable {
                 write_str(out, wire::TOK_EXECUTABLE);
