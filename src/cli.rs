@@ -334,6 +334,19 @@ impl UpstreamArgs {
 
 fn run_extract(args: ExtractArgs) -> Result<(), CliError> {
     let tmp_dir = extract::temp_dir_for(args.output.as_deref());
+    // Check the destination before downloading anything.
+    if let Some(out) = &args.output {
+        if out.is_dir() {
+            return Err(bad(format!("-o {}: is a directory", out.display())));
+        }
+        if !tmp_dir.is_dir() {
+            return Err(bad(format!(
+                "-o {}: no directory {}",
+                out.display(),
+                tmp_dir.display()
+            )));
+        }
+    }
     let extracted = match &args.nar {
         Some(nar) => {
             let [path] = args.args.as_slice() else {

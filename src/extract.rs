@@ -82,6 +82,8 @@ pub enum ExtractError {
         reason: String,
         linkage: Box<Linkage>,
     },
+    #[error("cannot read {}: {err}", path.display())]
+    NarFile { path: PathBuf, err: io::Error },
     #[error("{0}")]
     Local(#[from] io::Error),
 }
@@ -134,6 +136,7 @@ impl ExtractError {
                 ErrorKind::Refused
             }
             ExtractError::NeedsNixStore { .. } => ErrorKind::Refused,
+            ExtractError::NarFile { .. } => ErrorKind::BadRequest,
             ExtractError::Local(_) => ErrorKind::Internal,
         }
     }
@@ -221,12 +224,27 @@ impl Extractor {
         store_path: &StorePath,
     ) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
         let hash_part = &store_path.to_basename()[..32];
+        // As Nix does with substituters: a cache that fails (or serves a narinfo that does
+        // not verify) does not stop the search; its error is reported only if no other
+        // cache has the path.
+        let mut first_error: Option<ExtractError> = None;
         for cache in &self.caches {
-            if let Some(bytes) = cache.narinfo(hash_part).await? {
-                let info = narinfo::verify(&bytes, store_path, &self.trust)?;
-                return Ok((cache.clone(), info));
-            }
-            tracing::debug!(cache = cache.url(), %store_path, "not in this cache");
+            let error = match cache.narinfo(hash_part).await {
+                Ok(Some(bytes)) => match narinfo::verify(&bytes, store_path, &self.trust) {
+                    Ok(info) => return Ok((cache.clone(), info)),
+                    Err(e) => ExtractError::NarInfo(e),
+                },
+                Ok(None) => {
+                    tracing::debug!(cache = cache.url(), %store_path, "not in this cache");
+                    continue;
+                }
+                Err(e) => ExtractError::Upstream(e),
+            };
+            tracing::warn!(cache = cache.url(), %store_path, err = %error, "cache failed; trying the next");
+            first_error.get_or_insert(error);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         Err(ExtractError::NotInCache {
             store_path: store_path.to_absolute_path(),
@@ -540,9 +558,13 @@ pub fn extract_local(
     allow_nix_store_deps: bool,
 ) -> Result<Extracted, ExtractError> {
     let open = |wanted: &RelPath| -> Result<PassResult, ExtractError> {
-        let mut file = std::fs::File::open(nar)?;
+        let unreadable = |err| ExtractError::NarFile {
+            path: nar.to_owned(),
+            err,
+        };
+        let mut file = std::fs::File::open(nar).map_err(unreadable)?;
         let mut head = [0u8; 32];
-        let n = read_up_to(&mut file, &mut head)?;
+        let n = read_up_to(&mut file, &mut head).map_err(unreadable)?;
         let codec = Codec::sniff(&head[..n], nar.file_name().and_then(|n| n.to_str()))?;
         let file = io::Cursor::new(head[..n].to_vec()).chain(file);
         let expected = Expected {

@@ -106,6 +106,17 @@ struct Inner {
     negative: moka::future::Cache<String, (ErrorKind, String)>,
     /// Unix seconds of the last successful upstream fetch (0: none yet).
     upstream_ok_at: AtomicU64,
+    /// Unix seconds of the last upstream failure or timeout (0: none yet).
+    upstream_err_at: AtomicU64,
+}
+
+/// How long an upstream failure with no success since keeps `/-/readyz` unready.
+const UNREADY_AFTER_FAILURE_SECS: u64 = 60;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// What went wrong with one request; `kind()` decides the status.
@@ -148,6 +159,7 @@ impl App {
                 clients: Mutex::default(),
                 negative,
                 upstream_ok_at: AtomicU64::new(0),
+                upstream_err_at: AtomicU64::new(0),
             }),
         })
     }
@@ -285,21 +297,26 @@ impl App {
         }
     }
 
+    /// Ready when an index is loaded and the upstream has not been failing: a failure in
+    /// the last minute with no success since makes a load balancer look elsewhere.
     fn ready(&self, head: bool) -> Response<Body> {
         let loaded = self.inner.indexes.current().is_some();
         let ok_at = self.inner.upstream_ok_at.load(Ordering::Relaxed);
+        let err_at = self.inner.upstream_err_at.load(Ordering::Relaxed);
+        let failing =
+            err_at > ok_at && unix_now().saturating_sub(err_at) < UNREADY_AFTER_FAILURE_SECS;
         let (status, msg) = if !loaded {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no index loaded\n".to_owned(),
+                "not ready: no index loaded\n".to_owned(),
+            )
+        } else if failing {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: the upstream failed at {err_at} and has not answered since\n"),
             )
         } else {
-            let since = if ok_at == 0 {
-                "no upstream fetch yet".to_owned()
-            } else {
-                format!("last upstream fetch at {ok_at}")
-            };
-            (StatusCode::OK, format!("ready: index loaded, {since}\n"))
+            (StatusCode::OK, "ready\n".to_owned())
         };
         text(status, TEXT_PLAIN, msg, head)
     }
@@ -489,11 +506,11 @@ impl App {
                     Ok((e, _)) if e.size > inner.config.max_file_size => {
                         return Err(ExtractError::Local(std::io::Error::other(TooLarge(e.size))));
                     }
-                    Ok(_) => {
-                        let now = SystemTime::now()
-                            .duration_since(SystemTime::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs());
-                        inner.upstream_ok_at.store(now, Ordering::Relaxed);
+                    Ok(_) => inner.upstream_ok_at.store(unix_now(), Ordering::Relaxed),
+                    Err(e)
+                        if matches!(e.kind(), ErrorKind::UpstreamBroken | ErrorKind::TimedOut) =>
+                    {
+                        inner.upstream_err_at.store(unix_now(), Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == ErrorKind::VerificationFailed => {
                         inner.metrics.verification_failure()
