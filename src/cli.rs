@@ -268,7 +268,7 @@ struct IndexShowArgs {
 /// Runs the command line and returns the process's exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    let log = init_tracing();
     let result = match cli.command {
         Command::Extract(args) => run_extract(args),
         Command::Index(IndexCommand::Build(args)) => run_index_build(args),
@@ -276,6 +276,7 @@ pub fn main() -> ExitCode {
         Command::Index(IndexCommand::Stats { index }) => run_index_stats(&index),
         Command::Serve(args) => run_serve(args),
     };
+    log.flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err((kind, msg)) => {
@@ -285,15 +286,68 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing() -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,binplz::access=info,binplz::server=info")
     });
+    let writer = LogWriter::default();
+    let flusher = writer.clone();
+    // Lines are written to a buffer and flushed ten times a second (and at exit), so a
+    // busy server does not make one write(2) per request.
+    let _ = std::thread::Builder::new()
+        .name("binplz-log".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            flusher.flush();
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
-        .with_writer(io::stderr)
+        .with_writer(writer.clone())
         .try_init();
+    writer
+}
+
+/// A buffered, shared standard error for log lines.
+#[derive(Clone)]
+struct LogWriter(std::sync::Arc<std::sync::Mutex<io::BufWriter<io::Stderr>>>);
+
+impl Default for LogWriter {
+    fn default() -> Self {
+        LogWriter(std::sync::Arc::new(std::sync::Mutex::new(
+            io::BufWriter::with_capacity(64 << 10, io::stderr()),
+        )))
+    }
+}
+
+impl LogWriter {
+    fn flush(&self) {
+        if let Ok(mut w) = self.0.lock() {
+            let _ = w.flush();
+        }
+    }
+}
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.lock() {
+            Ok(mut w) => w.write(buf),
+            Err(_) => Ok(buf.len()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        LogWriter::flush(self);
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogWriter;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
 
 type CliError = (ErrorKind, String);
@@ -454,7 +508,7 @@ fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
     eprintln!(
         "binplz: indexed {} attributes, {} outputs: {} programs, {} outputs not built, \
          {} outputs failed, {} evaluation errors, {} lines skipped \
-         (listings: {} from .ls, {} from NARs, {} .ls rejected; {} links not followed)",
+         (listings: {} from .ls, {} from NARs, {} .ls rejected; {} bin/ entries skipped)",
         s.attributes,
         s.outputs,
         s.programs,

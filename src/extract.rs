@@ -641,10 +641,13 @@ async fn fetch_ls(cache: &Cache, info: &VerifiedNarInfo) -> Result<Option<Listin
     }
     let nar_size = info.nar_size;
     let parsed = tokio::task::spawn_blocking(move || -> Result<Listing, String> {
-        let json = if body.first() == Some(&b'{') {
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        let json = if first == Some(&b'{') {
             body
         } else {
-            let codec = Codec::sniff(&body, None).map_err(|e| e.to_string())?;
+            // cache.nixos.org serves listings brotli-compressed (`Content-Encoding: br`);
+            // brotli has no magic number, so it is what is left when nothing else matches.
+            let codec = Codec::sniff(&body, None).unwrap_or(Codec::Brotli);
             let mut out = Vec::new();
             codec
                 .decoder(body.as_slice())

@@ -71,7 +71,8 @@ pub struct Built {
     pub not_built: Vec<NotBuilt>,
     pub failures: Vec<EvalFailure>,
     pub summary: Summary,
-    /// `file:line: reason` of evaluation lines that were skipped.
+    /// `file:line: reason` of evaluation lines that were skipped (`file: attr: reason` for
+    /// entries of a nix-env document).
     pub warnings: Vec<String>,
 }
 
@@ -127,7 +128,10 @@ pub async fn build(
             EvalInput::Bytes { name, bytes } => (eval::read_from(*bytes, name)?, name.clone()),
         };
         for (line, reason) in &read.bad_lines {
-            built.warnings.push(format!("{name}:{line}: {reason}"));
+            built.warnings.push(match line {
+                0 => format!("{name}: {reason}"),
+                _ => format!("{name}:{line}: {reason}"),
+            });
         }
         built.summary.bad_lines += read.bad_lines.len();
         attrs.extend(read.attrs);
@@ -234,7 +238,9 @@ fn draw(c: &Counters, total: usize) {
 /// Turns scans into candidates grouped by `(system, program)`, best first.
 fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>) {
     let mut groups: BTreeMap<(String, String), Vec<Candidate>> = BTreeMap::new();
-    let mut not_built: BTreeMap<(String, String), NotBuilt> = BTreeMap::new();
+    // With the rank of the attribute it came from, so several not-built providers of one
+    // name are chosen between as built ones are.
+    let mut not_built: BTreeMap<(String, String), (NotBuiltRank, NotBuilt)> = BTreeMap::new();
     for attr in attrs {
         let mut any_built = false;
         let mut missing: Option<&str> = None;
@@ -284,10 +290,11 @@ fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>
                     store_path: store_path.to_owned(),
                 };
                 let key = (nb.system.clone(), nb.program.clone());
+                let rank = not_built_rank(attr, name);
                 match not_built.get(&key) {
-                    Some(old) if (old.attr.len(), &old.attr) <= (nb.attr.len(), &nb.attr) => {}
+                    Some((old, _)) if *old <= rank => {}
                     _ => {
-                        not_built.insert(key, nb);
+                        not_built.insert(key, (rank, nb));
                     }
                 }
             }
@@ -313,7 +320,20 @@ fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>
             candidates,
         });
     }
-    built.not_built = not_built.into_values().collect();
+    built.not_built = not_built.into_values().map(|(_, nb)| nb).collect();
+}
+
+/// [`Candidate::rank`]'s attribute part, for attributes with no candidate to rank.
+type NotBuiltRank = (bool, bool, u32, usize, String);
+
+fn not_built_rank(attr: &EvalAttr, program: &str) -> NotBuiltRank {
+    (
+        attr.attr != program,
+        attr.main_program.as_deref() != Some(program),
+        attr.attr_path_len,
+        attr.attr.len(),
+        attr.attr.clone(),
+    )
 }
 
 impl Scanner {

@@ -35,7 +35,8 @@ pub enum EvalFormat {
 pub struct EvalRead {
     pub attrs: Vec<EvalAttr>,
     pub failures: Vec<EvalFailure>,
-    /// `(line number, reason)` of lines that were skipped.
+    /// `(line number, reason)` of lines that were skipped; the line is 0 for entries of a
+    /// nix-env document, whose reason names the attribute instead.
     pub bad_lines: Vec<(usize, String)>,
     pub format: Option<EvalFormat>,
 }
@@ -109,11 +110,31 @@ pub fn read_from(source: impl Read, name: &str) -> Result<EvalRead, EvalError> {
     }
     let mut rest = first.into_bytes();
     r.read_to_end(&mut rest).map_err(io)?;
-    let doc: BTreeMap<String, serde_json::Value> =
-        serde_json::from_slice(&rest).map_err(|e| EvalError::Format {
-            path: name.to_owned(),
-            err: e.to_string(),
-        })?;
+    if rest.trim_ascii().is_empty() {
+        return Ok(EvalRead::default());
+    }
+    let doc: BTreeMap<String, serde_json::Value> = match serde_json::from_slice(&rest) {
+        Ok(doc) => doc,
+        Err(e) => {
+            // JSON lines whose first line is damaged: still read line by line, so one bad
+            // line costs that line, not the file. Only when some line is a job, though:
+            // otherwise the document's own parse error says more.
+            let mut out = EvalRead {
+                format: Some(EvalFormat::EvalJobs),
+                ..EvalRead::default()
+            };
+            for (i, line) in String::from_utf8_lossy(&rest).lines().enumerate() {
+                job_line(line, i + 1, &mut out);
+            }
+            if out.attrs.is_empty() && out.failures.is_empty() {
+                return Err(EvalError::Format {
+                    path: name.to_owned(),
+                    err: e.to_string(),
+                });
+            }
+            return Ok(out);
+        }
+    };
     let mut out = EvalRead {
         format: Some(EvalFormat::NixEnv),
         ..EvalRead::default()
@@ -136,6 +157,10 @@ pub fn read_from(source: impl Read, name: &str) -> Result<EvalRead, EvalError> {
             if let Some(p) = pkg.out_path {
                 outputs.insert("out".into(), p);
             }
+        }
+        if outputs.is_empty() {
+            out.bad_lines.push((0, format!("{attr}: no outputs")));
+            continue;
         }
         let Some(system) = pkg.system else {
             out.bad_lines.push((0, format!("{attr}: no system")));
@@ -258,5 +283,37 @@ mod tests {
         assert_eq!(r.failures.len(), 1);
         assert_eq!(r.bad_lines.len(), 1);
         assert_eq!(r.bad_lines[0].0, 2);
+    }
+
+    #[test]
+    fn damaged_first_line_does_not_hide_the_jobs_after_it() {
+        let text = "{\"attr\":\"a\",\"outp\n\
+             {\"attr\":\"b\",\"system\":\"x86_64-linux\",\"outputs\":{\"out\":\"/nix/store/x\"}}\n";
+        let r = read_from(text.as_bytes(), "t").expect("reads");
+        assert_eq!(r.format, Some(EvalFormat::EvalJobs));
+        assert_eq!(r.attrs.len(), 1);
+        assert_eq!(r.bad_lines.len(), 1);
+        assert_eq!(r.bad_lines[0].0, 1);
+        // Without any job line, the document's own error is reported.
+        assert!(matches!(
+            read_from(&b"{\"a\": 1,\n"[..], "t"),
+            Err(EvalError::Format { .. })
+        ));
+    }
+
+    #[test]
+    fn empty_evaluation_reads_as_empty() {
+        let r = read_from(&b" \n\n"[..], "t").expect("reads");
+        assert!(r.attrs.is_empty() && r.failures.is_empty() && r.bad_lines.is_empty());
+    }
+
+    #[test]
+    fn nix_env_entry_without_outputs_is_skipped_by_name() {
+        let text = r#"{"a": {"system": "x86_64-linux"},
+            "b": {"system": "x86_64-linux", "outputs": {"out": "/nix/store/x"}}}"#;
+        let r = read_from(text.as_bytes(), "t").expect("reads");
+        assert_eq!(r.format, Some(EvalFormat::NixEnv));
+        assert_eq!(r.attrs.len(), 1);
+        assert_eq!(r.bad_lines, [(0, "a: no outputs".to_owned())]);
     }
 }

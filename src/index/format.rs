@@ -357,10 +357,13 @@ impl Index {
             path: name.to_owned(),
             what,
         };
-        if bytes.len() < 24 || &bytes[..8] != MAGIC {
+        if bytes.get(..8) != Some(MAGIC.as_slice()) {
             return Err(IndexError::NotAnIndex {
                 path: name.to_owned(),
             });
+        }
+        if bytes.len() < 24 {
+            return Err(corrupt("too short"));
         }
         let version = rd_u32(&bytes, 8);
         if version != VERSION {

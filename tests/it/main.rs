@@ -6,4 +6,5 @@ mod cli;
 mod extract;
 mod harness;
 mod index;
+mod serve;
 mod support;
