@@ -240,7 +240,9 @@ impl Extractor {
                 }
                 Err(e) => ExtractError::Upstream(e),
             };
-            tracing::warn!(cache = cache.url(), %store_path, err = %error, "cache failed; trying the next");
+            if self.caches.len() > 1 {
+                tracing::warn!(cache = cache.url(), %store_path, err = %error, "cache failed; trying the next");
+            }
             first_error.get_or_insert(error);
         }
         if let Some(e) = first_error {

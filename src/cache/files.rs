@@ -16,6 +16,7 @@ use bytes::Bytes;
 
 use super::disk::{DiskCache, KeyMeta};
 use super::flight::SingleFlight;
+use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extracted};
 
 /// Calls `fetch` (a cloneable `Fn`) for one attempt.
@@ -39,7 +40,12 @@ pub struct Hit {
     pub tier: &'static str,
 }
 
-type FlightResult = Result<(), Arc<ExtractError>>;
+/// A failed flight carries the path it was started for: its error may be about that file
+/// alone, and not about the other files of the store path that callers were waiting for.
+type FlightResult = Result<(), (String, Arc<ExtractError>)>;
+
+/// Flights a caller starts or joins before giving up.
+const MAX_FLIGHTS: usize = 3;
 
 pub struct Files {
     memory: moka::future::Cache<[u8; 32], Bytes>,
@@ -133,16 +139,23 @@ impl Files {
         if let Some(hit) = self.cached(store_path, path).await.map_err(local)? {
             return Ok(hit);
         }
-        for _ in 0..2 {
+        for _ in 0..MAX_FLIGHTS {
             let work = fetch_once(&fetch, self.disk.tmp_dir().to_owned());
             let disk = self.disk.clone();
             let (sp, p) = (store_path.to_owned(), path.to_owned());
             let flight = async move {
-                let (wanted, extras) = work.await.map_err(Arc::new)?;
+                // A flight that ended between our cache check and this one starting has
+                // already kept the file: do not download it again.
+                if disk.lookup(&sp, &p).is_some() {
+                    return Ok(());
+                }
+                let failed = |e: ExtractError| (p.clone(), Arc::new(e));
+                let (wanted, extras) = work.await.map_err(failed)?;
+                let kept = (sp, p.clone());
                 tokio::task::spawn_blocking(move || -> std::io::Result<()> {
                     // The wanted file under the key it was asked by (its path before any
                     // symlink into another store path); siblings under their own.
-                    let mut all = vec![(sp, p, wanted)];
+                    let mut all = vec![(kept.0, kept.1, wanted)];
                     all.extend(extras.into_iter().filter_map(|e| {
                         let sp = e.store_path.as_ref()?.to_absolute_path();
                         Some((sp, e.path.to_string(), e))
@@ -161,16 +174,25 @@ impl Files {
                     Ok(())
                 })
                 .await
-                .map_err(|e| Arc::new(ExtractError::Local(std::io::Error::other(e))))?
-                .map_err(|e| Arc::new(ExtractError::Local(e)))?;
+                .map_err(|e| failed(ExtractError::Local(std::io::Error::other(e))))?
+                .map_err(|e| failed(ExtractError::Local(e)))?;
                 Ok(())
             };
-            let lost = Err(Arc::new(ExtractError::Local(std::io::Error::other(
-                "extraction task lost",
-            ))));
-            self.flights
-                .run(store_path.to_owned(), flight, lost)
-                .await?;
+            let lost = Err((
+                path.to_owned(),
+                Arc::new(ExtractError::Local(std::io::Error::other(
+                    "extraction task lost",
+                ))),
+            ));
+            match self.flights.run(store_path.to_owned(), flight, lost).await {
+                Ok(()) => {}
+                // Another caller's file is missing or refused: that says nothing about
+                // ours, which that flight did not keep. Fetch it in a flight of our own.
+                Err((for_path, e))
+                    if for_path != path
+                        && matches!(e.kind(), ErrorKind::UnknownProgram | ErrorKind::Refused) => {}
+                Err((_, e)) => return Err(e),
+            }
             if let Some(mut hit) = self.cached(store_path, path).await.map_err(local)? {
                 hit.tier = "upstream";
                 return Ok(hit);

@@ -104,19 +104,20 @@ struct Inner {
     /// Answers remembered for a short while: unknown names (with their suggestions) and
     /// store paths the upstream does not have. Upstream failures are never remembered.
     negative: moka::future::Cache<String, (ErrorKind, String)>,
-    /// Unix seconds of the last successful upstream fetch (0: none yet).
+    /// Unix milliseconds of the last successful upstream fetch (0: none yet).
     upstream_ok_at: AtomicU64,
-    /// Unix seconds of the last upstream failure or timeout (0: none yet).
+    /// Unix milliseconds of the last upstream failure or timeout (0: none yet).
     upstream_err_at: AtomicU64,
 }
 
-/// How long an upstream failure with no success since keeps `/-/readyz` unready.
-const UNREADY_AFTER_FAILURE_SECS: u64 = 60;
+/// How long (ms) an upstream failure with no success since keeps `/-/readyz` unready.
+const UNREADY_AFTER_FAILURE_MS: u64 = 60_000;
 
+/// Milliseconds since the Unix epoch.
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What went wrong with one request; `kind()` decides the status.
@@ -215,6 +216,9 @@ impl App {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
             .unwrap_or(0);
+        if route_name == "program" && tier.is_some() && !head {
+            self.inner.metrics.bytes(bytes);
+        }
         let ms = start.elapsed().as_secs_f64() * 1000.0;
         let tier = tier.unwrap_or("-");
         if self.inner.config.log_json {
@@ -304,7 +308,7 @@ impl App {
         let ok_at = self.inner.upstream_ok_at.load(Ordering::Relaxed);
         let err_at = self.inner.upstream_err_at.load(Ordering::Relaxed);
         let failing =
-            err_at > ok_at && unix_now().saturating_sub(err_at) < UNREADY_AFTER_FAILURE_SECS;
+            err_at > ok_at && unix_now().saturating_sub(err_at) < UNREADY_AFTER_FAILURE_MS;
         let (status, msg) = if !loaded {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -313,7 +317,7 @@ impl App {
         } else if failing {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: the upstream failed at {err_at} and has not answered since\n"),
+                format!("not ready: the upstream failed {}s ago and has not answered since\n", unix_now().saturating_sub(err_at) / 1000),
             )
         } else {
             (StatusCode::OK, "ready\n".to_owned())
@@ -393,8 +397,11 @@ impl App {
         };
         let program = req.program.as_str();
         let attr = req.attr.as_ref().map(|a| a.as_str());
+        // The index's creation time is part of the key, so nothing remembered from an
+        // index is answered once a reload has replaced it.
         let neg_key = format!(
-            "{}|{system}|{}|{program}",
+            "{}|{}|{system}|{}|{program}",
+            index.metadata().created,
             req.rev.as_ref().map_or("", |r| r.as_str()),
             attr.unwrap_or("")
         );

@@ -1,0 +1,1227 @@
+//! `binplz serve` in-process against a fake binary cache: every route, the headers of a
+//! served file, single-flight under a herd, the disk cache across restarts, every error
+//! status with its `sh` body, index reloads, the per-client limit, graceful shutdown, and
+//! the real binary serving its built-in demo.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use binplz::server::{Config, IndexSource};
+use binplz::upstream::ClientConfig;
+use rstest::rstest;
+use tempfile::TempDir;
+
+use crate::support::server::{
+    client_config, fixture_index, http_upstream, Gate, Gated, Reply, Server, Setup,
+};
+use crate::support::{
+    self, dir_entries, fixture_nar_path, narinfo_path, paths, prebuilt, FakeUpstream, Fault,
+};
+
+const SHELL_SCRIPT: &str = "text/x-shellscript; charset=utf-8";
+
+/// The programs that also provide `hello`, as `X-Binplz-Candidates` lists them: best first
+/// (`hello-too` names it as its `mainProgram`), then by attribute length.
+const HELLO_CANDIDATES: &str = "hello-too, links, nonexec, tree-dup";
+
+fn tempdir() -> TempDir {
+    tempfile::tempdir().expect("creating a temp dir")
+}
+
+fn cache() -> FakeUpstream {
+    FakeUpstream::serve(support::cache_dir("cache"))
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    binplz::hash::hex(&support::sha256(bytes))
+}
+
+/// A server on the fixture index and the disk cache in `cache_dir`, with the default
+/// settings.
+async fn start_default(up: &FakeUpstream, cache_dir: &Path) -> Server {
+    Server::start(Setup::fixture(up, cache_dir).await).await
+}
+
+#[track_caller]
+fn assert_serves(r: &Reply, program: &str) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.body == prebuilt(program), "the body is not {program}");
+}
+
+/// An error response: `status`, and a body that is a `sh` script printing `binplz: …`
+/// with `reason` in it to stderr, exiting non-zero, and doing nothing else.
+#[track_caller]
+fn assert_error_script(r: &Reply, status: u16, reason: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some(SHELL_SCRIPT));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let dir = tempdir();
+    let script = dir.path().join("program");
+    std::fs::write(&script, &r.body).expect("writing the script");
+    let out = Command::new("sh")
+        .arg(&script)
+        .current_dir(dir.path())
+        .output()
+        .expect("running sh");
+    assert!(
+        !out.status.success() && out.status.code().is_some(),
+        "the script exited with {}",
+        out.status
+    );
+    assert!(out.stdout.is_empty(), "the script printed to stdout");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("binplz: "), "{err}");
+    assert!(err.contains(reason), "{reason:?} is not in {err:?}");
+    assert_eq!(
+        dir_entries(dir.path()),
+        ["program"],
+        "the script made files"
+    );
+}
+
+/// `name value` lines of the Prometheus exposition (comments left out).
+fn metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn metric(server: &Server, name: &str) -> f64 {
+    let r = server.get("/-/metrics").await;
+    assert_eq!(r.status, 200);
+    metrics(&r.text()).get(name).copied().unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// Routes
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn home_page_is_text_for_curl_and_html_for_browsers() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    let text = r.text();
+    assert!(text.contains("/PROGRAM.sha256"), "{text}");
+    assert!(text.contains("Nixpkgs revision fixture"), "{text}");
+    assert!(!text.contains('<'), "{text}");
+
+    let r = server
+        .request(
+            "GET",
+            "/",
+            &[("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    let html = r.text();
+    assert!(html.starts_with("<!doctype html>"), "{html}");
+    assert!(html.contains("action=\"/-/search\""), "{html}");
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[tokio::test]
+async fn program_is_served_verified_with_its_provenance_headers() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let hello = prebuilt("hello");
+    let sha = hex_sha256(&hello);
+    let r = server.get("/hello").await;
+    assert_serves(&r, "hello");
+    let expected = [
+        ("content-length", hello.len().to_string()),
+        ("content-type", "application/octet-stream".to_owned()),
+        (
+            "content-disposition",
+            "attachment; filename=\"hello\"".into(),
+        ),
+        ("etag", format!("\"{sha}\"")),
+        ("accept-ranges", "bytes".into()),
+        ("cache-control", "public, max-age=300".into()),
+        ("x-nix-store-path", paths::HELLO.into()),
+        ("x-nix-attr", "hello".into()),
+        ("x-nixpkgs-revision", "fixture".into()),
+        ("x-binplz-sha256", sha.clone()),
+        ("x-binplz-linkage", "static".into()),
+        ("x-binplz-candidates", HELLO_CANDIDATES.into()),
+        ("x-binplz-cache", "upstream".into()),
+    ];
+    for (name, value) in &expected {
+        assert_eq!(r.header(name), Some(value.as_str()), "{name}");
+    }
+    let again = server.get("/hello").await;
+    assert_serves(&again, "hello");
+    assert_eq!(again.header("x-binplz-cache"), Some("memory"));
+    assert_eq!(again.header("etag"), r.header("etag"));
+}
+
+#[tokio::test]
+async fn program_provided_by_one_attribute_has_no_candidates_header() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/goodbye").await;
+    assert_serves(&r, "goodbye");
+    assert_eq!(r.header("x-nix-attr"), Some("goodbye"));
+    assert_eq!(r.header("x-binplz-candidates"), None);
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("attachment; filename=\"goodbye\"")
+    );
+}
+
+#[rstest]
+#[case::static_elf("/hello", "static")]
+#[case::portable_script("/portable-script", "script")]
+#[case::dynamic_with_a_system_interpreter("/dyn", "dynamic")]
+#[tokio::test]
+async fn linkage_header_tells_static_script_and_dynamic_apart(
+    #[case] target: &str,
+    #[case] linkage: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get(target).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-binplz-linkage"), Some(linkage));
+    assert_eq!(
+        r.header("x-binplz-sha256"),
+        Some(hex_sha256(&r.body).as_str())
+    );
+}
+
+#[rstest]
+#[case::attribute_named_like_the_program("/tree-dup/hello", "tree-dup", "hello")]
+#[case::attribute_with_other_content("/hello-too/hello", "hello-too", "goodbye")]
+#[case::relative_symlink("/links/hello-rel", "links", "hello")]
+#[case::multi_output_package("/multi/multi-tool", "multi", "multi-tool")]
+#[tokio::test]
+async fn attribute_route_serves_that_attribute(
+    #[case] target: &str,
+    #[case] attr: &str,
+    #[case] contents: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get(target).await;
+    assert_serves(&r, contents);
+    assert_eq!(r.header("x-nix-attr"), Some(attr));
+}
+
+#[tokio::test]
+async fn program_not_in_the_named_attribute_is_404() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/goodbye/hello").await;
+    assert_error_script(&r, 404, "unknown program hello in goodbye");
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[rstest]
+#[case::nix_double("/x86_64-linux/hello")]
+#[case::uname("/x86_64/hello")]
+#[case::debian("/amd64/hello")]
+#[case::with_attribute("/x86_64-linux/tree-dup/hello")]
+#[case::uname_with_attribute("/amd64/links/hello-rel")]
+#[tokio::test]
+async fn system_route_accepts_every_spelling_of_the_system(#[case] target: &str) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    assert_serves(&server.get(target).await, "hello");
+}
+
+#[tokio::test]
+async fn system_missing_from_the_index_is_404() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    for target in [
+        "/aarch64/hello",
+        "/arm64/hello",
+        "/aarch64-linux/hello/hello",
+    ] {
+        let r = server.get(target).await;
+        assert_error_script(&r, 404, "unknown program hello");
+        assert!(r.text().contains("aarch64-linux"), "{target}: {}", r.text());
+    }
+    assert_error_script(
+        &server.get("/sparc64/hello/hello").await,
+        400,
+        "unknown system",
+    );
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[tokio::test]
+async fn sha256_route_prints_the_digest_as_sha256sum_does() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/hello.sha256").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    let sha = hex_sha256(&prebuilt("hello"));
+    assert_eq!(r.text(), format!("{sha}  hello\n"));
+    assert_eq!(r.header("x-binplz-sha256"), Some(sha.as_str()));
+    // `sha256sum -c` accepts the line for the downloaded file.
+    let files = tempdir();
+    std::fs::write(files.path().join("hello"), prebuilt("hello")).expect("writing hello");
+    std::fs::write(files.path().join("hello.sha256"), &r.body).expect("writing the sum");
+    let check = Command::new("sha256sum")
+        .args(["-c", "hello.sha256"])
+        .current_dir(files.path())
+        .output()
+        .expect("running sha256sum");
+    assert!(check.status.success(), "{check:?}");
+    assert_error_script(
+        &server.get("/helo.sha256").await,
+        404,
+        "unknown program helo",
+    );
+}
+
+/// Two loaded indexes: `old` without `goodbye`, and the newer `new`.
+async fn two_revisions() -> Vec<IndexSource> {
+    let fixture = fixture_index().await;
+    vec![
+        fixture
+            .clone()
+            .revision("old", 1_000)
+            .without("goodbye")
+            .source(),
+        fixture.revision("new", 2_000).source(),
+    ]
+}
+
+#[tokio::test]
+async fn rev_query_selects_an_older_loaded_index_and_is_cached_for_good() {
+    let up = cache();
+    let dir = tempdir();
+    let server = Server::start(Setup::new(&up, two_revisions().await, dir.path())).await;
+
+    let r = server.get("/hello").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("new"));
+    assert_eq!(r.header("cache-control"), Some("public, max-age=300"));
+
+    let r = server.get("/hello?rev=old").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("old"));
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+
+    assert_serves(&server.get("/goodbye").await, "goodbye");
+    assert_error_script(
+        &server.get("/goodbye?rev=old").await,
+        404,
+        "unknown program goodbye",
+    );
+    assert_error_script(
+        &server.get("/hello?rev=nope").await,
+        404,
+        "unknown revision nope",
+    );
+    assert_error_script(
+        &server.get("/hello?rev=../x").await,
+        400,
+        "invalid revision",
+    );
+    let r = server.get("/hello.sha256?rev=old").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("old"));
+}
+
+#[tokio::test]
+async fn health_is_always_ok_and_readiness_follows_the_upstream() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/-/healthz").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    let r = server.get("/-/readyz").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ready\n"));
+
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    up.set_fault(&nar, Fault::status(500));
+    assert_eq!(server.get("/hello").await.status, 502);
+    let r = server.get("/-/readyz").await;
+    assert_eq!(r.status, 503);
+    assert!(
+        r.text().starts_with("not ready: the upstream failed"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(server.get("/-/healthz").await.status, 200);
+
+    up.clear_fault(&nar);
+    assert_serves(&server.get("/hello").await, "hello");
+    assert_eq!(server.get("/-/readyz").await.status, 200);
+}
+
+#[tokio::test]
+async fn without_an_index_the_node_is_alive_but_not_ready() {
+    let up = cache();
+    let dir = tempdir();
+    let server = Server::start(Setup::new(&up, Vec::new(), dir.path())).await;
+    assert_eq!(server.get("/-/healthz").await.status, 200);
+    let r = server.get("/-/readyz").await;
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (503, "not ready: no index loaded\n")
+    );
+    let r = server.get("/hello").await;
+    assert_error_script(&r, 503, "no index loaded");
+    assert!(r.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn metrics_count_requests_cache_tiers_upstream_fetches_and_bytes() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/-/metrics").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let before = metrics(&r.text());
+    assert_eq!(before.get("binplz_bytes_served_total"), Some(&0.0));
+    assert_eq!(
+        before.get("binplz_upstream_fetches_total{result=\"ok\"}"),
+        Some(&0.0)
+    );
+
+    assert_serves(&server.get("/hello").await, "hello");
+    assert_serves(&server.get("/hello").await, "hello");
+    assert_eq!(server.get("/helo").await.status, 404);
+    let head = server.request("HEAD", "/hello", &[]).await;
+    assert_eq!(head.status, 200);
+
+    let after = metrics(&server.get("/-/metrics").await.text());
+    let get = |name: &str| after.get(name).copied().unwrap_or(0.0);
+    assert_eq!(
+        get("binplz_requests_total{route=\"program\",status=\"200\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("binplz_requests_total{route=\"program\",status=\"404\"}"),
+        1.0
+    );
+    assert_eq!(
+        get("binplz_requests_total{route=\"metrics\",status=\"200\"}"),
+        1.0
+    );
+    assert_eq!(get("binplz_cache_hits_total{tier=\"upstream\"}"), 1.0);
+    assert_eq!(get("binplz_cache_hits_total{tier=\"memory\"}"), 2.0);
+    assert_eq!(get("binplz_upstream_fetches_total{result=\"ok\"}"), 1.0);
+    assert_eq!(get("binplz_upstream_fetches_total{result=\"error\"}"), 0.0);
+    assert_eq!(get("binplz_extraction_seconds_count"), 1.0);
+    // Two bodies sent; the HEAD sent none.
+    let hello_len = prebuilt("hello").len() as f64;
+    assert_eq!(get("binplz_bytes_served_total"), 2.0 * hello_len);
+    assert!(get("binplz_disk_cache_entries") >= 1.0);
+    assert!(get("binplz_disk_cache_bytes") >= hello_len);
+}
+
+#[tokio::test]
+async fn search_answers_in_text_and_in_json() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/-/search?q=hello").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    let text = r.text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines.first(),
+        Some(&"hello\thello"),
+        "exact match first: {text}"
+    );
+    for line in ["hello-rel\tlinks", "hello-up\tlinks", "hello-abs\tlinks"] {
+        assert!(lines.contains(&line), "{line:?} missing from {text}");
+    }
+    assert!(!text.contains("goodbye"), "{text}");
+
+    let r = server
+        .request(
+            "GET",
+            "/-/search?q=HELLO",
+            &[("Accept", "application/json")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("search JSON parses");
+    let results = v.as_array().expect("a JSON array");
+    assert_eq!(
+        results.first(),
+        Some(&serde_json::json!({
+            "program": "hello", "attr": "hello", "store_path": paths::HELLO
+        }))
+    );
+    assert_eq!(results.len(), lines.len());
+
+    let r = server.get("/-/search?q=zzz-nothing").await;
+    assert_eq!(r.text(), "no matching programs\n");
+    let r = server
+        .request("GET", "/-/search?q=zzz", &[("Accept", "application/json")])
+        .await;
+    assert_eq!(r.text(), "[]\n");
+    assert_eq!(server.get("/-/search?q=%zz").await.status, 400);
+    assert_eq!(server.get("/-/nope").await.status, 404);
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[rstest]
+#[case::post("POST", "/hello")]
+#[case::put("PUT", "/hello")]
+#[case::delete("DELETE", "/-/healthz")]
+#[case::options("OPTIONS", "/")]
+#[tokio::test]
+async fn methods_other_than_get_and_head_are_not_allowed(
+    #[case] method: &str,
+    #[case] target: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server
+        .request(method, target, &[("Content-Length", "0")])
+        .await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    assert_eq!(up.total_hits(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Ranges, conditional requests, HEAD
+// ---------------------------------------------------------------------------------------
+
+/// Memory cache sizes: large enough that hello is served from memory, or so small that it
+/// is streamed from its file in the disk cache.
+const IN_MEMORY: u64 = 16 << 20;
+const FROM_DISK: u64 = 1024;
+
+#[rstest]
+#[case::in_memory(IN_MEMORY)]
+#[case::from_a_disk_file(FROM_DISK)]
+#[tokio::test]
+async fn range_request_gets_its_slice_and_content_range(#[case] memory_bytes: u64) {
+    let up = cache();
+    let dir = tempdir();
+    let mut setup = Setup::fixture(&up, dir.path()).await;
+    setup.memory_bytes = memory_bytes;
+    let server = Server::start(setup).await;
+    let hello = prebuilt("hello");
+    let size = hello.len();
+    // Cold, then warm: both tiers answer ranges.
+    for _ in 0..2 {
+        for (range, start, end) in [
+            ("bytes=100-199", 100, 199),
+            ("bytes=0-0", 0, 0),
+            ("bytes=-16", size - 16, size - 1),
+            ("bytes=13000-", 13000, size - 1),
+            ("bytes=13000-999999", 13000, size - 1),
+        ] {
+            let r = server.request("GET", "/hello", &[("Range", range)]).await;
+            assert_eq!(r.status, 206, "{range}");
+            assert_eq!(
+                r.header("content-range"),
+                Some(format!("bytes {start}-{end}/{size}").as_str()),
+                "{range}"
+            );
+            assert!(r.body == hello[start..=end], "{range}: wrong slice");
+        }
+    }
+    let tier = server.get("/hello").await;
+    assert_serves(&tier, "hello");
+    let expected_tier = if memory_bytes == IN_MEMORY {
+        "memory"
+    } else {
+        "disk"
+    };
+    assert_eq!(tier.header("x-binplz-cache"), Some(expected_tier));
+}
+
+#[tokio::test]
+async fn unsatisfiable_range_is_416_and_a_malformed_one_gets_the_whole_file() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let size = prebuilt("hello").len();
+    for range in [format!("bytes={size}-"), "bytes=-0".to_owned()] {
+        let r = server.request("GET", "/hello", &[("Range", &range)]).await;
+        assert_eq!(r.status, 416, "{range}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes */{size}").as_str())
+        );
+        assert!(r.body.is_empty());
+    }
+    for range in ["bytes=5-2", "items=0-1", "bytes=0-1,5-6"] {
+        let r = server.request("GET", "/hello", &[("Range", range)]).await;
+        assert_serves(&r, "hello");
+    }
+}
+
+#[tokio::test]
+async fn if_none_match_with_the_etag_is_304_without_a_body() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let etag = format!("\"{}\"", hex_sha256(&prebuilt("hello")));
+    for value in [
+        etag.clone(),
+        format!("W/{etag}"),
+        format!("\"x\", {etag}"),
+        "*".into(),
+    ] {
+        let r = server
+            .request("GET", "/hello", &[("If-None-Match", &value)])
+            .await;
+        assert_eq!(r.status, 304, "{value}");
+        assert!(r.body.is_empty());
+        assert_eq!(r.header("etag"), Some(etag.as_str()));
+    }
+    let r = server
+        .request("GET", "/hello", &[("If-None-Match", "\"other\"")])
+        .await;
+    assert_serves(&r, "hello");
+}
+
+#[tokio::test]
+async fn head_sends_the_headers_of_get_without_a_body() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let get = server.get("/hello").await;
+    let head = server.request("HEAD", "/hello", &[]).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+    for name in [
+        "content-length",
+        "content-type",
+        "etag",
+        "x-nix-store-path",
+        "x-binplz-sha256",
+    ] {
+        assert_eq!(head.header(name), get.header(name), "{name}");
+    }
+    let head = server.request("HEAD", "/helo", &[]).await;
+    assert_eq!(head.status, 404);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-type"), Some(SHELL_SCRIPT));
+}
+
+// ---------------------------------------------------------------------------------------
+// Single flight
+// ---------------------------------------------------------------------------------------
+
+/// A server whose upstream holds `path` at `gate`, with room for `per_client` requests
+/// from the test at once.
+async fn gated(
+    up: &FakeUpstream,
+    dir: &Path,
+    path: &str,
+    gate: &Gate,
+    per_client: usize,
+) -> Server {
+    let setup = Setup::fixture(up, dir)
+        .await
+        .upstream(Gated::wrap(http_upstream(up, &client_config()), path, gate))
+        .config(Config {
+            max_per_client: per_client,
+            ..Config::default()
+        });
+    Server::start(setup).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn herd_for_a_cold_program_costs_one_narinfo_and_one_nar_fetch() {
+    const HERD: usize = 200;
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    let server = gated(&up, dir.path(), &nar, &gate, HERD).await;
+    // Every request is on the wire before the NAR is let through.
+    let mut pending = Vec::with_capacity(HERD);
+    for _ in 0..HERD {
+        let p = server
+            .client
+            .send("GET", "/hello", &[])
+            .await
+            .expect("sending a request");
+        pending.push(tokio::spawn(p.reply()));
+    }
+    gate.arrivals(1).await;
+    gate.open();
+    let hello = prebuilt("hello");
+    for p in pending {
+        let r = p.await.expect("the reader task").expect("a reply");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(r.body == hello, "a body differs");
+    }
+    assert_eq!(gate.arrived(), 1);
+    assert_eq!(up.hits(&narinfo_path(paths::HELLO)), 1);
+    assert_eq!(up.hits(&nar), 1);
+    assert_eq!(up.hits("nix-cache-info"), 1);
+}
+
+#[tokio::test]
+async fn programs_of_one_store_path_asked_together_share_one_nar_download() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::LINKS);
+    let gate = Gate::default();
+    let server = gated(&up, dir.path(), &nar, &gate, 32).await;
+    let first = server
+        .client
+        .send("GET", "/links/hello-rel", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let second = server
+        .client
+        .send("GET", "/links/hello", &[])
+        .await
+        .expect("sending");
+    // Answered after the server has taken up the second request (connections are served
+    // in the order they were accepted on this runtime).
+    assert_eq!(server.get("/-/healthz").await.status, 200);
+    gate.open();
+    for pending in [first, second] {
+        let r = pending.reply().await.expect("a reply");
+        assert_serves(&r, "hello");
+        assert_eq!(r.header("x-nix-store-path"), Some(paths::LINKS));
+        assert_eq!(r.header("x-nix-attr"), Some("links"));
+    }
+    assert_eq!(up.hits(&narinfo_path(paths::LINKS)), 1);
+    assert_eq!(up.hits(&nar), 1);
+}
+
+#[tokio::test]
+async fn program_sharing_a_download_with_a_refused_one_is_still_served() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::DYNAMIC);
+    let gate = Gate::default();
+    let server = gated(&up, dir.path(), &nar, &gate, 32).await;
+    // `dyn-store` starts the download of `dynamic`; `dyn` joins it.
+    let refused = server
+        .client
+        .send("GET", "/dyn-store", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let served = server
+        .client
+        .send("GET", "/dyn", &[])
+        .await
+        .expect("sending");
+    assert_eq!(server.get("/-/healthz").await.status, 200);
+    gate.open();
+    assert_error_script(
+        &refused.reply().await.expect("a reply"),
+        422,
+        "needs /nix/store",
+    );
+    let r = served.reply().await.expect("a reply");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.body == prebuilt("dyn"));
+    assert_eq!(r.header("x-binplz-linkage"), Some("dynamic"));
+}
+
+// ---------------------------------------------------------------------------------------
+// Disk cache across restarts
+// ---------------------------------------------------------------------------------------
+
+/// The content files under the disk cache's `files/`.
+fn content_files(cache_dir: &Path) -> Vec<PathBuf> {
+    let files = cache_dir.join("files");
+    let mut out = Vec::new();
+    for shard in dir_entries(&files) {
+        for name in dir_entries(&files.join(&shard)) {
+            out.push(files.join(&shard).join(name));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn restarted_node_serves_from_disk_without_asking_the_upstream() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    assert_serves(&server.get("/hello").await, "hello");
+    server.stop().await;
+    let hits = up.total_hits();
+    assert!(hits > 0);
+
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/hello").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-binplz-cache"), Some("disk"));
+    assert_eq!(r.header("x-nix-store-path"), Some(paths::HELLO));
+    assert_eq!(r.header("x-binplz-linkage"), Some("static"));
+    assert_eq!(
+        up.total_hits(),
+        hits,
+        "the restarted node asked the upstream"
+    );
+}
+
+#[tokio::test]
+async fn corrupted_disk_entry_is_detected_and_fetched_again() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    assert_serves(&server.get("/hello").await, "hello");
+    server.stop().await;
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    assert_eq!(up.hits(&nar), 1);
+
+    let hello_sha = hex_sha256(&prebuilt("hello"));
+    let content = content_files(dir.path())
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == hello_sha.as_str()))
+        .expect("hello's content file is in the disk cache");
+    let mut bytes = std::fs::read(&content).expect("reading the content file");
+    bytes[4096] ^= 0x01;
+    std::fs::write(&content, &bytes).expect("corrupting the content file");
+
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/hello").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-binplz-cache"), Some("upstream"));
+    assert_eq!(up.hits(&nar), 2, "the corrupt entry was not fetched again");
+    let again = server.get("/hello").await;
+    assert_serves(&again, "hello");
+    assert_eq!(up.hits(&nar), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors: status, sh body, what is remembered
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hostile_names_are_400_and_their_scripts_execute_nothing() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    for target in [
+        "/x;reboot",
+        "/x;touch${IFS}pwned",
+        "/$(id)",
+        "/$(touch${IFS}pwned)",
+        "/%60touch%20pwned%60",
+        "/%24(touch%20pwned)",
+        "/..",
+        "/../../etc/passwd",
+        "/hello/..",
+        "/.hidden",
+        "/-rf",
+        "/x'pwned",
+        "/x%27;touch%20pwned;%27",
+        "/a/b/c/d",
+        "/x%0atouch%20pwned",
+    ] {
+        let r = server.get(target).await;
+        assert_error_script(&r, 400, "binplz: ");
+        assert!(!r.text().contains("pwned"), "{target}: the name is echoed");
+    }
+    // Bytes no URI may hold are refused by the HTTP parser itself, before binplz sees
+    // the request: a 400 with an empty body.
+    for target in ["/`touch${IFS}pwned`", "/<pwned>"] {
+        let r = server.get(target).await;
+        assert_eq!(r.status, 400, "{target}");
+        assert!(!r.text().contains("pwned"), "{target}: the name is echoed");
+    }
+    assert_eq!(up.total_hits(), 0, "a hostile name reached the upstream");
+}
+
+#[tokio::test]
+async fn unknown_program_is_404_with_suggestions_and_asks_no_upstream() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/helo").await;
+    assert_error_script(&r, 404, "unknown program helo for x86_64-linux");
+    assert_error_script(&r, 404, "did you mean: hello");
+    // Remembered for a while: the same answer again.
+    let again = server.get("/helo").await;
+    assert_eq!(again.body, r.body);
+    // Evaluated but not a program, and not in the evaluation at all.
+    assert_error_script(&server.get("/readme").await, 404, "unknown program readme");
+    assert_error_script(&server.get("/broken").await, 404, "unknown program broken");
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[rstest]
+#[case::script_for_a_store_interpreter("/store-script")]
+#[case::dynamic_with_a_store_interpreter("/dyn-store")]
+#[tokio::test]
+async fn program_needing_the_nix_store_is_422(#[case] target: &str) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get(target).await;
+    assert_error_script(&r, 422, "needs /nix/store at run time");
+}
+
+#[tokio::test]
+async fn not_built_program_is_503_with_retry_after() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = server.get("/notbuilt").await;
+    assert_error_script(&r, 503, "not built yet");
+    assert!(r.text().contains(paths::NOTBUILT), "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert_eq!(
+        up.total_hits(),
+        0,
+        "a path known not to be built was fetched"
+    );
+}
+
+#[tokio::test]
+async fn store_path_missing_upstream_is_503_and_remembered_briefly() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let narinfo = narinfo_path(paths::GOODBYE);
+    up.set_fault(&narinfo, Fault::NotFound);
+    let r = server.get("/goodbye").await;
+    assert_error_script(&r, 503, "not in the binary cache yet");
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert_eq!(up.hits(&narinfo), 1);
+    up.clear_fault(&narinfo);
+    let r = server.get("/goodbye").await;
+    assert_error_script(&r, 503, "not in the binary cache yet");
+    assert_eq!(up.hits(&narinfo), 1, "the missing path was asked for again");
+}
+
+#[tokio::test]
+async fn corrupted_nar_is_502_and_the_next_request_tries_again() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    up.set_fault(&nar, Fault::FlipByte(200));
+    let r = server.get("/hello").await;
+    assert_error_script(&r, 502, "failed verification");
+    assert!(
+        !r.text().contains("FileHash") && !r.text().contains(&up.url()),
+        "upstream details leaked: {}",
+        r.text()
+    );
+    let failures = metric(&server, "binplz_verification_failures_total").await;
+    assert_eq!(failures, 1.0);
+    up.clear_fault(&nar);
+    assert_serves(&server.get("/hello").await, "hello");
+    assert_eq!(up.hits(&nar), 2);
+}
+
+#[tokio::test]
+async fn upstream_failing_with_500_is_502_and_not_remembered() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    up.set_fault(&nar, Fault::status(500));
+    let r = server.get("/hello").await;
+    assert_error_script(&r, 502, "the upstream binary cache failed");
+    up.clear_fault(&nar);
+    assert_serves(&server.get("/hello").await, "hello");
+}
+
+#[tokio::test]
+async fn stalled_upstream_is_504_and_not_remembered() {
+    let up = cache();
+    let dir = tempdir();
+    let quick = ClientConfig {
+        read_timeout: Duration::from_millis(200),
+        retries: 0,
+        ..client_config()
+    };
+    let setup = Setup::fixture(&up, dir.path())
+        .await
+        .upstream(http_upstream(&up, &quick));
+    let server = Server::start(setup).await;
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    up.set_fault(&nar, Fault::StallAfterHeaders);
+    let r = server.get("/hello").await;
+    assert_error_script(&r, 504, "timed out");
+    up.clear_fault(&nar);
+    assert_serves(&server.get("/hello").await, "hello");
+}
+
+// ---------------------------------------------------------------------------------------
+// Index reloads
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn changed_index_file_is_served_after_a_reload() {
+    let up = cache();
+    let dir = tempdir();
+    let index = dir.path().join("programs.idx");
+    let fixture = fixture_index().await;
+    fixture
+        .clone()
+        .revision("one", 1_000)
+        .without("goodbye")
+        .write(&index);
+    let setup = Setup::new(
+        &up,
+        vec![IndexSource::File(index.clone())],
+        &dir.path().join("cache"),
+    );
+    let server = Server::start(setup).await;
+    let r = server.get("/hello").await;
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("one"));
+    assert_eq!(server.get("/goodbye").await.status, 404);
+
+    fixture.revision("two", 2_000).write(&index);
+    server.app.reload_indexes(false);
+    let r = server.get("/hello").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("two"));
+    // The 404 given before the reload is not remembered past it.
+    assert_serves(&server.get("/goodbye").await, "goodbye");
+}
+
+#[tokio::test]
+async fn index_file_changed_on_disk_is_picked_up_by_the_poll() {
+    let up = cache();
+    let dir = tempdir();
+    let index = dir.path().join("programs.idx");
+    let fixture = fixture_index().await;
+    fixture.clone().revision("one", 1_000).write(&index);
+    let setup = Setup::new(
+        &up,
+        vec![IndexSource::File(index.clone())],
+        &dir.path().join("cache"),
+    )
+    .config(Config {
+        index_poll: Duration::from_millis(20),
+        ..Config::default()
+    });
+    let server = Server::start(setup).await;
+    fixture
+        .revision("two", 2_000)
+        .with_alias("hello-copy", "hello")
+        .write(&index);
+    // Search is never remembered, so it shows the reload as soon as it happens.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server
+        .get("/-/search?q=hello-copy")
+        .await
+        .text()
+        .contains("hello-copy")
+    {
+        assert!(Instant::now() < deadline, "the new index was never loaded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = server.get("/hello-copy").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("two"));
+    assert_eq!(
+        r.header("content-disposition"),
+        Some("attachment; filename=\"hello-copy\"")
+    );
+}
+
+#[tokio::test]
+async fn garbage_index_file_leaves_the_old_index_serving() {
+    let up = cache();
+    let dir = tempdir();
+    let index = dir.path().join("programs.idx");
+    fixture_index().await.revision("one", 1_000).write(&index);
+    let setup = Setup::new(
+        &up,
+        vec![IndexSource::File(index.clone())],
+        &dir.path().join("cache"),
+    );
+    let server = Server::start(setup).await;
+    for garbage in [&b"not an index at all"[..], b"", &[0u8; 4096][..]] {
+        std::fs::write(&index, garbage).expect("overwriting the index");
+        server.app.reload_indexes(true);
+        let r = server.get("/hello").await;
+        assert_serves(&r, "hello");
+        assert_eq!(r.header("x-nixpkgs-revision"), Some("one"));
+        assert_eq!(server.get("/-/readyz").await.status, 200);
+    }
+    // A good file after the bad ones is loaded.
+    fixture_index().await.revision("two", 2_000).write(&index);
+    server.app.reload_indexes(false);
+    assert_eq!(
+        server.get("/hello").await.header("x-nixpkgs-revision"),
+        Some("two")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits and shutdown
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn client_over_its_concurrency_limit_gets_503_with_retry_after() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    let server = gated(&up, dir.path(), &nar, &gate, 1).await;
+    let held = server
+        .client
+        .send("GET", "/hello", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let r = server.get("/goodbye").await;
+    assert_error_script(&r, 503, "too many requests from this address");
+    assert_eq!(r.header("retry-after"), Some("60"));
+    // Pages other than programs are not limited.
+    assert_eq!(server.get("/-/healthz").await.status, 200);
+    gate.open();
+    assert_serves(&held.reply().await.expect("a reply"), "hello");
+    // The slot is free again.
+    assert_serves(&server.get("/goodbye").await, "goodbye");
+}
+
+#[tokio::test]
+async fn shutdown_finishes_responses_in_progress_and_refuses_new_connections() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    let mut server = gated(&up, dir.path(), &nar, &gate, 32).await;
+    let in_progress = server
+        .client
+        .send("GET", "/hello", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    server.begin_shutdown().await;
+    let refused = server.client.try_request("GET", "/-/healthz", &[]).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+        "a new connection was not refused: {refused:?}"
+    );
+    gate.open();
+    assert_serves(&in_progress.reply().await.expect("a reply"), "hello");
+    server.wait().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------------------
+
+/// Reads the server's log until it says where it listens (`listening addr=…`); the rest of
+/// the log is drained on a thread so the server never blocks on a full pipe.
+fn listening_addr(stderr: std::process::ChildStderr) -> std::net::SocketAddr {
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.expect("reading the server's log");
+        seen.push_str(&line);
+        seen.push('\n');
+        if !line.contains("listening") {
+            continue;
+        }
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
+        std::thread::spawn(move || lines.for_each(drop));
+        return addr.parse().expect("a socket address");
+    }
+    panic!("the server exited before listening:\n{seen}");
+}
+
+fn blocking_get(addr: std::net::SocketAddr, target: &str) -> Reply {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(crate::support::server::Client { addr }.get(target))
+}
+
+/// Runs a file just written. Another test thread may fork while the file is still open for
+/// writing here, and its child keeps the descriptor until it execs: the kernel then refuses
+/// to run the file (ETXTBSY) for that moment.
+fn run_fresh_executable(program: &Path) -> std::process::Output {
+    const ETXTBSY: i32 = 26;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Command::new(program).output() {
+            Err(e) if e.raw_os_error() == Some(ETXTBSY) && Instant::now() < deadline => {
+                std::thread::yield_now();
+            }
+            result => return result.expect("running the downloaded program"),
+        }
+    }
+}
+
+#[test]
+fn binary_serves_its_builtin_demo_and_exits_cleanly_on_sigterm() {
+    let dir = tempdir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_binplz"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("BINPLZ_") {
+            cmd.env_remove(name);
+        }
+    }
+    let mut child = cmd
+        .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting binplz serve");
+    let addr = listening_addr(child.stderr.take().expect("piped stderr"));
+
+    let health = blocking_get(addr, "/-/healthz");
+    assert_eq!(health.status, 200);
+    let r = blocking_get(addr, "/hello");
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-nixpkgs-revision"), Some("demo"));
+    let program = dir.path().join("hello");
+    std::fs::write(&program, &r.body).expect("writing the download");
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).expect("chmod +x");
+    let out = run_fresh_executable(&program);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from binplz!\n");
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(kill.success());
+    let status = child.wait().expect("waiting for binplz");
+    assert!(status.success(), "binplz serve exited with {status}");
+}
