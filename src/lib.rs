@@ -1,4 +1,33 @@
-//! binplz
+//! binplz: any program in a Nix binary cache, served as one verified file.
+//!
+//! ```text
+//!  GET /tree ─► server::routes (typed request) ─► index (program → store path, file)
+//!     ─► cache::files: memory ─► disk ─► single flight per store path
+//!     ─► extract: upstream narinfo ─► narinfo (signature, StorePath) ─► NAR stream
+//!          ─► pipeline: codec (thread 1) ─► SHA-256 + nar::reader (thread 2) ─► temp file
+//!          ─► NarHash/NarSize verified ─► resolve (symlinks) ─► verdict (portability)
+//!     ─► server::respond: the file with its provenance, or an error as an sh script
+//! ```
+//!
+//! Formats know nothing of HTTP, transports nothing of formats:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`nar`] | the NAR grammar: strict streaming reader, writer, listings (`.ls`) |
+//! | [`codec`] | decompressors with bounded memory |
+//! | [`narinfo`] | trust: which narinfos count |
+//! | [`resolve`] | following symlinks inside (and out of) a store path |
+//! | [`verdict`] | will the file run outside Nix? |
+//! | [`pipeline`] | one verified pass over a NAR on two threads |
+//! | [`upstream`] | fetching from binary caches (http, https, file) |
+//! | [`extract`] | narinfo + NAR + resolution + verdict: one verified file |
+//! | [`index`] | evaluations → the program index file, and lookups in it |
+//! | [`cache`] | keeping extracted files: disk, memory, single flight |
+//! | [`server`] | HTTP: routes, responses, limits, metrics |
+//! | [`demo`] | the built-in demo cache |
+//! | [`error`] | the error taxonomy the CLI and the server share |
+//! | [`cli`] | the command line |
+
 pub mod cache;
 pub mod cli;
 pub mod codec;
