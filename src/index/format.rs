@@ -98,7 +98,7 @@ pub fn write(
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Builds an index in memory (the built-in demo), as [`write`] would write it.
+/// Builds an index in memory (the built-in demo), as [`write`](fn@write) would write it.
 pub fn to_index(
     meta: &Metadata,
     programs: &[ProgramEntry],

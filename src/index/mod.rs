@@ -3,7 +3,7 @@
 //!
 //! A nightly job builds it ([`build`]) from a Nixpkgs evaluation ([`eval`]) and the binary
 //! cache's listings; edge nodes load it ([`Index::load`]) and answer lookups in O(1) from
-//! the file's own hash table ([`format`]), without deserialising a million records.
+//! the file's own hash table ([`format`](mod@format)), without deserialising a million records.
 
 pub mod build;
 pub mod eval;
