@@ -573,11 +573,16 @@ pub fn extract_local(
             nar_hash,
             nar_size: None,
         };
-        pipeline::run_pass(file, codec, expected, wanted, tmp_dir).map_err(|err| {
-            ExtractError::Pipeline {
+        pipeline::run_pass(file, codec, expected, wanted, tmp_dir).map_err(|err| match err {
+            // Reading the local file failed: the file's fault, not an upstream's.
+            PipelineError::Source(err) => ExtractError::NarFile {
+                path: nar.to_owned(),
+                err,
+            },
+            err => ExtractError::Pipeline {
                 store_path: nar.display().to_string(),
                 err,
-            }
+            },
         })
     };
     let pass = open(path)?;
