@@ -228,7 +228,13 @@ impl Extractor {
         // not verify) does not stop the search; its error is reported only if no other
         // cache has the path.
         let mut first_error: Option<ExtractError> = None;
+        // Caches that failed recently are skipped while another one can answer.
+        let all_down = self.caches.iter().all(Cache::is_down);
         for cache in &self.caches {
+            if cache.is_down() && !all_down {
+                tracing::debug!(cache = cache.url(), "skipped: failed recently");
+                continue;
+            }
             let error = match cache.narinfo(hash_part).await {
                 Ok(Some(bytes)) => match narinfo::verify(&bytes, store_path, &self.trust) {
                     Ok(info) => return Ok((cache.clone(), info)),
@@ -238,7 +244,15 @@ impl Extractor {
                     tracing::debug!(cache = cache.url(), %store_path, "not in this cache");
                     continue;
                 }
-                Err(e) => ExtractError::Upstream(e),
+                Err(e) => {
+                    if !matches!(
+                        e,
+                        UpstreamError::StoreDir { .. } | UpstreamError::TooLarge { .. }
+                    ) {
+                        cache.mark_down();
+                    }
+                    ExtractError::Upstream(e)
+                }
             };
             if self.caches.len() > 1 {
                 tracing::warn!(cache = cache.url(), %store_path, err = %error, "cache failed; trying the next");

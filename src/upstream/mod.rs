@@ -200,6 +200,18 @@ pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, Upstr
 pub struct Cache {
     inner: Arc<dyn Upstream>,
     info_checked: Arc<tokio::sync::OnceCell<()>>,
+    /// Until when (ms since the epoch) this cache is skipped after failing, as Nix's
+    /// circuit breaker does with a failing substituter.
+    down_until: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How long a cache that failed (after its retries) is skipped when others can answer.
+pub const CIRCUIT_BREAKER: Duration = Duration::from_secs(60);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Cache {
@@ -207,7 +219,20 @@ impl Cache {
         Cache {
             inner,
             info_checked: Arc::default(),
+            down_until: Arc::default(),
         }
+    }
+
+    /// Whether this cache failed within the last [`CIRCUIT_BREAKER`].
+    pub fn is_down(&self) -> bool {
+        self.down_until.load(std::sync::atomic::Ordering::Relaxed) > now_ms()
+    }
+
+    /// Records a transport failure (connection, timeout, 5xx after retries).
+    pub fn mark_down(&self) {
+        let until = now_ms() + CIRCUIT_BREAKER.as_millis() as u64;
+        self.down_until
+            .store(until, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn url(&self) -> &str {

@@ -709,6 +709,23 @@ async fn narinfo_missing_in_the_first_upstream_is_taken_from_the_second() {
 }
 
 #[tokio::test]
+async fn failing_first_upstream_falls_through_and_is_skipped_while_it_stays_down() {
+    let first = cache();
+    let second = cache();
+    first.set_fault(&narinfo_path(paths::HELLO), Fault::status(500));
+    let ex = extractor(&[&first, &second]);
+    let dir = tempdir();
+    let x = extract_ok(&ex, paths::HELLO, "bin/hello", dir.path()).await;
+    assert_is_prebuilt(&x, "hello");
+    assert!(first.hits(&narinfo_path(paths::HELLO)) >= 1);
+    // The next request does not ask the failed cache at all.
+    let before = first.total_hits();
+    extract_ok(&ex, paths::GOODBYE, "bin/goodbye", dir.path()).await;
+    assert_eq!(first.total_hits(), before);
+    assert_eq!(second.hits(&narinfo_path(paths::GOODBYE)), 1);
+}
+
+#[tokio::test]
 async fn first_upstream_that_has_the_narinfo_wins() {
     let first = FakeUpstream::serve(support::cache_dir("cache-xz"));
     let second = cache();
