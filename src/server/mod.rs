@@ -11,6 +11,7 @@
 
 pub mod body;
 mod indexes;
+mod io;
 pub mod metrics;
 mod page;
 pub mod respond;
@@ -59,6 +60,8 @@ pub struct Config {
     pub max_per_client: usize,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// Longest a response write may wait on a client that does not read.
+    pub write_timeout: Duration,
     /// How long shutdown waits for responses in progress.
     pub shutdown_grace: Duration,
     /// How long an unknown program (or a path missing upstream) is remembered.
@@ -78,6 +81,7 @@ impl Default for Config {
             max_per_client: 32,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
@@ -317,7 +321,10 @@ impl App {
         } else if failing {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: the upstream failed {}s ago and has not answered since\n", unix_now().saturating_sub(err_at) / 1000),
+                format!(
+                    "not ready: the upstream failed {}s ago and has not answered since\n",
+                    unix_now().saturating_sub(err_at) / 1000
+                ),
             )
         } else {
             (StatusCode::OK, "ready\n".to_owned())
@@ -794,7 +801,10 @@ pub async fn run(
             async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
         });
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(
+                TokioIo::new(io::WriteTimeout::new(stream, config.write_timeout)),
+                service,
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
