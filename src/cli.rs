@@ -51,28 +51,8 @@ struct ServeArgs {
     )]
     listen: std::net::SocketAddr,
 
-    /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in order.
-    #[arg(
-        long = "upstream",
-        value_name = "URL",
-        env = "BINPLZ_UPSTREAM",
-        value_delimiter = ' '
-    )]
-    upstreams: Vec<String>,
-
-    /// Public key whose signatures are trusted (NAME:BASE64). May repeat.
-    /// Default: cache.nixos.org's key.
-    #[arg(
-        long = "trusted-public-key",
-        value_name = "NAME:BASE64",
-        env = "BINPLZ_TRUSTED_PUBLIC_KEY",
-        value_delimiter = ' '
-    )]
-    trusted_public_keys: Vec<String>,
-
-    /// Accept narinfos without a valid trusted signature (NarHash is still checked).
-    #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
-    no_require_sigs: bool,
+    #[command(flatten)]
+    upstream: UpstreamArgs,
 
     /// An index built by `binplz index build`. May repeat (one per Nixpkgs revision).
     #[arg(
@@ -161,13 +141,13 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 /// Where store paths come from and which signatures count.
 #[derive(Debug, Args)]
 struct UpstreamArgs {
-    /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in order.
+    /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in
+    /// order. Default: https://cache.nixos.org (for `serve`: the built-in demo).
     #[arg(
         long = "upstream",
         value_name = "URL",
         env = "BINPLZ_UPSTREAM",
-        value_delimiter = ' ',
-        default_value = "https://cache.nixos.org"
+        value_delimiter = ' '
     )]
     upstreams: Vec<String>,
 
@@ -367,7 +347,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(|e| (ErrorKind::Internal, e.to_string()))
 }
 
+/// The cache used when none is given (except by `serve`, which then serves its demo).
+const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
+
 impl UpstreamArgs {
+    /// The caches to use: as given, or the default one.
+    fn urls(&self) -> Vec<String> {
+        if self.upstreams.is_empty() {
+            vec![DEFAULT_UPSTREAM.to_owned()]
+        } else {
+            self.upstreams.clone()
+        }
+    }
+
     fn extractor(&self, allow_nix_store_deps: bool) -> Result<Extractor, CliError> {
         let keys = if self.trusted_public_keys.is_empty() {
             vec![CACHE_NIXOS_ORG_KEY.to_owned()]
@@ -377,7 +369,7 @@ impl UpstreamArgs {
         let trust = Trust::new(&keys, !self.no_require_sigs).map_err(|e| bad(e.to_string()))?;
         let config = ClientConfig::default();
         let caches = self
-            .upstreams
+            .urls()
             .iter()
             .map(|u| upstream::open(u, &config).map(Cache::new))
             .collect::<Result<Vec<_>, _>>()
@@ -484,7 +476,7 @@ fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
         jobs: usize::from(args.jobs),
         progress: true,
     };
-    let upstreams = args.upstream.upstreams.clone();
+    let upstreams = args.upstream.urls();
     let built = runtime()?
         .block_on(build::build(extractor, upstreams, opts))
         .map_err(|e| bad(e.to_string()))?;
@@ -625,8 +617,8 @@ fn default_cache_dir() -> PathBuf {
 
 fn run_serve(args: ServeArgs) -> Result<(), CliError> {
     use crate::server::{App, Config, IndexSource};
-    let demo = args.upstreams.is_empty() && args.indexes.is_empty();
-    if args.upstreams.is_empty() != args.indexes.is_empty() {
+    let demo = args.upstream.upstreams.is_empty() && args.indexes.is_empty();
+    if args.upstream.upstreams.is_empty() != args.indexes.is_empty() {
         return Err(bad(
             "give both --upstream and --index (or neither, for the built-in demo)".into(),
         ));
@@ -642,25 +634,14 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         log_json: args.log_format == "json",
         ..Config::default()
     };
-    let keys = if demo {
-        vec![crate::demo::PUBLIC_KEY.trim().to_owned()]
-    } else if args.trusted_public_keys.is_empty() {
-        vec![CACHE_NIXOS_ORG_KEY.to_owned()]
+    let extractor = if demo {
+        let trust =
+            Trust::new(&[crate::demo::PUBLIC_KEY.trim()], true).map_err(|e| bad(e.to_string()))?;
+        let caches = vec![Cache::new(std::sync::Arc::new(crate::demo::DemoUpstream))];
+        Extractor::new(caches, trust, false)
     } else {
-        args.trusted_public_keys.clone()
+        args.upstream.extractor(false)?
     };
-    let trust = Trust::new(&keys, !args.no_require_sigs).map_err(|e| bad(e.to_string()))?;
-    let caches = if demo {
-        vec![Cache::new(std::sync::Arc::new(crate::demo::DemoUpstream))]
-    } else {
-        let client = ClientConfig::default();
-        args.upstreams
-            .iter()
-            .map(|u| upstream::open(u, &client).map(Cache::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(e.to_string()))?
-    };
-    let extractor = Extractor::new(caches, trust, false);
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let cache_dir = if demo {
         cache_dir.join("demo")

@@ -25,6 +25,21 @@ impl<T> WriteTimeout<T> {
         }
     }
 
+    /// Passes a write's result through; a write still pending arms the deadline, and one
+    /// that made progress disarms it.
+    fn guard<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match poll {
+            Poll::Pending => match self.pending(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
+            },
+            ready => {
+                self.deadline = None;
+                ready
+            }
+        }
+    }
+
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let timeout = self.timeout;
         let deadline = self
@@ -58,16 +73,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending => match self.pending(cx) {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            },
-            ready => {
-                self.deadline = None;
-                ready
-            }
-        }
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.guard(cx, poll)
     }
 
     fn poll_write_vectored(
@@ -75,16 +82,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => match self.pending(cx) {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            },
-            ready => {
-                self.deadline = None;
-                ready
-            }
-        }
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -92,16 +91,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => match self.pending(cx) {
-                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-                _ => Poll::Pending,
-            },
-            ready => {
-                self.deadline = None;
-                ready
-            }
-        }
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
