@@ -146,29 +146,51 @@ mod tests {
     fn narinfo_names_map_to_codecs_and_missing_means_bzip2() {
         assert_eq!(Codec::from_narinfo(None), Ok(Codec::Bzip2));
         assert_eq!(Codec::from_narinfo(Some("")), Ok(Codec::Bzip2));
-        for c in [Codec::None, Codec::Xz, Codec::Zstd, Codec::Bzip2, Codec::Brotli, Codec::Gzip] {
+        for c in [
+            Codec::None,
+            Codec::Xz,
+            Codec::Zstd,
+            Codec::Bzip2,
+            Codec::Brotli,
+            Codec::Gzip,
+        ] {
             assert_eq!(Codec::from_narinfo(Some(c.as_str())), Ok(c));
         }
-        assert_eq!(Codec::from_narinfo(Some("lz4")), Err(CodecError::Unsupported("lz4".into())));
+        assert_eq!(
+            Codec::from_narinfo(Some("lz4")),
+            Err(CodecError::Unsupported("lz4".into()))
+        );
     }
 
     #[test]
     fn sniffing_recognises_magic_numbers() {
         let nar = crate::nar::writer::write_nar(&crate::nar::writer::Entry::file("x"));
         assert_eq!(Codec::sniff(&nar, None), Ok(Codec::None));
-        assert_eq!(Codec::sniff(&zstd::encode_all(&b"x"[..], 1).expect("zstd"), None), Ok(Codec::Zstd));
+        assert_eq!(
+            Codec::sniff(&zstd::encode_all(&b"x"[..], 1).expect("zstd"), None),
+            Ok(Codec::Zstd)
+        );
         assert_eq!(Codec::sniff(b"\xfd7zXZ\0rest", None), Ok(Codec::Xz));
         assert_eq!(Codec::sniff(b"BZh91AY", None), Ok(Codec::Bzip2));
         assert_eq!(Codec::sniff(b"\x1f\x8b\x08", None), Ok(Codec::Gzip));
-        assert_eq!(Codec::sniff(b"\x0b\x02\x80", Some("x.nar.br")), Ok(Codec::Brotli));
-        assert_eq!(Codec::sniff(b"garbage", Some("x.nar")), Err(CodecError::Unrecognised));
+        assert_eq!(
+            Codec::sniff(b"\x0b\x02\x80", Some("x.nar.br")),
+            Ok(Codec::Brotli)
+        );
+        assert_eq!(
+            Codec::sniff(b"garbage", Some("x.nar")),
+            Err(CodecError::Unrecognised)
+        );
     }
 
     #[test]
     fn every_zstd_frame_is_decoded() {
         let mut data = zstd::encode_all(&b"first frame;"[..], 3).expect("zstd");
         data.extend(zstd::encode_all(&b"second frame"[..], 19).expect("zstd"));
-        assert_eq!(decode(Codec::Zstd, &data).expect("decodes"), b"first frame;second frame");
+        assert_eq!(
+            decode(Codec::Zstd, &data).expect("decodes"),
+            b"first frame;second frame"
+        );
     }
 
     #[test]
@@ -206,7 +228,10 @@ mod tests {
     #[test]
     fn zstd_windows_beyond_the_limit_are_refused() {
         let mut e = zstd::stream::write::Encoder::new(Vec::new(), 1).expect("encoder");
-        e.set_parameter(zstd::zstd_safe::CParameter::WindowLog(ZSTD_WINDOW_LOG_MAX + 2)).expect("param");
+        e.set_parameter(zstd::zstd_safe::CParameter::WindowLog(
+            ZSTD_WINDOW_LOG_MAX + 2,
+        ))
+        .expect("param");
         e.write_all(&[7u8; 4096]).expect("write");
         let data = e.finish().expect("finish");
         assert!(decode(Codec::Zstd, &data).is_err());
@@ -214,8 +239,16 @@ mod tests {
 
     #[test]
     fn corrupt_streams_are_errors_not_panics() {
-        for c in [Codec::Xz, Codec::Zstd, Codec::Bzip2, Codec::Brotli, Codec::Gzip] {
-            let garbage: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for c in [
+            Codec::Xz,
+            Codec::Zstd,
+            Codec::Bzip2,
+            Codec::Brotli,
+            Codec::Gzip,
+        ] {
+            let garbage: Vec<u8> = (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
             assert!(decode(c, &garbage).is_err(), "{c} accepted garbage");
         }
     }
