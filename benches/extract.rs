@@ -19,14 +19,16 @@
 //! - `BINPLZ_BENCH_SIZES=0.3,7` NAR sizes in MB (default `0.3,7,30,100`)
 //! - `BINPLZ_BENCH_CODECS=zstd,none` codecs (default `zstd,xz,bzip2,none`)
 //! - `BINPLZ_BENCH_QUICK=1` fewer runs
+//! - `BINPLZ_BENCH_QUIET_WAIT=60` seconds to wait for other processes to go quiet before
+//!   each measurement (0: do not wait); the `others` column says how much CPU they took
 //! - `BINPLZ_BENCH_WRITE_INPUTS=DIR` only write the inputs (`DIR/<size>MB.nar.zst`, ...)
 //!   and exit, for `benches/nix-nar-cat.sh`
 
 mod inputs;
-mod variants;
+mod machine;
 
 use std::error::Error;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -37,7 +39,7 @@ use binplz::pipeline::{run_pass, Expected};
 use binplz::resolve::RelPath;
 use sha2::{Digest, Sha256};
 
-use inputs::{Nar, SharedReader};
+use inputs::{Compressed, Nar, SharedReader};
 
 const DEFAULT_SIZES: &str = "0.3,7,30,100";
 const DEFAULT_CODECS: &str = "zstd,xz,bzip2,none";
@@ -47,6 +49,11 @@ const DEFAULT_CODECS: &str = "zstd,xz,bzip2,none";
 const GOAL_COMPRESSED: f64 = 0.95;
 const GOAL_NONE: f64 = 0.90;
 
+/// Waiting for a quiet machine before each measurement, and measuring again (at most
+/// `ATTEMPTS` times in all) when others used more than `machine::QUIET` of it meanwhile.
+const DEFAULT_QUIET_WAIT: Duration = Duration::from_secs(60);
+const ATTEMPTS: usize = 3;
+
 type BenchResult<T> = Result<T, Box<dyn Error>>;
 
 struct Settings {
@@ -54,6 +61,8 @@ struct Settings {
     sizes: Vec<(String, u64)>,
     codecs: Vec<Codec>,
     runs: Runs,
+    /// How long to wait for other processes to go quiet before each measurement.
+    quiet_wait: Duration,
     write_inputs: Option<PathBuf>,
 }
 
@@ -102,11 +111,31 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         let quick = var("BINPLZ_BENCH_QUICK").is_some_and(|v| v != "0");
         let runs = if quick {
-            Runs { budget: Duration::from_millis(1500), min: 3, max: 21 }
+            Runs {
+                budget: Duration::from_millis(1500),
+                min: 3,
+                max: 21,
+            }
         } else {
-            Runs { budget: Duration::from_secs(6), min: 5, max: 101 }
+            Runs {
+                budget: Duration::from_secs(6),
+                min: 5,
+                max: 101,
+            }
         };
-        Ok(Settings { sizes, codecs, runs, write_inputs: var("BINPLZ_BENCH_WRITE_INPUTS").map(PathBuf::from) })
+        let quiet_wait = match var("BINPLZ_BENCH_QUIET_WAIT") {
+            None => DEFAULT_QUIET_WAIT,
+            Some(v) => Duration::from_secs(v.trim().parse().map_err(|_| {
+                format!("BINPLZ_BENCH_QUIET_WAIT: {v:?} is not a number of seconds")
+            })?),
+        };
+        Ok(Settings {
+            sizes,
+            codecs,
+            runs,
+            quiet_wait,
+            write_inputs: var("BINPLZ_BENCH_WRITE_INPUTS").map(PathBuf::from),
+        })
     }
 }
 
@@ -164,43 +193,63 @@ fn main() -> ExitCode {
 fn run() -> BenchResult<()> {
     let settings = Settings::from_env()?;
     let started = Instant::now();
-    let nars: Vec<Nar> = settings.sizes.iter().map(|(label, size)| inputs::generate(label, *size)).collect();
+    let nars: Vec<Nar> = settings
+        .sizes
+        .iter()
+        .map(|(label, size)| inputs::generate(label, *size))
+        .collect();
     let compressed = inputs::compressed(&nars, &settings.codecs)?;
-    eprintln!("inputs ready and checked in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "inputs ready and checked in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     if let Some(dir) = &settings.write_inputs {
         return write_inputs(dir, &nars, &compressed);
     }
-    if std::env::var_os("BINPLZ_BENCH_VARIANTS").is_some_and(|v| v != "0") {
-        return compare_variants(&nars, &compressed, settings.runs);
-    }
 
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("binplz extraction vs. its limit ({cores} cores, load {})", loadavg());
-    println!("MB/s = 10^6 bytes of uncompressed NAR per second, median of `runs`; spread = IQR/median of extract");
+    println!(
+        "binplz extraction vs. its limit ({} cores)",
+        machine::cores()
+    );
+    println!("MB/s = 10^6 bytes of uncompressed NAR per second, median of `runs`; spread = IQR/median of extract;");
+    println!("others = CPU share (of all cores) other processes used during the measurement");
     println!("limit = min(decode, hash), or hash for none; goal: extract/limit >= {GOAL_COMPRESSED} for zstd and xz, >= {GOAL_NONE} for none");
     println!();
     println!(
-        "{:>7} {:>5} {:>11} {:>6} {:>4} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6}  goal",
-        "size", "codec", "nar bytes", "comp", "runs", "extract", "decode", "hash", "limit", "x/limit", "spread"
+        "{:>7} {:>5} {:>11} {:>6} {:>4} {:>8} {:>8} {:>8} {:>8} {:>7} {:>6} {:>6}  goal",
+        "size",
+        "codec",
+        "nar bytes",
+        "comp",
+        "runs",
+        "extract",
+        "decode",
+        "hash",
+        "limit",
+        "x/limit",
+        "spread",
+        "others"
     );
     let tmp = tempfile::tempdir()?;
     let mut missed = Vec::new();
     for (nar, row) in nars.iter().zip(&compressed) {
         for (codec, data) in row {
-            let cell = measure(nar, *codec, data, tmp.path(), settings.runs)?;
+            let (cell, others) = while_quiet(&settings, || {
+                measure(nar, *codec, data, tmp.path(), Some(settings.runs))
+            })?;
             let n = nar.bytes.len() as u64;
             let tp = |d: Duration| Throughput { bytes: n, time: d };
-            let (extract, decode, hash) = (tp(cell.extract.median()), tp(cell.decode.median()), tp(cell.hash.median()));
+            let (extract, decode, hash) = (
+                tp(cell.extract.median()),
+                tp(cell.decode.median()),
+                tp(cell.hash.median()),
+            );
+            // Uncompressed NARs have no decode thread: hashing alone bounds them.
             let limit = match codec {
                 Codec::None => hash,
-                _ => {
-                    if decode.bytes_per_sec() < hash.bytes_per_sec() {
-                        decode
-                    } else {
-                        hash
-                    }
-                }
+                _ if decode.bytes_per_sec() < hash.bytes_per_sec() => decode,
+                _ => hash,
             };
             let ratio = extract.bytes_per_sec() / limit.bytes_per_sec();
             let goal = match codec {
@@ -221,7 +270,7 @@ fn run() -> BenchResult<()> {
                 _ => format!("{:.0}", decode.mb_per_sec()),
             };
             println!(
-                "{:>7} {:>5} {:>11} {:>5.2}x {:>4} {:>8.0} {:>8} {:>8.0} {:>8.0} {:>7.3} {:>5.1}%  {verdict}",
+                "{:>7} {:>5} {:>11} {:>5.2}x {:>4} {:>8.0} {:>8} {:>8.0} {:>8.0} {:>7.3} {:>5.1}% {:>5.1}%  {verdict}",
                 nar.label,
                 codec.as_str(),
                 n,
@@ -233,6 +282,7 @@ fn run() -> BenchResult<()> {
                 limit.mb_per_sec(),
                 ratio,
                 cell.extract.spread() * 100.0,
+                others * 100.0,
             );
         }
     }
@@ -242,19 +292,58 @@ fn run() -> BenchResult<()> {
     } else {
         println!("goals missed: {}", missed.join(", "));
     }
-    println!("load at the end: {}; total {:.0} s", loadavg(), started.elapsed().as_secs_f64());
+    println!("total {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
+/// Runs `f` once the machine is quiet, again if others got busy meanwhile; returns the
+/// quietest attempt and the share of the machine others used during it.
+fn while_quiet<T>(
+    settings: &Settings,
+    mut f: impl FnMut() -> BenchResult<T>,
+) -> BenchResult<(T, f64)> {
+    let mut best: Option<(T, f64)> = None;
+    for _ in 0..ATTEMPTS {
+        if !settings.quiet_wait.is_zero() && !machine::wait_quiet(settings.quiet_wait) {
+            eprintln!(
+                "the machine is still busy after {} s: measuring anyway",
+                settings.quiet_wait.as_secs()
+            );
+        }
+        let before = machine::Snapshot::now();
+        let value = f()?;
+        let others = before.map_or(0.0, |b| b.others_since(machine::cores()));
+        if best.as_ref().is_none_or(|(_, o)| others < *o) {
+            best = Some((value, others));
+        }
+        if others < machine::QUIET {
+            break;
+        }
+    }
+    best.ok_or_else(|| "no attempt was made".into())
+}
+
+#[derive(Default)]
 struct Cell {
     extract: Samples,
     decode: Samples,
     hash: Samples,
 }
 
-fn measure(nar: &Nar, codec: Codec, data: &Arc<[u8]>, tmp: &Path, runs: Runs) -> BenchResult<Cell> {
+/// Times extraction, decoding and hashing of one input, interleaved: as many rounds as
+/// `runs` allows after a checked warm-up round, or a single round without one (`None`).
+fn measure(
+    nar: &Nar,
+    codec: Codec,
+    data: &Arc<[u8]>,
+    tmp: &Path,
+    runs: Option<Runs>,
+) -> BenchResult<Cell> {
     let wanted = RelPath::parse(inputs::WANTED.as_bytes());
-    let expected = Expected { nar_hash: Some(nar.sha256), nar_size: Some(nar.bytes.len() as u64) };
+    let expected = Expected {
+        nar_hash: Some(nar.sha256),
+        nar_size: Some(nar.bytes.len() as u64),
+    };
     let n = nar.bytes.len() as u64;
 
     let extract = || -> BenchResult<Duration> {
@@ -263,7 +352,10 @@ fn measure(nar: &Nar, codec: Codec, data: &Arc<[u8]>, tmp: &Path, runs: Runs) ->
         let pass = run_pass(source, codec, expected, &wanted, tmp)?;
         let elapsed = t.elapsed();
         let captured = pass.captured.ok_or("run_pass did not capture bin/hello")?;
-        if captured.sha256 != nar.wanted_sha256 || captured.size != nar.wanted_size || pass.nar_size != n {
+        if binplz::pipeline::sha256_of(captured.file.as_file())? != nar.wanted_sha256
+            || captured.size != nar.wanted_size
+            || pass.nar_size != n
+        {
             return Err(format!("{} {codec}: wrong file extracted", nar.label).into());
         }
         Ok(elapsed)
@@ -288,10 +380,13 @@ fn measure(nar: &Nar, codec: Codec, data: &Arc<[u8]>, tmp: &Path, runs: Runs) ->
         Ok(elapsed)
     };
 
-    // One untimed round: checks the results and warms caches, and tells how long a round takes.
-    let one = extract()? + decode()? + hash()?;
-    let count = runs.for_estimate(one);
-    let mut cell = Cell { extract: Samples::default(), decode: Samples::default(), hash: Samples::default() };
+    let count = match runs {
+        // One untimed round first: checks the results, warms caches, and tells how long a
+        // round takes.
+        Some(runs) => runs.for_estimate(extract()? + decode()? + hash()?),
+        None => 1,
+    };
+    let mut cell = Cell::default();
     for _ in 0..count {
         cell.hash.0.push(hash()?);
         cell.decode.0.push(decode()?);
@@ -300,7 +395,7 @@ fn measure(nar: &Nar, codec: Codec, data: &Arc<[u8]>, tmp: &Path, runs: Runs) ->
     Ok(cell)
 }
 
-fn write_inputs(dir: &Path, nars: &[Nar], compressed: &[Vec<(Codec, Arc<[u8]>)>]) -> BenchResult<()> {
+fn write_inputs(dir: &Path, nars: &[Nar], compressed: &[Vec<Compressed>]) -> BenchResult<()> {
     std::fs::create_dir_all(dir)?;
     for (nar, row) in nars.iter().zip(compressed) {
         for (codec, data) in row {
@@ -314,112 +409,6 @@ fn write_inputs(dir: &Path, nars: &[Nar], compressed: &[Vec<(Codec, Arc<[u8]>)>]
                 inputs::WANTED,
                 binplz::hash::hex(&nar.wanted_sha256),
             );
-        }
-    }
-    Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".to_owned())
-}
-
-/// Times the pipeline copy in `variants` with one knob changed at a time, against the same
-/// decode and hash references, and prints each as a fraction of the limit.
-fn compare_variants(nars: &[Nar], compressed: &[Vec<(Codec, Arc<[u8]>)>], runs: Runs) -> BenchResult<()> {
-    use variants::Knobs;
-    let cur = Knobs::CURRENT;
-    let list: Vec<(&str, Knobs)> = vec![
-        ("current", cur),
-        ("no file hash", Knobs { file_hash: false, ..cur }),
-        ("chunk 64K", Knobs { chunk: 64 << 10, ..cur }),
-        ("chunk 128K", Knobs { chunk: 128 << 10, ..cur }),
-        ("chunk 1M", Knobs { chunk: 1 << 20, ..cur }),
-        ("depth 2", Knobs { depth: 2, ..cur }),
-        ("depth 16", Knobs { depth: 16, ..cur }),
-        ("capture thread", Knobs { capture_thread: true, ..cur }),
-        ("capture thread, no file hash", Knobs { capture_thread: true, file_hash: false, ..cur }),
-        ("reader thread (none)", Knobs { reader_thread: true, ..cur }),
-        ("reader thread, no file hash", Knobs { reader_thread: true, file_hash: false, ..cur }),
-        ("reader + capture thread", Knobs { reader_thread: true, capture_thread: true, ..cur }),
-        (
-            "reader + capture thread, no file hash",
-            Knobs { reader_thread: true, capture_thread: true, file_hash: false, ..cur },
-        ),
-        ("no file hash, chunk 128K", Knobs { file_hash: false, chunk: 128 << 10, ..cur }),
-    ];
-    let tmp = tempfile::tempdir()?;
-    let wanted = RelPath::parse(inputs::WANTED.as_bytes()).0;
-    println!("pipeline variants (copy of run_pass in benches/variants), load {}", loadavg());
-    for (nar, row) in nars.iter().zip(compressed) {
-        for (codec, data) in row {
-            let n = nar.bytes.len() as u64;
-            let applies = |k: &Knobs| *codec == Codec::None || !k.reader_thread;
-            let chosen: Vec<&(&str, Knobs)> = list.iter().filter(|(_, k)| applies(k)).collect();
-            let one = |k: Knobs| -> BenchResult<Duration> {
-                let source = SharedReader::new(data.clone());
-                let t = Instant::now();
-                let out = variants::run(source, *codec, &wanted, tmp.path(), k)?;
-                let elapsed = t.elapsed();
-                let hash_ok = out.file_hash.is_none_or(|h| h == nar.wanted_sha256);
-                if out.nar_hash != nar.sha256 || out.nar_size != n || out.file_size != nar.wanted_size || !hash_ok {
-                    return Err(format!("{} {codec}: variant {k:?} gave a wrong result", nar.label).into());
-                }
-                Ok(elapsed)
-            };
-            let decode = |buf: usize| -> BenchResult<Duration> {
-                let mut d = codec.decoder(SharedReader::new(data.clone()))?;
-                let mut b = vec![0u8; buf];
-                let t = Instant::now();
-                let mut total = 0u64;
-                loop {
-                    match d.read(&mut b)? {
-                        0 => break,
-                        k => total += k as u64,
-                    }
-                }
-                let elapsed = t.elapsed();
-                if total != n {
-                    return Err("decode length".into());
-                }
-                Ok(elapsed)
-            };
-            let hash = || -> Duration {
-                let t = Instant::now();
-                std::hint::black_box(Sha256::digest(&nar.bytes[..]));
-                t.elapsed()
-            };
-            let mut round = Duration::ZERO;
-            for (_, k) in &chosen {
-                round += one(*k)?;
-            }
-            round += decode(8 << 10)? + decode(256 << 10)? + hash();
-            let count = runs.for_estimate(round);
-            let mut samples: Vec<Samples> = (0..chosen.len() + 3).map(|_| Samples::default()).collect();
-            for _ in 0..count {
-                for (i, (_, k)) in chosen.iter().enumerate() {
-                    samples[i].0.push(one(*k)?);
-                }
-                let base = chosen.len();
-                samples[base].0.push(decode(8 << 10)?);
-                samples[base + 1].0.push(decode(256 << 10)?);
-                samples[base + 2].0.push(hash());
-            }
-            let mbs = |s: &Samples| Throughput { bytes: n, time: s.median() }.mb_per_sec();
-            let base = chosen.len();
-            let (dec8, dec256, h) = (mbs(&samples[base]), mbs(&samples[base + 1]), mbs(&samples[base + 2]));
-            let limit = if *codec == Codec::None { h } else { dec8.min(h) };
-            println!();
-            println!(
-                "{} {codec}, {count} runs: decode 8K reads {dec8:.0} MB/s, 256K reads {dec256:.0} MB/s, hash {h:.0} MB/s, limit {limit:.0} MB/s",
-                nar.label
-            );
-            for (i, (name, _)) in chosen.iter().enumerate() {
-                let v = mbs(&samples[i]);
-                println!("  {name:<40} {v:>7.0} MB/s  {:>6.3} x limit  spread {:>4.1}%", v / limit, samples[i].spread() * 100.0);
-            }
         }
     }
     Ok(())

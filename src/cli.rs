@@ -437,7 +437,6 @@ fn write_out(extracted: Extracted, output: Option<&Path>) -> Result<(), String> 
         file,
         size,
         executable,
-        sha256,
         linkage,
         path,
         ..
@@ -461,10 +460,7 @@ fn write_out(extracted: Extracted, output: Option<&Path>) -> Result<(), String> 
                 .map_err(|e| format!("writing to stdout: {e}"))?;
         }
     }
-    eprintln!(
-        "binplz: {path}: {linkage}, {size} bytes, sha256 {}",
-        crate::hash::hex(&sha256)
-    );
+    eprintln!("binplz: {path}: {linkage}, {size} bytes, verified against its NAR's signed hash");
     Ok(())
 }
 

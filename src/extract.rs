@@ -176,8 +176,15 @@ pub struct Extracted {
     pub file: tempfile::NamedTempFile,
     pub size: u64,
     pub executable: bool,
-    pub sha256: [u8; 32],
     pub linkage: Linkage,
+}
+
+impl Extracted {
+    /// The file's SHA-256, read back from the verified temp file (see
+    /// [`pipeline::sha256_of`] for why it is not computed during the pass).
+    pub fn sha256(&self) -> io::Result<[u8; 32]> {
+        pipeline::sha256_of(self.file.as_file())
+    }
 }
 
 /// Extracts files from store paths in a list of caches, tried in order.
@@ -559,7 +566,6 @@ fn finish(
         file,
         size: captured.size,
         executable: captured.executable,
-        sha256: captured.sha256,
         linkage,
     })
 }

@@ -31,8 +31,9 @@ use crate::resolve::RelPath;
 
 /// Size of the decoded chunks handed from the decode thread to the hash thread.
 const CHUNK: usize = 256 << 10;
-/// Chunks in flight between the threads: enough to absorb jitter, 1 MiB in all.
-const CHANNEL_DEPTH: usize = 4;
+/// Chunks in flight between the threads (4 MiB): enough to absorb the hash thread's
+/// slower stretch while it also writes the wanted file out.
+const CHANNEL_DEPTH: usize = 16;
 
 /// What the NAR must be, from a verified narinfo (or `--nar-hash` for a local file).
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,7 +49,27 @@ pub struct Captured {
     pub file: tempfile::NamedTempFile,
     pub size: u64,
     pub executable: bool,
-    pub sha256: [u8; 32],
+}
+
+/// The SHA-256 of a file, read from the start. Used on captured files after their NAR was
+/// verified (their bytes are still in the page cache): hashing them during the pass would
+/// put a second SHA-256 on the hash thread, which is the pass's bottleneck.
+pub fn sha256_of(file: &std::fs::File) -> io::Result<[u8; 32]> {
+    use std::os::unix::fs::FileExt;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut pos = 0u64;
+    loop {
+        let n = match file.read_at(&mut buf, pos) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        pos += n as u64;
+    }
+    Ok(hasher.finalize().into())
 }
 
 #[derive(Debug)]
@@ -182,9 +203,10 @@ fn run<R: Read + Send + 'static>(
 ) -> Result<PassResult, PipelineError> {
     // One byte more than NarSize is enough to tell "too long" without decoding a bomb.
     let cap = expected.nar_size.map(|s| s.saturating_add(1));
-    let input = match codec {
-        Codec::None => HashedInput::reader(Box::new(Tagged(source)), cap),
-        _ => {
+    // Every codec, `none` included, gets a reading/decoding thread: reading the source
+    // then overlaps with hashing and parsing.
+    let input = {
+        {
             let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(CHANNEL_DEPTH);
             let (recycle_tx, recycle_rx) = mpsc::channel::<Vec<u8>>();
             // Detached on purpose: if the hash side stops early it drops the receiver, and
@@ -331,7 +353,8 @@ fn decode_thread<R: Read + Send>(
 /// The hash side's input: hashes and counts every byte as it arrives, then hands the bytes
 /// to the NAR reader without another copy.
 struct HashedInput {
-    src: Src,
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    recycle: mpsc::Sender<Vec<u8>>,
     cur: Vec<u8>,
     pos: usize,
     hasher: Sha256,
@@ -339,32 +362,15 @@ struct HashedInput {
     cap: Option<u64>,
 }
 
-enum Src {
-    Reader(Box<dyn Read + Send>),
-    Channel {
-        rx: mpsc::Receiver<io::Result<Vec<u8>>>,
-        recycle: mpsc::Sender<Vec<u8>>,
-    },
-}
-
 impl HashedInput {
-    fn reader(r: Box<dyn Read + Send>, cap: Option<u64>) -> Self {
-        Self {
-            src: Src::Reader(r),
-            cur: Vec::with_capacity(CHUNK),
-            pos: 0,
-            hasher: Sha256::new(),
-            count: 0,
-            cap,
-        }
-    }
     fn channel(
         rx: mpsc::Receiver<io::Result<Vec<u8>>>,
         recycle: mpsc::Sender<Vec<u8>>,
         cap: Option<u64>,
     ) -> Self {
         Self {
-            src: Src::Channel { rx, recycle },
+            rx,
+            recycle,
             cur: Vec::new(),
             pos: 0,
             hasher: Sha256::new(),
@@ -390,27 +396,12 @@ impl Read for HashedInput {
 impl BufRead for HashedInput {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
         if self.pos == self.cur.len() {
-            match &mut self.src {
-                Src::Reader(r) => {
-                    self.cur.resize(CHUNK, 0);
-                    let n = loop {
-                        match r.read(&mut self.cur) {
-                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                            other => break other,
-                        }
-                    };
-                    let n = n.inspect_err(|_| self.cur.clear())?;
-                    self.cur.truncate(n);
-                }
-                Src::Channel { rx, recycle } => {
-                    let next = match rx.recv() {
-                        Ok(chunk) => chunk?,
-                        Err(_) => Vec::new(), // decode thread finished: end of stream
-                    };
-                    let old = std::mem::replace(&mut self.cur, next);
-                    let _ = recycle.send(old);
-                }
-            }
+            let next = match self.rx.recv() {
+                Ok(chunk) => chunk?,
+                Err(_) => Vec::new(), // decode thread finished: end of stream
+            };
+            let old = std::mem::replace(&mut self.cur, next);
+            let _ = self.recycle.send(old);
             self.pos = 0;
             self.hasher.update(&self.cur);
             self.count += self.cur.len() as u64;
@@ -471,13 +462,11 @@ fn capture(
         .prefix(".binplz-")
         .suffix(".tmp")
         .tempfile_in(dir)?;
-    let mut hasher = Sha256::new();
     loop {
         let buf = contents.fill_buf()?;
         if buf.is_empty() {
             break;
         }
-        hasher.update(buf);
         file.write_all(buf)?;
         let n = buf.len();
         contents.consume(n);
@@ -487,7 +476,6 @@ fn capture(
         file,
         size: meta.size,
         executable: meta.executable,
-        sha256: hasher.finalize().into(),
     })
 }
 

@@ -164,7 +164,7 @@ impl Files {
                         let meta = KeyMeta {
                             store_path,
                             path,
-                            sha256: e.sha256,
+                            sha256: e.sha256()?,
                             size: e.size,
                             executable: e.executable,
                             linkage: e.linkage.kind().to_owned(),

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -47,6 +47,19 @@ use crate::index::Lookup;
 use crate::resolve::RelPath;
 
 pub use indexes::IndexSource;
+
+/// Provenance header names, built once: inserting by `&str` parses the name and allocates
+/// a copy of it on every request.
+const H_NIX_STORE_PATH: HeaderName = HeaderName::from_static(X_NIX_STORE_PATH);
+const H_NIX_ATTR: HeaderName = HeaderName::from_static(X_NIX_ATTR);
+const H_NIXPKGS_REVISION: HeaderName = HeaderName::from_static(X_NIXPKGS_REVISION);
+const H_BINPLZ_SHA256: HeaderName = HeaderName::from_static(X_BINPLZ_SHA256);
+const H_BINPLZ_LINKAGE: HeaderName = HeaderName::from_static(X_BINPLZ_LINKAGE);
+const H_BINPLZ_CANDIDATES: HeaderName = HeaderName::from_static(X_BINPLZ_CANDIDATES);
+const H_BINPLZ_CACHE: HeaderName = HeaderName::from_static(X_BINPLZ_CACHE);
+/// Headers of a file response: those [`file_response`] sets, then the provenance ones.
+const FILE_HEADERS: usize = 7;
+const PROVENANCE_HEADERS: usize = 8;
 
 /// Validated server settings.
 #[derive(Debug, Clone)]
@@ -452,35 +465,40 @@ impl App {
         let others: Vec<&str> = found.iter().skip(1).map(|c| c.attr).collect();
         let pinned = req.rev.is_some();
         let revision = index.metadata().revision.clone();
+        let sha256 = crate::hash::hex(&hit.meta.sha256);
         let mut resp = if sha_only {
-            let body = format!("{}  {program}\n", crate::hash::hex(&hit.meta.sha256));
+            let body = format!("{sha256}  {program}\n");
             text(StatusCode::OK, TEXT_PLAIN, body, head)
         } else {
-            file_response(&hit, program, headers, head)
+            file_response(&hit, &sha256, program, headers, head)
         };
         let h = resp.headers_mut();
-        let mut set = |name: &'static str, value: &str| {
+        h.reserve(PROVENANCE_HEADERS);
+        let mut set = |name: HeaderName, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
                 h.insert(name, v);
             }
         };
-        set(X_NIX_STORE_PATH, &hit.meta.store_path);
-        set(X_NIX_ATTR, chosen.attr);
+        set(H_NIX_STORE_PATH, &hit.meta.store_path);
+        set(H_NIX_ATTR, chosen.attr);
         if let Some(rev) = &revision {
-            set(X_NIXPKGS_REVISION, rev);
+            set(H_NIXPKGS_REVISION, rev);
         }
-        set(X_BINPLZ_SHA256, &crate::hash::hex(&hit.meta.sha256));
-        set(X_BINPLZ_LINKAGE, &hit.meta.linkage);
-        set(X_BINPLZ_CACHE, hit.tier);
+        set(H_BINPLZ_SHA256, &sha256);
+        set(H_BINPLZ_LINKAGE, &hit.meta.linkage);
         if !others.is_empty() {
-            set(X_BINPLZ_CANDIDATES, &others.join(", "));
+            set(H_BINPLZ_CANDIDATES, &others.join(", "));
         }
         let cache_control = if pinned {
             "public, max-age=31536000, immutable"
         } else {
             "public, max-age=300"
         };
-        set(header::CACHE_CONTROL.as_str(), cache_control);
+        h.insert(H_BINPLZ_CACHE, HeaderValue::from_static(hit.tier));
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static(cache_control),
+        );
         inner.metrics.hit(hit.tier);
         Ok((resp, hit.tier))
     }
@@ -637,17 +655,28 @@ impl Drop for ClientSlot {
 }
 
 /// The 200/206/304/416 response for a file, honouring `Range` and `If-None-Match`.
-fn file_response(hit: &Hit, program: &str, headers: &HeaderMap, head: bool) -> Response<Body> {
+/// `sha256` is the file's SHA-256 in hex.
+fn file_response(
+    hit: &Hit,
+    sha256: &str,
+    program: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> Response<Body> {
     let size = hit.meta.size;
-    let etag = format!("\"{}\"", crate::hash::hex(&hit.meta.sha256));
+    let etag = ["\"", sha256, "\""].concat();
     let mut resp = Response::new(Body::empty());
     let h = resp.headers_mut();
+    // Room for these and the provenance headers: a map grown one insert at a time
+    // reallocates three times.
+    h.reserve(FILE_HEADERS + PROVENANCE_HEADERS);
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{program}\"")) {
+    let disposition = ["attachment; filename=\"", program, "\""].concat();
+    if let Ok(v) = HeaderValue::try_from(disposition) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
     let matches_etag = headers

@@ -100,9 +100,8 @@ fn extract_to_a_file_writes_an_executable_copy_of_the_program() {
     assert_eq!(dir_entries(dir.path()), ["hello"]);
     assert!(out.stdout.is_empty());
     let summary = stderr(&out);
-    let sha = binplz::hash::hex(&support::sha256(&prebuilt("hello")));
     assert!(summary.contains("static ELF"), "{summary}");
-    assert!(summary.contains(&sha), "{summary}");
+    assert!(summary.contains("13376 bytes"), "{summary}");
 }
 
 #[test]
