@@ -26,6 +26,8 @@
 //! - `BINPLZ_BENCH_CONNECTIONS=64`, `BINPLZ_BENCH_THREADS=2` wrk's `-c` and `-t`
 //! - `BINPLZ_BENCH_FILES=f1k,f1m` the files loaded by wrk (default `f1k,f1m,f10m`; empty:
 //!   no load part)
+//! - `BINPLZ_BENCH_ROUNDS=3` repeat the load part (default 1) and report medians: with
+//!   wrk and two server processes on two cores, single runs vary by ±25 %
 //! - `BINPLZ_BENCH_COLD_RUNS=3` cold misses and decodes timed (0: no cold part)
 //! - `BINPLZ_BENCH_BIN=path/to/binplz` serve with another build, to compare two builds
 
@@ -68,6 +70,7 @@ struct Settings {
     connections: u32,
     threads: u32,
     files: Vec<Spec>,
+    rounds: usize,
     cold_runs: usize,
 }
 
@@ -112,6 +115,7 @@ impl Settings {
             connections: number("BINPLZ_BENCH_CONNECTIONS", 64)?.max(1),
             threads: number("BINPLZ_BENCH_THREADS", 2)?.max(1),
             files,
+            rounds: number("BINPLZ_BENCH_ROUNDS", 1)?.max(1) as usize,
             cold_runs: number("BINPLZ_BENCH_COLD_RUNS", 3)? as usize,
         })
     }
@@ -213,73 +217,107 @@ fn load(
     }
 
     let (t, c, d) = (settings.threads, settings.connections, &settings.duration);
-    println!();
-    println!("load: wrk -t{t} -c{c} -d{d} --timeout 10s http://127.0.0.1:PORT/<file>, keep-alive, loopback");
-    println!("binplz: BINPLZ_LOG=warn, --max-per-client 1024; memory = --memory-cache-size 1G, disk = --memory-cache-size 0");
+    let rounds = settings.rounds;
     println!();
     println!(
-        "{:>6} {:>11} {:>11} {:>6}  {:<13} {:>11} {:>6}  {:<13} {:>9}",
-        "file",
-        "nginx r/s",
-        "memory r/s",
-        "ratio",
-        "goal",
-        "disk r/s",
-        "ratio",
-        "goal",
-        "nginx MB/s"
+        "load: wrk -t{t} -c{c} -d{d} --timeout 10s http://127.0.0.1:PORT/<file>, keep-alive, \
+         loopback; {rounds} round(s), each file on the three servers in turn"
     );
+    println!(
+        "binplz: BINPLZ_LOG=warn, --max-per-client 1024; memory = --memory-cache-size 1G, \
+         disk = --memory-cache-size 0"
+    );
+    println!("r/s: median of the rounds; ratio: median of the rounds' binplz/nginx ratios");
     let mut notes = Vec::new();
-    for spec in &settings.files {
-        let path = format!("/{}", spec.name);
-        let mut run = |server: &Server| -> BenchResult<http::Load> {
-            let l = http::wrk(server.port, &path, t, c, d)?;
-            if l.non_2xx > 0 || l.socket_errors > 0 {
-                notes.push(format!(
-                    "{} {}: {} non-2xx responses, {} socket errors of {} requests",
-                    server.name, spec.label, l.non_2xx, l.socket_errors, l.requests
-                ));
-            }
-            Ok(l)
-        };
-        // Interleaved per file, so a change in the machine's load disturbs all three alike.
-        let base = nginx.map(&mut run).transpose()?;
-        let mem = run(&memory)?;
-        let dsk = run(&disk)?;
+    // samples[file] = per round (nginx, memory, disk) requests per second
+    let mut samples: Vec<Vec<(Option<f64>, f64, f64)>> = vec![Vec::new(); settings.files.len()];
+    for _ in 0..rounds {
+        for (spec, cell) in settings.files.iter().zip(&mut samples) {
+            let path = format!("/{}", spec.name);
+            let mut run = |server: &Server| -> BenchResult<f64> {
+                let l = http::wrk(server.port, &path, t, c, d)?;
+                if l.non_2xx > 0 || l.socket_errors > 0 {
+                    notes.push(format!(
+                        "{} {}: {} non-2xx responses, {} socket errors of {} requests",
+                        server.name, spec.label, l.non_2xx, l.socket_errors, l.requests
+                    ));
+                }
+                Ok(l.requests_per_sec)
+            };
+            // In turn, so a change in the machine's load disturbs all three alike.
+            let base = nginx.map(&mut run).transpose()?;
+            let mem = run(&memory)?;
+            let dsk = run(&disk)?;
+            cell.push((base, mem, dsk));
+        }
+    }
+
+    println!();
+    println!(
+        "{:>6} {:>11} {:>11} {:>6}  {:<13} {:>11} {:>6}  {:<13}",
+        "file", "nginx r/s", "memory r/s", "ratio", "goal", "disk r/s", "ratio", "goal"
+    );
+    let mut spreads = Vec::new();
+    for (spec, cell) in settings.files.iter().zip(&samples) {
         let mem_goal = if spec.size <= 1_000 {
             GOAL_MEMORY_SMALL
         } else {
             GOAL_MEMORY_LARGE
         };
-        let mut cell = |tier: &str, l: &http::Load, goal: f64| -> (String, String) {
-            match &base {
-                None => ("-".to_owned(), "-".to_owned()),
-                Some(b) => {
-                    let ratio = l.requests_per_sec / b.requests_per_sec.max(1e-9);
-                    let verdict = if ratio >= goal {
-                        format!(">= {goal:.2} ok")
-                    } else {
-                        missed.push(format!("{tier} {}", spec.label));
-                        format!(">= {goal:.2} MISSED")
-                    };
-                    (format!("{ratio:.2}x"), verdict)
-                }
-            }
+        let base: Option<Vec<f64>> = cell.iter().map(|r| r.0).collect();
+        let mut verdict = |tier: &str, pick: fn(&(Option<f64>, f64, f64)) -> f64, goal: f64| {
+            let Some(base) = &base else {
+                return ("-".to_owned(), "-".to_owned(), Vec::new());
+            };
+            let ratios: Vec<f64> = cell
+                .iter()
+                .zip(base)
+                .map(|(r, b)| pick(r) / b.max(1e-9))
+                .collect();
+            let ratio = median_f64(&ratios);
+            let v = if ratio >= goal {
+                format!(">= {goal:.2} ok")
+            } else {
+                missed.push(format!("{tier} {}", spec.label));
+                format!(">= {goal:.2} MISSED")
+            };
+            (format!("{ratio:.2}x"), v, ratios)
         };
-        let (mr, mv) = cell("memory", &mem, mem_goal);
-        let (dr, dv) = cell("disk", &dsk, GOAL_DISK);
-        println!(
-            "{:>6} {:>11} {:>11.0} {:>6}  {:<13} {:>11.0} {:>6}  {:<13} {:>9}",
+        let (mr, mv, mrs) = verdict("memory", |r| r.1, mem_goal);
+        let (dr, dv, drs) = verdict("disk", |r| r.2, GOAL_DISK);
+        let show = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        spreads.push(format!(
+            "{}: memory {}; disk {}",
             spec.label,
-            base.map_or("-".to_owned(), |b| format!("{:.0}", b.requests_per_sec)),
-            mem.requests_per_sec,
+            show(&mrs),
+            show(&drs)
+        ));
+        let rps = |pick: fn(&(Option<f64>, f64, f64)) -> f64| {
+            median_f64(&cell.iter().map(pick).collect::<Vec<_>>())
+        };
+        println!(
+            "{:>6} {:>11} {:>11.0} {:>6}  {:<13} {:>11.0} {:>6}  {:<13}",
+            spec.label,
+            base.as_deref()
+                .map_or("-".to_owned(), |b| format!("{:.0}", median_f64(b))),
+            rps(|r| r.1),
             mr,
             mv,
-            dsk.requests_per_sec,
+            rps(|r| r.2),
             dr,
             dv,
-            base.map_or("-".to_owned(), |b| format!("{:.0}", b.bytes_per_sec / 1e6)),
         );
+    }
+    if rounds > 1 && nginx.is_some() {
+        println!("ratios per round:");
+        for s in spreads {
+            println!("  {s}");
+        }
     }
     for n in notes {
         println!("  note: {n}");
@@ -440,6 +478,16 @@ fn decode_once(compressed: &[u8], nar_size: u64) -> BenchResult<Duration> {
         return Err(format!("decoded {n} bytes, NarSize is {nar_size}").into());
     }
     Ok(elapsed)
+}
+
+fn median_f64(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn median(v: &mut [Duration]) -> Duration {

@@ -446,9 +446,8 @@ fn write_out(extracted: Extracted, output: Option<&Path>) -> Result<(), String> 
             let mode = if executable { 0o755 } else { 0o644 };
             std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("cannot set permissions: {e}"))?;
-            file.as_file()
-                .sync_all()
-                .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
+            // Renamed into place only now, after verification; not fsynced (as curl and
+            // wget do not): a crash loses a download, never leaves a wrong file.
             file.persist(out)
                 .map_err(|e| format!("cannot write {}: {}", out.display(), e.error))?;
         }
