@@ -446,8 +446,9 @@ fn write_out(extracted: Extracted, output: Option<&Path>) -> Result<(), String> 
             let mode = if executable { 0o755 } else { 0o644 };
             std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("cannot set permissions: {e}"))?;
-            // Renamed into place only now, after verification; not fsynced (as curl and
-            // wget do not): a crash loses a download, never leaves a wrong file.
+            // Renamed into place only now, after verification. Not fsynced, as curl and
+            // wget do not: a power cut right after may leave the file empty or short
+            // (rerun the command); binplz itself never writes a wrong byte there.
             file.persist(out)
                 .map_err(|e| format!("cannot write {}: {}", out.display(), e.error))?;
         }
