@@ -177,13 +177,18 @@ pub struct Extracted {
     pub size: u64,
     pub executable: bool,
     pub linkage: Linkage,
+    /// The SHA-256 when the pass computed it; [`Extracted::sha256`] reads it otherwise.
+    sha256: Option<[u8; 32]>,
 }
 
 impl Extracted {
     /// The file's SHA-256, read back from the verified temp file (see
     /// [`pipeline::sha256_of`] for why it is not computed during the pass).
     pub fn sha256(&self) -> io::Result<[u8; 32]> {
-        pipeline::sha256_of(self.file.as_file())
+        match self.sha256 {
+            Some(s) => Ok(s),
+            None => pipeline::sha256_of(self.file.as_file()),
+        }
     }
 }
 
@@ -567,6 +572,7 @@ fn finish(
         size: captured.size,
         executable: captured.executable,
         linkage,
+        sha256: captured.sha256,
     })
 }
 

@@ -9,13 +9,13 @@ pub fn nix32(digest: &[u8]) -> String {
 
 /// Lower-case hexadecimal, as `sha256sum` prints it.
 pub fn hex(digest: &[u8]) -> String {
-    use std::fmt::Write;
-    digest
-        .iter()
-        .fold(String::with_capacity(digest.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(digest.len() * 2);
+    for b in digest {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
 }
 
 /// Parses a SHA-256 hash in any of Nix's spellings (`sha256:<nix32|hex|base64>` or SRI).

@@ -49,6 +49,8 @@ pub struct Captured {
     pub file: tempfile::NamedTempFile,
     pub size: u64,
     pub executable: bool,
+    /// The file's SHA-256, when the pass computed it (see [`Siblings`]).
+    pub sha256: Option<[u8; 32]>,
 }
 
 /// The SHA-256 of a file, read from the start. Used on captured files after their NAR was
@@ -164,7 +166,10 @@ pub fn run_pass<R: Read + Send + 'static>(
 /// Which other files a pass keeps besides the wanted one, so that requests for other
 /// programs of the same store path need no second download: the executables directly in
 /// `dir` (normally `bin`) and the targets of relative symlinks there that come later in
-/// the archive, each at most `max_each` bytes and `max_total` in all.
+/// the archive, each at most `max_each` bytes and `max_total` in all. This is the server's
+/// mode, and there the kept files are also hashed during the pass: the server needs their
+/// SHA-256 (their name in the disk cache) before it can answer, and reading them back
+/// afterwards would delay the first byte more than the pass slows down.
 #[derive(Debug, Clone)]
 pub struct Siblings {
     pub dir: Vec<u8>,
@@ -457,7 +462,9 @@ fn capture(
     path: &[Vec<u8>],
     meta: FileMeta,
     contents: &mut dyn BufRead,
+    hash: bool,
 ) -> io::Result<Captured> {
+    let mut hasher = hash.then(Sha256::new);
     let mut file = tempfile::Builder::new()
         .prefix(".binplz-")
         .suffix(".tmp")
@@ -466,6 +473,9 @@ fn capture(
         let buf = contents.fill_buf()?;
         if buf.is_empty() {
             break;
+        }
+        if let Some(h) = &mut hasher {
+            h.update(buf);
         }
         file.write_all(buf)?;
         let n = buf.len();
@@ -476,6 +486,7 @@ fn capture(
         file,
         size: meta.size,
         executable: meta.executable,
+        sha256: hasher.map(|h| h.finalize().into()),
     })
 }
 
@@ -527,7 +538,8 @@ impl Visitor for PassVisitor<'_> {
     ) -> io::Result<()> {
         self.listing.file(path, meta, contents)?;
         if self.captured.is_none() && self.guess.as_ref().is_some_and(|g| path == g.0.as_slice()) {
-            self.captured = Some(capture(self.tmp_dir, path, meta, contents)?);
+            let hash = self.siblings.is_some();
+            self.captured = Some(capture(self.tmp_dir, path, meta, contents, hash)?);
             return Ok(());
         }
         if let Some(sib) = &mut self.siblings {
@@ -539,7 +551,7 @@ impl Visitor for PassVisitor<'_> {
             {
                 sib.budget -= meta.size;
                 self.extras
-                    .push(capture(self.tmp_dir, path, meta, contents)?);
+                    .push(capture(self.tmp_dir, path, meta, contents, true)?);
             }
         }
         Ok(())

@@ -175,6 +175,7 @@ pub fn nginx(bin: &Path, store: &Store) -> BenchResult<Server> {
            tcp_nopush on;\n\
            tcp_nodelay on;\n\
            access_log off;\n\
+           log_not_found off;\n\
            keepalive_requests 100000;\n\
            keepalive_timeout 65;\n\
            types {{ }}\n\

@@ -425,9 +425,8 @@ impl App {
             req.rev.as_ref().map_or("", |r| r.as_str()),
             attr.unwrap_or("")
         );
-        if let Some((kind, message)) = inner.negative.get(&neg_key).await {
-            return Err(Failure::new(kind, message));
-        }
+        // Remembered answers are looked up only where they can apply (an unknown name, a
+        // file no tier holds), so a hit costs no lookup.
         let found = match index.resolve(system, program, attr) {
             Lookup::Found(c) => c,
             Lookup::NotBuilt { attr, store_path } => {
@@ -437,6 +436,9 @@ impl App {
                 ));
             }
             Lookup::Unknown => {
+                if let Some((kind, message)) = inner.negative.get(&neg_key).await {
+                    return Err(Failure::new(kind, message));
+                }
                 let suggestions = index.suggest(system, program);
                 let from = attr.map(|a| format!(" in {a}")).unwrap_or_default();
                 let mut msg = format!("unknown program {program}{from} for {system}");
@@ -552,6 +554,12 @@ impl App {
                 result
             }
         };
+        if let Some(hit) = inner.files.cached(store_path, path).await.ok().flatten() {
+            return Ok(hit);
+        }
+        if let Some((kind, message)) = inner.negative.get(neg_key).await {
+            return Err(Failure::new(kind, message));
+        }
         match inner.files.get(store_path, path, fetch).await {
             Ok(hit) => Ok(hit),
             Err(e) => {
