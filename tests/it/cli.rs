@@ -4,27 +4,17 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use base64::Engine as _;
 use binplz::error::ErrorKind;
 use rstest::rstest;
 
+use crate::support::cli::{assert_failure, assert_success, binplz, run, stderr};
 use crate::support::{
     self, assert_dir_empty, dir_entries, fixture_nar_path, fixture_narinfo, narinfo_field,
     narinfo_path, paths, prebuilt, remove_field, FakeUpstream, Fault, Key,
 };
-
-/// The binary, with no `BINPLZ_*` setting inherited from the environment.
-fn binplz() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_binplz"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BINPLZ_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
-}
 
 /// `binplz extract --upstream URL --trusted-public-key <test key> STORE_PATH PATH`.
 fn extract_from(upstream: &str, store_path: &str, path: &str) -> Command {
@@ -33,40 +23,6 @@ fn extract_from(upstream: &str, store_path: &str, path: &str) -> Command {
         .args(["--trusted-public-key", &Key::test().public()])
         .args([store_path, path]);
     cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running binplz")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_success(out: &Output) {
-    assert!(
-        out.status.success(),
-        "binplz failed ({}): {}",
-        out.status,
-        stderr(out)
-    );
-}
-
-/// Exactly one line on stderr, `binplz: error: …`, and the exit status of `kind`.
-#[track_caller]
-fn assert_failure(out: &Output, kind: ErrorKind) {
-    let err = stderr(out);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
-    assert!(lines[0].starts_with("binplz: error: "), "{err}");
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(kind.exit_code())),
-        "expected {kind} ({}): {err}",
-        kind.exit_code()
-    );
-    assert!(out.stdout.is_empty(), "a failure printed to stdout");
 }
 
 fn tempdir() -> tempfile::TempDir {

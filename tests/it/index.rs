@@ -19,6 +19,7 @@ use binplz::upstream::{self, Cache, ClientConfig};
 use rstest::rstest;
 use tempfile::TempDir;
 
+use crate::support::cli::{assert_failure, assert_success, binplz, run, stderr};
 use crate::support::{
     self, dir_entries, fixture_nar_path, fixture_narinfo, narinfo_path, paths, FakeUpstream, Fault,
     Key, Published,
@@ -992,55 +993,8 @@ fn file_that_is_not_an_index_is_refused() {
 
 // ─── The command line ──────────────────────────────────────────────────────────────────
 
-/// The binary, with no `BINPLZ_*` setting inherited from the environment.
-fn binplz() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_binplz"));
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("BINPLZ_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("running binplz")
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-#[track_caller]
-fn assert_success(out: &Output) {
-    assert!(
-        out.status.success(),
-        "binplz failed ({}): {}",
-        out.status,
-        stderr(out)
-    );
-}
-
-/// Exactly one line on stderr, `binplz: error: …`, nothing on stdout, and the exit status
-/// of `kind`; returns the line.
-#[track_caller]
-fn assert_failure(out: &Output, kind: ErrorKind) -> String {
-    let err = stderr(out);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line on stderr, got: {err}");
-    assert!(lines[0].starts_with("binplz: error: "), "{err}");
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(kind.exit_code())),
-        "expected {kind} ({}): {err}",
-        kind.exit_code()
-    );
-    assert!(out.stdout.is_empty(), "a failure printed to stdout");
-    lines[0].to_owned()
 }
 
 /// `binplz index build --eval EVAL` against the fixture cache as a `file://` URL.
