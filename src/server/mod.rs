@@ -260,7 +260,12 @@ impl App {
         match route {
             Route::Home => (
                 "home",
-                page::home(self.inner.indexes.current().as_deref(), headers, head),
+                page::home(
+                    self.inner.indexes.current().as_deref(),
+                    &self.inner.config.default_system,
+                    headers,
+                    head,
+                ),
                 None,
             ),
             Route::Health => (

@@ -45,11 +45,21 @@ fn host(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
-pub fn home(index: Option<&Index>, headers: &HeaderMap, head: bool) -> http::Response<Body> {
+pub fn home(
+    index: Option<&Index>,
+    system: &str,
+    headers: &HeaderMap,
+    head: bool,
+) -> http::Response<Body> {
     let host = host(headers);
     let (programs, revision) =
         index.map_or((0, None), |i| (i.len(), i.metadata().revision.clone()));
     let revision = revision.unwrap_or_else(|| "unknown".into());
+    // The usage line names a program this index really serves.
+    let example = ["tree", "hello"]
+        .into_iter()
+        .find(|p| index.is_some_and(|i| matches!(i.resolve(system, p, None), Lookup::Found(_))))
+        .unwrap_or("tree");
     if wants(headers, "text/html") {
         let body = format!(
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>binplz</title>\
@@ -58,19 +68,20 @@ pub fn home(index: Option<&Index>, headers: &HeaderMap, head: bool) -> http::Res
 code,pre{{background:#f4f4f4;padding:.2rem .4rem;border-radius:4px}}pre{{padding:1rem;overflow-x:auto}}</style></head>\
 <body><h1>binplz</h1><p>Any program from Nixpkgs as one static binary, verified against the binary cache's \
 signatures before a single byte is sent.</p>\
-<pre>curl -fsSL http://{h}/tree -o tree &amp;&amp; chmod +x tree &amp;&amp; ./tree</pre>\
+<pre>curl -fsSL http://{h}/{ex} -o {ex} &amp;&amp; chmod +x {ex} &amp;&amp; ./{ex}</pre>\
 <p>Also <code>/ATTR/PROGRAM</code>, <code>/SYSTEM/PROGRAM</code> (<code>x86_64</code>, <code>aarch64</code>), \
 <code>PROGRAM.sha256</code> and <code>?rev=REVISION</code>.</p>\
 <form action=\"/-/search\" method=\"get\"><input name=\"q\" placeholder=\"search programs\" autofocus> \
 <button>Search</button></form><p><small>{programs} programs, Nixpkgs revision {rev}.</small></p></body></html>\n",
             h = html_escape(&host),
+            ex = example,
             rev = html_escape(&revision),
         );
         return text(StatusCode::OK, TEXT_HTML, body, head);
     }
     let body = format!(
         "binplz: any program from Nixpkgs as one verified static binary.\n\n\
-         \x20 curl -fsSL http://{host}/tree -o tree && chmod +x tree && ./tree\n\n\
+         \x20 curl -fsSL http://{host}/{example} -o {example} && chmod +x {example} && ./{example}\n\n\
          Paths:\n\
          \x20 /PROGRAM                 the program, e.g. /rg\n\
          \x20 /ATTR/PROGRAM            from one attribute, e.g. /ripgrep/rg\n\
