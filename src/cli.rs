@@ -115,6 +115,10 @@ struct ServeArgs {
     )]
     shutdown_grace: u64,
 
+    /// Threads serving requests, each with its own event loop [default: the number of CPUs].
+    #[arg(long, value_name = "N", env = "BINPLZ_THREADS")]
+    threads: Option<usize>,
+
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", env = "BINPLZ_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -655,7 +659,15 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
             )
         })?;
     let files = crate::cache::files::Files::new(disk, args.memory_cache_size);
-    let rt = runtime()?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    // This thread is the first of the serving threads (see `server::run_threads`).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
     rt.block_on(async move {
         let sources = if demo {
             let opts = BuildOptions {
@@ -674,8 +686,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
             args.indexes.iter().cloned().map(IndexSource::File).collect()
         };
         let app = App::new(config, sources, extractor, files).map_err(bad)?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
+        let listener = crate::server::bind_reuse_port(args.listen)
             .map_err(|e| (ErrorKind::Internal, format!("cannot listen on {}: {e}", args.listen)))?;
         let addr = listener.local_addr().map_err(|e| (ErrorKind::Internal, e.to_string()))?;
         if demo {
@@ -689,7 +700,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
                 reload.reload_indexes(true);
             }
         });
-        crate::server::run(listener, app, shutdown_signal())
+        crate::server::run_threads(listener, app, threads, shutdown_signal())
             .await
             .map_err(|e| (ErrorKind::Internal, e.to_string()))
     })

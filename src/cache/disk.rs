@@ -447,7 +447,7 @@ impl DiskCache {
     /// found corrupt (it is then dropped with its keys, so the caller fetches it again).
     /// Counts as a use.
     pub fn open_file(&self, sha: &[u8; 32]) -> io::Result<Option<File>> {
-        let Some((ticket, mut file)) = self.open_sized(sha)? else {
+        let Some((ticket, mut file, modified)) = self.open_sized(sha)? else {
             return Ok(None);
         };
         if !ticket.verified {
@@ -457,14 +457,14 @@ impl DiskCache {
             }
             file.seek(SeekFrom::Start(0))?;
         }
-        self.used(sha, ticket, &file);
+        self.used(sha, ticket, &file, modified);
         Ok(Some(file))
     }
 
     /// Reads the whole content of `sha`, with the same checks as [`DiskCache::open_file`].
     /// Meant for files small enough to keep in memory.
     pub fn read_all(&self, sha: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
-        let Some((ticket, file)) = self.open_sized(sha)? else {
+        let Some((ticket, file, modified)) = self.open_sized(sha)? else {
             return Ok(None);
         };
         let cap = usize::try_from(ticket.size).unwrap_or(0);
@@ -487,7 +487,7 @@ impl DiskCache {
         if !ticket.verified && !self.check_hash(sha, ticket, Sha256::digest(&buf).into(), len) {
             return Ok(None);
         }
-        self.used(sha, ticket, &file);
+        self.used(sha, ticket, &file, modified);
         Ok(Some(buf))
     }
 
@@ -503,8 +503,9 @@ impl DiskCache {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Opens the content file and checks its size against the index.
-    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File)>> {
+    /// Opens the content file and checks its size against the index; also returns its
+    /// mtime, so that marking the use needs no second `fstat`.
+    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File, Option<SystemTime>)>> {
         let ticket = {
             let index = self.lock();
             let Some(e) = index.entries.get(sha) else {
@@ -539,7 +540,7 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        Ok(Some((ticket, file)))
+        Ok(Some((ticket, file, md.modified().ok())))
     }
 
     /// Compares a re-hash with the name; marks the entry verified or drops it.
@@ -607,7 +608,7 @@ impl DiskCache {
 
     /// Marks a successful open as a use, in the index and (coarsely) in the file's mtime,
     /// which is what a restart recovers the order from.
-    fn used(&self, sha: &Digest32, ticket: Ticket, file: &File) {
+    fn used(&self, sha: &Digest32, ticket: Ticket, file: &File, modified: Option<SystemTime>) {
         {
             let mut index = self.lock();
             if index
@@ -619,12 +620,7 @@ impl DiskCache {
             }
         }
         let now = SystemTime::now();
-        let stale = file
-            .metadata()
-            .and_then(|m| m.modified())
-            .map_or(true, |m| {
-                now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH)
-            });
+        let stale = modified.is_none_or(|m| now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH));
         if stale {
             if let Err(e) = file.set_modified(now) {
                 debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");

@@ -1,4 +1,8 @@
 //! Prometheus metrics, written by hand: a few counters and one histogram.
+//!
+//! Every request counts itself, so the counters a request touches are atomics in fixed
+//! tables: a mutex there is taken by every worker thread for every request, and under load
+//! the contention on it cost more than building the response.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -11,15 +15,36 @@ const BUCKETS: [f64; 12] = [
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
+/// The routes requests are counted by.
+pub const ROUTES: [&str; 8] = [
+    "home", "healthz", "readyz", "metrics", "search", "program", "sha256", "other",
+];
+/// The statuses the server answers with; any other is counted in `other_requests`.
+const STATUSES: [u16; 12] = [200, 206, 304, 400, 404, 405, 416, 422, 500, 502, 503, 504];
+/// The tiers files are served from.
+pub const TIERS: [&str; 3] = ["disk", "memory", "upstream"];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    hits: Mutex<BTreeMap<&'static str, u64>>,
+    requests: [[AtomicU64; STATUSES.len()]; ROUTES.len()],
+    /// Requests whose route or status is not in the tables above.
+    other_requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    hits: [AtomicU64; TIERS.len()],
     upstream_ok: AtomicU64,
     upstream_failed: AtomicU64,
     bytes_served: AtomicU64,
+    in_progress: AtomicU64,
     verification_failures: AtomicU64,
     extraction: Mutex<Histogram>,
+}
+
+/// See [`Metrics::begin`].
+pub struct InProgress<'a>(&'a AtomicU64);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -31,15 +56,24 @@ struct Histogram {
 
 impl Metrics {
     pub fn request(&self, route: &'static str, status: u16) {
-        if let Ok(mut m) = self.requests.lock() {
-            *m.entry((route, status)).or_default() += 1;
+        let r = ROUTES.iter().position(|n| *n == route);
+        let s = STATUSES.iter().position(|n| *n == status);
+        match (r, s) {
+            (Some(r), Some(s)) => {
+                self.requests[r][s].fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                if let Ok(mut m) = self.other_requests.lock() {
+                    *m.entry((route, status)).or_default() += 1;
+                }
+            }
         }
     }
 
-    /// A file served from `tier`: `memory`, `disk` or `upstream`.
+    /// A file served from `tier`: one of [`TIERS`].
     pub fn hit(&self, tier: &'static str) {
-        if let Ok(mut m) = self.hits.lock() {
-            *m.entry(tier).or_default() += 1;
+        if let Some(i) = TIERS.iter().position(|t| *t == tier) {
+            self.hits[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -50,6 +84,17 @@ impl Metrics {
             &self.upstream_failed
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request as in progress until the guard is dropped.
+    pub fn begin(&self) -> InProgress<'_> {
+        self.in_progress.fetch_add(1, Ordering::Relaxed);
+        InProgress(&self.in_progress)
+    }
+
+    /// Requests being answered (their handlers running; not bodies being sent).
+    pub fn in_progress(&self) -> u64 {
+        self.in_progress.load(Ordering::Relaxed)
     }
 
     pub fn bytes(&self, n: u64) {
@@ -77,17 +122,28 @@ impl Metrics {
     pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
         let mut s = String::new();
         s.push_str("# HELP binplz_requests_total HTTP requests by route and status.\n# TYPE binplz_requests_total counter\n");
-        if let Ok(m) = self.requests.lock() {
-            for ((route, status), n) in m.iter() {
-                let _ = writeln!(
-                    s,
-                    "binplz_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-                );
+        let mut counts: BTreeMap<(&str, u16), u64> = BTreeMap::new();
+        for (r, route) in ROUTES.iter().enumerate() {
+            for (i, status) in STATUSES.iter().enumerate() {
+                let n = self.requests[r][i].load(Ordering::Relaxed);
+                if n > 0 {
+                    counts.insert((route, *status), n);
+                }
             }
         }
+        if let Ok(m) = self.other_requests.lock() {
+            counts.extend(m.iter().map(|(k, v)| (*k, *v)));
+        }
+        for ((route, status), n) in &counts {
+            let _ = writeln!(
+                s,
+                "binplz_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
         s.push_str("# HELP binplz_cache_hits_total Files served, by the tier they came from.\n# TYPE binplz_cache_hits_total counter\n");
-        if let Ok(m) = self.hits.lock() {
-            for (tier, n) in m.iter() {
+        for (tier, n) in TIERS.iter().zip(&self.hits) {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 {
                 let _ = writeln!(s, "binplz_cache_hits_total{{tier=\"{tier}\"}} {n}");
             }
         }
@@ -131,6 +187,11 @@ impl Metrics {
             let _ = writeln!(s, "binplz_extraction_seconds_sum {}", h.sum);
             let _ = writeln!(s, "binplz_extraction_seconds_count {}", h.count);
         }
+        let _ = writeln!(
+            s,
+            "# HELP binplz_requests_in_progress Requests being answered.\n# TYPE binplz_requests_in_progress gauge\nbinplz_requests_in_progress {}",
+            self.in_progress()
+        );
         for (name, help, value) in extra {
             let _ = writeln!(
                 s,

@@ -441,6 +441,8 @@ async fn metrics_count_requests_cache_tiers_upstream_fetches_and_bytes() {
     assert_eq!(get("binplz_bytes_served_total"), 2.0 * hello_len);
     assert!(get("binplz_disk_cache_entries") >= 1.0);
     assert!(get("binplz_disk_cache_bytes") >= hello_len);
+    // The metrics request itself is the one in progress.
+    assert_eq!(get("binplz_requests_in_progress"), 1.0);
 }
 
 #[tokio::test]
@@ -1134,6 +1136,57 @@ async fn shutdown_finishes_responses_in_progress_and_refuses_new_connections() {
     gate.open();
     assert_serves(&in_progress.reply().await.expect("a reply"), "hello");
     server.wait().await;
+}
+
+#[tokio::test]
+async fn several_serving_threads_share_one_fetch_and_all_drain_on_shutdown() {
+    const CLIENTS: usize = 24;
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    let mut setup = Setup::fixture(&up, dir.path()).await.upstream(Gated::wrap(
+        http_upstream(&up, &client_config()),
+        &nar,
+        &gate,
+    ));
+    setup.threads = 3;
+    let mut server = Server::start(setup).await;
+    // Connections spread over the threads' sockets; all wait on one extraction.
+    let mut pending = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let p = server
+            .client
+            .send("GET", "/hello", &[])
+            .await
+            .expect("sending");
+        pending.push(p);
+    }
+    gate.arrivals(1).await;
+    // Every connection accepted (by whichever thread) and its request waiting on the fetch:
+    // only then does shutdown test the drain, not the listeners' backlogs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.app.metrics().in_progress() < CLIENTS as u64 {
+        assert!(Instant::now() < deadline, "the requests never all arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.begin_shutdown().await;
+    gate.open();
+    for p in pending {
+        assert_serves(&p.reply().await.expect("a reply"), "hello");
+    }
+    server.wait().await;
+    assert_eq!(
+        up.hits(&nar),
+        1,
+        "one NAR fetch for every thread's requests"
+    );
+    assert_eq!(server.app.metrics().in_progress(), 0);
+    let refused = server.client.try_request("GET", "/-/healthz", &[]).await;
+    assert!(
+        refused.is_err(),
+        "a stopped server still answered: {refused:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

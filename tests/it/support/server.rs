@@ -155,6 +155,8 @@ pub struct Setup {
     pub cache_dir: PathBuf,
     pub disk_bytes: u64,
     pub memory_bytes: u64,
+    /// Serving threads: 1 runs `run` on the test's runtime; more run `run_threads`.
+    pub threads: usize,
 }
 
 impl Setup {
@@ -168,6 +170,7 @@ impl Setup {
             cache_dir: cache_dir.to_owned(),
             disk_bytes: 64 << 20,
             memory_bytes: 16 << 20,
+            threads: 1,
         }
     }
 
@@ -214,9 +217,12 @@ impl Server {
         let files = Files::new(disk, setup.memory_bytes);
         let app = App::new(setup.config, setup.indexes, extractor, files)
             .expect("the server's indexes load");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("binding a loopback port");
+        let listener = if setup.threads > 1 {
+            binplz::server::bind_reuse_port(([127, 0, 0, 1], 0).into())
+        } else {
+            tokio::net::TcpListener::bind("127.0.0.1:0").await
+        }
+        .expect("binding a loopback port");
         let addr = listener.local_addr().expect("the listener's address");
         let (trigger, triggered) = oneshot::channel::<()>();
         let (seen_tx, seen_rx) = oneshot::channel();
@@ -226,7 +232,16 @@ impl Server {
             // on a current-thread runtime nothing else runs before the port is closed.
             let _ = seen_tx.send(());
         };
-        let task = tokio::spawn(binplz::server::run(listener, app.clone(), shutdown));
+        let task = if setup.threads > 1 {
+            tokio::spawn(binplz::server::run_threads(
+                listener,
+                app.clone(),
+                setup.threads,
+                shutdown,
+            ))
+        } else {
+            tokio::spawn(binplz::server::run(listener, app.clone(), shutdown))
+        };
         Server {
             app,
             client: Client { addr },
