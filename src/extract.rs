@@ -113,6 +113,7 @@ impl ExtractError {
                     None => ErrorKind::UpstreamBroken,
                 },
                 PipelineError::Local(_) => ErrorKind::Internal,
+                PipelineError::TooManyEntries(_) => ErrorKind::Refused,
                 PipelineError::Decode { .. }
                 | PipelineError::TooLong { .. }
                 | PipelineError::Nar(_)
@@ -283,6 +284,20 @@ impl Extractor {
                 .collect::<Vec<_>>()
                 .join(", "),
         })
+    }
+
+    /// Asks each cache, in order, for `nix-cache-info` until one answers (a 404 is an
+    /// answer: Nix accepts caches without the file). The error is the last cache's.
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        let path = crate::upstream::CachePath::parse("nix-cache-info")?;
+        let mut last = None;
+        for cache in &self.caches {
+            match cache.get(&path).await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        last.map_or(Ok(()), Err)
     }
 
     /// Extracts `path` from `store_path` into a temp file in `tmp_dir`. Nothing is returned

@@ -81,6 +81,8 @@ pub struct Config {
     pub negative_ttl: Duration,
     /// How often index files are checked for changes.
     pub index_poll: Duration,
+    /// Least time between two readiness probes of the upstream (see `/-/readyz`).
+    pub ready_probe_interval: Duration,
     pub log_json: bool,
 }
 
@@ -98,6 +100,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
+            ready_probe_interval: Duration::from_secs(5),
             log_json: false,
         }
     }
@@ -127,10 +130,17 @@ struct Inner {
     upstream_ok_at: AtomicU64,
     /// Unix milliseconds of the last upstream failure or timeout (0: none yet).
     upstream_err_at: AtomicU64,
+    /// Unix milliseconds of the last readiness probe (0: none yet); the lock makes
+    /// concurrent `/-/readyz` requests share one probe.
+    probed_at: AtomicU64,
+    probe: tokio::sync::Mutex<()>,
 }
 
-/// How long (ms) an upstream failure with no success since keeps `/-/readyz` unready.
+/// How long (ms) an upstream failure with no success since keeps `/-/readyz` unready, and
+/// how long a success counts as the upstream being reachable without a probe.
 const UNREADY_AFTER_FAILURE_MS: u64 = 60_000;
+/// Longest a readiness probe waits for the upstream.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Milliseconds since the Unix epoch.
 fn unix_now() -> u64 {
@@ -182,6 +192,8 @@ impl App {
                 negative,
                 upstream_ok_at: AtomicU64::new(0),
                 upstream_err_at: AtomicU64::new(0),
+                probed_at: AtomicU64::new(0),
+                probe: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -276,7 +288,7 @@ impl App {
                 text(StatusCode::OK, TEXT_PLAIN, "ok\n".into(), head),
                 None,
             ),
-            Route::Ready => ("readyz", self.ready(head), None),
+            Route::Ready => ("readyz", self.ready(head).await, None),
             Route::Metrics => ("metrics", self.render_metrics(head), None),
             Route::Search { query } => (
                 "search",
@@ -326,20 +338,51 @@ impl App {
         }
     }
 
-    /// Ready when an index is loaded and the upstream has not been failing: a failure in
-    /// the last minute with no success since makes a load balancer look elsewhere.
-    fn ready(&self, head: bool) -> Response<Body> {
-        let loaded = self.inner.indexes.current().is_some();
-        let ok_at = self.inner.upstream_ok_at.load(Ordering::Relaxed);
-        let err_at = self.inner.upstream_err_at.load(Ordering::Relaxed);
+    /// Ready when an index is loaded and the upstream is reachable: it answered a fetch in
+    /// the last minute, or else it answers a probe for `nix-cache-info` now (at most one
+    /// probe per `ready_probe_interval`). A failure with no success since makes a load
+    /// balancer look elsewhere.
+    async fn ready(&self, head: bool) -> Response<Body> {
+        let inner = &self.inner;
+        if inner.indexes.current().is_none() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT_PLAIN,
+                "not ready: no index loaded\n".to_owned(),
+                head,
+            );
+        }
+        let fresh_ok = || {
+            let ok_at = inner.upstream_ok_at.load(Ordering::Relaxed);
+            ok_at >= inner.upstream_err_at.load(Ordering::Relaxed)
+                && unix_now().saturating_sub(ok_at) < UNREADY_AFTER_FAILURE_MS
+        };
+        if !fresh_ok() {
+            let _probing = inner.probe.lock().await;
+            let interval = inner.config.ready_probe_interval.as_millis() as u64;
+            let since = unix_now().saturating_sub(inner.probed_at.load(Ordering::Relaxed));
+            if !fresh_ok() && since >= interval {
+                let result = tokio::time::timeout(PROBE_TIMEOUT, inner.extractor.probe()).await;
+                let now = unix_now();
+                inner.probed_at.store(now, Ordering::Relaxed);
+                match result {
+                    Ok(Ok(())) => inner.upstream_ok_at.store(now, Ordering::Relaxed),
+                    Ok(Err(e)) => {
+                        tracing::warn!(err = %e, "readiness probe: the upstream failed");
+                        inner.upstream_err_at.store(now, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        tracing::warn!("readiness probe: the upstream timed out");
+                        inner.upstream_err_at.store(now, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let ok_at = inner.upstream_ok_at.load(Ordering::Relaxed);
+        let err_at = inner.upstream_err_at.load(Ordering::Relaxed);
         let failing =
             err_at > ok_at && unix_now().saturating_sub(err_at) < UNREADY_AFTER_FAILURE_MS;
-        let (status, msg) = if !loaded {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no index loaded\n".to_owned(),
-            )
-        } else if failing {
+        let (status, msg) = if failing {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(

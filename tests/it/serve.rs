@@ -378,6 +378,32 @@ async fn health_is_always_ok_and_readiness_follows_the_upstream() {
 }
 
 #[tokio::test]
+async fn readiness_probes_an_upstream_nothing_was_fetched_from() {
+    let up = cache();
+    let dir = tempdir();
+    let setup = Setup::fixture(&up, dir.path()).await.config(Config {
+        ready_probe_interval: Duration::ZERO,
+        ..Config::default()
+    });
+    let server = Server::start(setup).await;
+    up.set_fault("nix-cache-info", Fault::status(503));
+    let r = server.get("/-/readyz").await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().starts_with("not ready: the upstream failed"));
+    let probes = up.hits("nix-cache-info");
+    assert!(probes >= 1);
+
+    // A cache without nix-cache-info still answers, as Nix accepts.
+    up.set_fault("nix-cache-info", Fault::NotFound);
+    let r = server.get("/-/readyz").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ready\n"));
+    // A success in the last minute needs no probe.
+    let probes = up.hits("nix-cache-info");
+    assert_eq!(server.get("/-/readyz").await.status, 200);
+    assert_eq!(up.hits("nix-cache-info"), probes);
+}
+
+#[tokio::test]
 async fn without_an_index_the_node_is_alive_but_not_ready() {
     let up = cache();
     let dir = tempdir();
