@@ -24,7 +24,7 @@ use std::sync::mpsc;
 use sha2::{Digest, Sha256};
 
 use crate::codec::Codec;
-use crate::nar::listing::ListingBuilder;
+use crate::nar::listing::{ListingBuilder, TooManyEntries};
 use crate::nar::reader::{FileMeta, Visitor};
 use crate::nar::{read_nar, Listing, NarError};
 use crate::resolve::RelPath;
@@ -97,6 +97,9 @@ pub enum PipelineError {
     Nar(NarError),
     #[error("NarSize mismatch: expected {expected} bytes, got {got}")]
     SizeMismatch { expected: u64, got: u64 },
+    /// More entries than a listing holds ([`crate::nar::listing::MAX_LISTING_ENTRIES`]).
+    #[error("{0}")]
+    TooManyEntries(TooManyEntries),
     #[error("NarHash mismatch: expected sha256:{expected}, got sha256:{got}")]
     HashMismatch { expected: String, got: String },
     /// Writing the output or keeping the listing failed.
@@ -285,6 +288,9 @@ fn classify(e: NarError, codec: Codec, expected: Expected) -> PipelineError {
             Some(s) => PipelineError::Source(s.0),
             None => PipelineError::Local(io::Error::other("source error")),
         };
+    }
+    if let Some(t) = inner.downcast_ref::<TooManyEntries>() {
+        return PipelineError::TooManyEntries(TooManyEntries { limit: t.limit });
     }
     if inner.is::<TooLongError>() {
         return PipelineError::TooLong {
@@ -574,6 +580,22 @@ mod tests {
                 Entry::dir([("tool", Entry::executable(vec![42u8; 100_000]))]),
             ),
         ]))
+    }
+
+    #[test]
+    fn a_nar_over_the_listing_cap_is_refused_not_an_internal_error() {
+        let over = NarError::Io(io::Error::other(TooManyEntries { limit: 3 }));
+        let err = classify(over, Codec::None, Expected::default());
+        assert!(
+            matches!(&err, PipelineError::TooManyEntries(t) if t.limit == 3),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "the NAR has more than 3 entries");
+        let e = crate::extract::ExtractError::Pipeline {
+            store_path: "/nix/store/x".into(),
+            err,
+        };
+        assert_eq!(e.kind(), crate::error::ErrorKind::Refused);
     }
 
     fn expected(nar: &[u8]) -> Expected {

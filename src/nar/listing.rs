@@ -12,6 +12,14 @@ use super::reader::{FileMeta, Visitor};
 /// hundred thousand; at roughly 100 bytes a node this bounds a listing near 100 MiB.
 pub const MAX_LISTING_ENTRIES: usize = 1 << 20;
 
+/// A NAR with more nodes than a listing holds: the archive may be valid, but it is larger
+/// than binplz unpacks.
+#[derive(Debug, thiserror::Error)]
+#[error("the NAR has more than {limit} entries")]
+pub struct TooManyEntries {
+    pub limit: usize,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
     Regular {
@@ -79,9 +87,7 @@ impl ListingBuilder {
         self.count += 1;
         if self.count > self.limit {
             let limit = self.limit;
-            return Err(io::Error::other(format!(
-                "the NAR has more than {limit} entries"
-            )));
+            return Err(io::Error::other(TooManyEntries { limit }));
         }
         let Some((last, parents)) = path.split_last() else {
             self.root = Some(node);
