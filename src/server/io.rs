@@ -12,8 +12,11 @@ use tokio::time::Sleep;
 pub struct WriteTimeout<T> {
     inner: T,
     timeout: Duration,
-    /// Armed while a write is pending; reset by every write that makes progress.
+    /// Made on the first write that has to wait, then reset for each later one: a fresh
+    /// timer per pending write was an allocation each time.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// Whether the deadline is counting: from a write left pending until one makes progress.
+    armed: bool,
 }
 
 impl<T> WriteTimeout<T> {
@@ -22,6 +25,7 @@ impl<T> WriteTimeout<T> {
             inner,
             timeout,
             deadline: None,
+            armed: false,
         }
     }
 
@@ -34,17 +38,23 @@ impl<T> WriteTimeout<T> {
                 _ => Poll::Pending,
             },
             ready => {
-                self.deadline = None;
+                self.armed = false;
                 ready
             }
         }
     }
 
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let timeout = self.timeout;
-        let deadline = self
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        let at = tokio::time::Instant::now() + self.timeout;
+        let deadline = match (&mut self.deadline, self.armed) {
+            (Some(d), true) => d,
+            (Some(d), false) => {
+                d.as_mut().reset(at);
+                d
+            }
+            (slot @ None, _) => slot.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        self.armed = true;
         match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -111,6 +121,26 @@ mod tests {
         let (a, _b) = tokio::io::duplex(1);
         let mut w = WriteTimeout::new(a, Duration::from_secs(5));
         let err = w.write_all(b"xy").await.expect_err("must time out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_stall_gets_the_whole_timeout_again() {
+        let (a, mut b) = tokio::io::duplex(1);
+        let mut w = WriteTimeout::new(a, Duration::from_secs(5));
+        // Stalls of 4 s each, under the timeout, with progress in between.
+        let reader = tokio::spawn(async move {
+            let mut byte = [0u8; 1];
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                tokio::io::AsyncReadExt::read_exact(&mut b, &mut byte).await?;
+            }
+            Ok::<_, io::Error>(b)
+        });
+        w.write_all(b"abcd").await.expect("no stall reaches 5 s");
+        let _b = reader.await.expect("join").expect("read");
+        // Nobody reads any more: the next stall times out.
+        let err = w.write_all(b"ef").await.expect_err("must time out");
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
