@@ -115,7 +115,8 @@ struct ServeArgs {
     )]
     shutdown_grace: u64,
 
-    /// Threads serving requests, each with its own event loop [default: the number of CPUs].
+    /// Threads serving connections, each with its own event loop [default: the number of
+    /// CPUs].
     #[arg(long, value_name = "N", env = "BINPLZ_THREADS")]
     threads: Option<usize>,
 
@@ -686,7 +687,8 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
             args.indexes.iter().cloned().map(IndexSource::File).collect()
         };
         let app = App::new(config, sources, extractor, files).map_err(bad)?;
-        let listener = crate::server::bind_reuse_port(args.listen)
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
             .map_err(|e| (ErrorKind::Internal, format!("cannot listen on {}: {e}", args.listen)))?;
         let addr = listener.local_addr().map_err(|e| (ErrorKind::Internal, e.to_string()))?;
         if demo {
@@ -697,7 +699,8 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         tokio::spawn(async move {
             let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
-                reload.reload_indexes(true);
+                let reload = reload.clone();
+                let _ = tokio::task::spawn_blocking(move || reload.reload_indexes(true)).await;
             }
         });
         crate::server::run_threads(listener, app, threads, shutdown_signal())

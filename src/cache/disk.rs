@@ -19,7 +19,8 @@
 //! One mutex guards the in-memory index *and* every change to names on disk (rename in,
 //! unlink), so the two always agree. The slow parts (fsync of file data, re-hashing,
 //! reading) run outside it. The API is synchronous: the server calls it from
-//! `spawn_blocking`.
+//! `spawn_blocking`, but for reads of small files (see `cache::files`), which cost less than
+//! the hand-off.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

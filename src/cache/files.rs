@@ -55,6 +55,11 @@ pub type Memo = Arc<OnceLock<Box<dyn Any + Send + Sync>>>;
 /// opened on a blocking thread.
 const INLINE_READ_MAX: u64 = 64 << 10;
 
+/// What a held file costs besides its bytes and key, counted against the memory budget: its
+/// metadata and what the server keeps in its memo (two header maps, about 3 KiB). Without
+/// it, many small files would take several times the configured size.
+const HELD_OVERHEAD: usize = 4 << 10;
+
 /// A file kept in memory, with its key's metadata, so that a memory hit needs neither the
 /// disk cache's key map nor its lock.
 struct Held {
@@ -96,7 +101,7 @@ impl Files {
         let memory = moka::future::Cache::builder()
             .max_capacity(memory_bytes)
             .weigher(|k: &String, v: &Arc<Held>| {
-                u32::try_from(v.bytes.len() + k.len()).unwrap_or(u32::MAX)
+                u32::try_from(v.bytes.len() + k.len() + HELD_OVERHEAD).unwrap_or(u32::MAX)
             })
             .build();
         Files {

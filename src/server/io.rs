@@ -45,7 +45,11 @@ impl<T> WriteTimeout<T> {
     }
 
     fn pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let at = tokio::time::Instant::now() + self.timeout;
+        let now = tokio::time::Instant::now();
+        // A timeout too long to add to now is as good as none: thirty years then.
+        let at = now
+            .checked_add(self.timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30));
         let deadline = match (&mut self.deadline, self.armed) {
             (Some(d), true) => d,
             (Some(d), false) => {

@@ -1,14 +1,14 @@
 //! `binplz serve`: the HTTP edge node.
 //!
 //! ```text
-//!  accept (a loop per thread, connection cap) ─► hyper (header read timeout) ─► handle()
+//!  accept (connection cap) ─► a serving thread ─► hyper (header read timeout) ─► handle()
 //!     routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
 //!     extraction (upstream permits) ─► response with provenance, Range, ETag ─► log line
 //! ```
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests run the server in-process
-//! on `127.0.0.1:0`; `main` wires signals to [`run_threads`], which runs one accept loop per
-//! thread. All state lives in one [`App`] handle, shared by the threads.
+//! on `127.0.0.1:0`; `main` wires signals to [`run_threads`], which spreads connections
+//! over threads. All state lives in one [`App`] handle, shared by the threads.
 
 pub mod body;
 mod indexes;
@@ -29,8 +29,8 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::body::Body;
 use self::indexes::Indexes;
@@ -362,9 +362,11 @@ impl App {
             let interval = inner.config.ready_probe_interval.as_millis() as u64;
             let since = unix_now().saturating_sub(inner.probed_at.load(Ordering::Relaxed));
             if !fresh_ok() && since >= interval {
+                // Counted from the start: a check given up on by its caller mid-probe must
+                // not let the next one probe at once.
+                inner.probed_at.store(unix_now(), Ordering::Relaxed);
                 let result = tokio::time::timeout(PROBE_TIMEOUT, inner.extractor.probe()).await;
                 let now = unix_now();
-                inner.probed_at.store(now, Ordering::Relaxed);
                 match result {
                     Ok(Ok(())) => inner.upstream_ok_at.store(now, Ordering::Relaxed),
                     Ok(Err(e)) => {
@@ -916,48 +918,48 @@ fn parse_range(v: &str, size: u64) -> RangeSpec {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits up
-/// to the configured grace period for responses in progress.
+/// to the configured grace period for responses in progress. Everything runs on the
+/// calling runtime.
 pub async fn run(
     listener: TcpListener,
     app: App,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    accept_loop(listener, app, shutdown, true).await
+    run_threads(listener, app, 1, shutdown).await
 }
 
-/// [`run`] with `threads` accept loops: this task's, and one per extra thread, each on a
-/// single-threaded runtime of its own, all accepting from the same listener. Why: with one
-/// multi-threaded runtime, workers wake each other and move tasks (and their buffers)
-/// between threads; loops that each keep their connections serve about a fifth more small
-/// files per second (`cargo bench --bench serve`), as nginx's workers do. All loops share
-/// one [`App`]: caches, limits and metrics are the server's, not a thread's.
+/// A connection handed from the accept loop to a serving thread, with its place under the
+/// connection cap.
+type Handoff = (std::net::TcpStream, SocketAddr, OwnedSemaphorePermit);
+
+/// [`run`] on `threads` threads: this task accepts and serves its share of connections,
+/// and hands the others in turn to threads of their own, each with a single-threaded
+/// runtime that keeps its connections from start to end. Why: with one multi-threaded
+/// runtime, workers woke each other and moved tasks (and their buffers) between threads
+/// for every request; threads that each keep their connections serve about a fifth more
+/// small files per second (`cargo bench --bench serve`), as nginx's workers do. One
+/// socket and one accept loop, not a `SO_REUSEPORT` socket per thread: such a port can be
+/// shared by another process of the same user, and a second `binplz serve` started on it
+/// by mistake would silently answer some of the clients. All threads share one [`App`]:
+/// caches, limits and metrics are the server's, not a thread's.
 ///
-/// When `shutdown` resolves, every loop stops accepting and drains; each thread's runtime
-/// lives until all have drained, since upstream connections made on one runtime serve
-/// requests from the others.
+/// When `shutdown` resolves, accepting stops and every thread drains; each thread's
+/// runtime lives until all have drained, since upstream connections made on one runtime
+/// serve requests from the others.
 pub async fn run_threads(
     listener: TcpListener,
     app: App,
     threads: usize,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    if threads <= 1 {
-        return run(listener, app, shutdown).await;
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let addr = listener.local_addr()?;
-    let listener = listener.into_std()?;
-    let mut drained = Vec::with_capacity(threads - 1);
-    let mut handles = Vec::with_capacity(threads - 1);
-    for i in 1..threads {
-        let listener = match reuse_port_listener(addr) {
-            Ok(l) => l,
-            Err(_) => listener.try_clone()?,
-        };
-        let (app, mut stop, mut release) = (app.clone(), stop_rx.clone(), release_rx.clone());
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        drained.push(done_rx);
+    let mut workers = Vec::with_capacity(threads.saturating_sub(1));
+    let mut drained = Vec::with_capacity(threads.saturating_sub(1));
+    let mut handles = Vec::with_capacity(threads.saturating_sub(1));
+    for i in 1..threads.max(1) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let (app, mut release) = (app.clone(), release_rx.clone());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -965,97 +967,40 @@ pub async fn run_threads(
             std::thread::Builder::new()
                 .name(format!("binplz-serve-{i}"))
                 .spawn(move || {
-                    let result = rt.block_on(async move {
-                        let listener = TcpListener::from_std(listener)?;
-                        let stopped = async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        };
-                        accept_loop(listener, app, stopped, false).await
-                    });
-                    let _ = done_tx.send(result);
                     rt.block_on(async move {
+                        let conns = Connections::new(app);
+                        // Until the accept loop drops its sender, at shutdown.
+                        while let Some((stream, peer, permit)) = rx.recv().await {
+                            match TcpStream::from_std(stream) {
+                                Ok(s) => conns.serve(s, peer, permit),
+                                Err(e) => tracing::warn!(err = %e, "cannot take a connection"),
+                            }
+                        }
+                        conns.drain().await;
+                        let _ = done_tx.send(());
                         let _ = release.wait_for(|r| *r).await;
                     });
                 })?,
         );
+        workers.push(tx);
+        drained.push(done_rx);
     }
-    let listener = TcpListener::from_std(listener)?;
-    let stopped = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    };
-    let mut result = accept_loop(listener, app, stopped, true).await;
-    for done in drained {
-        let r = done
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("a server thread ended early")));
-        if let (Ok(()), Err(e)) = (&result, r) {
-            result = Err(e);
-        }
-    }
-    let _ = release_tx.send(true);
-    for h in handles {
-        let _ = tokio::task::spawn_blocking(move || h.join()).await;
-    }
-    result
-}
 
-/// Backlog of the listening sockets binplz opens itself.
-const LISTEN_BACKLOG: u32 = 1024;
-
-/// A listener on `addr` with `SO_REUSEPORT`, for one serving thread: the kernel then spreads
-/// new connections evenly over the threads' sockets, where threads accepting from one shared
-/// socket take them unevenly (whichever wakes first). Fails unless the first listener on
-/// `addr` was made by [`bind_reuse_port`].
-fn reuse_port_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)?.into_std()
-}
-
-/// Binds `addr` so that [`run_threads`] can give each thread a socket of its own.
-pub fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::from_std(reuse_port_listener(addr)?)
-}
-
-/// One accept loop; `poll_indexes`: this loop also watches index files for changes.
-async fn accept_loop(
-    listener: TcpListener,
-    app: App,
-    shutdown: impl Future<Output = ()>,
-    poll_indexes: bool,
-) -> std::io::Result<()> {
-    let config = app.inner.config.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(64)
-        .max_pending_accept_reset_streams(Some(64))
-        .max_local_error_reset_streams(Some(64));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let conns = Connections::new(app.clone());
     let connections = app.inner.connections.clone();
-    let poller = poll_indexes.then(|| {
+    let poller = {
         let app = app.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(app.inner.config.index_poll).await;
-                app.reload_indexes(false);
+                // Loading an index is a long synchronous read and check.
+                let app = app.clone();
+                let _ = tokio::task::spawn_blocking(move || app.reload_indexes(false)).await;
             }
         })
-    });
+    };
     tokio::pin!(shutdown);
+    let mut turn = 0usize;
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -1074,18 +1019,84 @@ async fn accept_loop(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        turn = (turn + 1) % (workers.len() + 1);
+        let Some(worker) = turn.checked_sub(1).and_then(|w| workers.get(w)) else {
+            conns.serve(stream, peer, permit);
+            continue;
+        };
+        match stream.into_std() {
+            Ok(std_stream) => {
+                if let Err(back) = worker.send((std_stream, peer, permit)) {
+                    // That thread is gone (it cannot be, short of a panic): serve here.
+                    let (std_stream, peer, permit) = back.0;
+                    if let Ok(s) = TcpStream::from_std(std_stream) {
+                        conns.serve(s, peer, permit);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(err = %e, %peer, "cannot hand a connection over"),
+        }
+    }
+    poller.abort();
+    drop(listener);
+    drop(workers);
+    tracing::info!("shutting down: finishing responses in progress");
+    conns.drain().await;
+    for done in drained {
+        let _ = done.await;
+    }
+    let _ = release_tx.send(true);
+    for h in handles {
+        if let Ok(Err(_)) = tokio::task::spawn_blocking(move || h.join()).await {
+            tracing::error!("a serving thread panicked");
+        }
+    }
+    Ok(())
+}
+
+/// The connections one thread serves: hyper's settings, and what shutdown waits for.
+struct Connections {
+    app: App,
+    builder: auto::Builder<TokioExecutor>,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+}
+
+impl Connections {
+    fn new(app: App) -> Connections {
+        let config = &app.inner.config;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(64)
+            .max_pending_accept_reset_streams(Some(64))
+            .max_local_error_reset_streams(Some(64));
+        Connections {
+            app,
+            builder,
+            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+        }
+    }
+
+    /// Serves one connection on this thread's runtime; `permit` is released when it ends.
+    fn serve(&self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
+        let app = self.app.clone();
         let service = hyper::service::service_fn(move |req| {
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
         });
-        let conn = builder
-            .serve_connection(
-                TokioIo::new(io::WriteTimeout::new(stream, config.write_timeout)),
-                service,
-            )
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let io = TokioIo::new(io::WriteTimeout::new(
+            stream,
+            self.app.inner.config.write_timeout,
+        ));
+        let conn = self
+            .graceful
+            .watch(self.builder.serve_connection(io, service).into_owned());
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(err = %e, %peer, "connection ended with an error");
@@ -1093,20 +1104,17 @@ async fn accept_loop(
             drop(permit);
         });
     }
-    if let Some(p) = poller {
-        p.abort();
+
+    /// Waits up to the grace period for this thread's connections to finish.
+    async fn drain(self) {
+        let grace = self.app.inner.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; closing remaining connections");
+        }
     }
-    drop(listener);
-    if poll_indexes {
-        tracing::info!("shutting down: finishing responses in progress");
-    }
-    if tokio::time::timeout(config.shutdown_grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace period over; closing remaining connections");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

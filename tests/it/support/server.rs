@@ -217,12 +217,9 @@ impl Server {
         let files = Files::new(disk, setup.memory_bytes);
         let app = App::new(setup.config, setup.indexes, extractor, files)
             .expect("the server's indexes load");
-        let listener = if setup.threads > 1 {
-            binplz::server::bind_reuse_port(([127, 0, 0, 1], 0).into())
-        } else {
-            tokio::net::TcpListener::bind("127.0.0.1:0").await
-        }
-        .expect("binding a loopback port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a loopback port");
         let addr = listener.local_addr().expect("the listener's address");
         let (trigger, triggered) = oneshot::channel::<()>();
         let (seen_tx, seen_rx) = oneshot::channel();
