@@ -289,10 +289,9 @@ impl Extractor {
     /// Asks each cache, in order, for `nix-cache-info` until one answers (a 404 is an
     /// answer: Nix accepts caches without the file). The error is the last cache's.
     pub async fn probe(&self) -> Result<(), UpstreamError> {
-        let path = crate::upstream::CachePath::parse("nix-cache-info")?;
         let mut last = None;
         for cache in &self.caches {
-            match cache.get(&path).await {
+            match cache.probe().await {
                 Ok(_) => return Ok(()),
                 Err(e) => last = Some(e),
             }

@@ -130,6 +130,8 @@ struct Inner {
     upstream_ok_at: AtomicU64,
     /// Unix milliseconds of the last upstream failure or timeout (0: none yet).
     upstream_err_at: AtomicU64,
+    /// Unix milliseconds of the last failure of a real fetch (not a probe; 0: none yet).
+    fetch_err_at: AtomicU64,
     /// Unix milliseconds of the last readiness probe (0: none yet); the lock makes
     /// concurrent `/-/readyz` requests share one probe.
     probed_at: AtomicU64,
@@ -192,6 +194,7 @@ impl App {
                 negative,
                 upstream_ok_at: AtomicU64::new(0),
                 upstream_err_at: AtomicU64::new(0),
+                fetch_err_at: AtomicU64::new(0),
                 probed_at: AtomicU64::new(0),
                 probe: tokio::sync::Mutex::new(()),
             }),
@@ -340,8 +343,8 @@ impl App {
 
     /// Ready when an index is loaded and the upstream is reachable: it answered a fetch in
     /// the last minute, or else it answers a probe for `nix-cache-info` now (at most one
-    /// probe per `ready_probe_interval`). A failure with no success since makes a load
-    /// balancer look elsewhere.
+    /// probe per `ready_probe_interval`). A fetch failure in the last minute with no success
+    /// since makes a load balancer look elsewhere; probes do not overrule it.
     async fn ready(&self, head: bool) -> Response<Body> {
         let inner = &self.inner;
         if inner.indexes.current().is_none() {
@@ -361,7 +364,13 @@ impl App {
             let _probing = inner.probe.lock().await;
             let interval = inner.config.ready_probe_interval.as_millis() as u64;
             let since = unix_now().saturating_sub(inner.probed_at.load(Ordering::Relaxed));
-            if !fresh_ok() && since >= interval {
+            // A real fetch that failed in the last minute, with no success since, is not
+            // overruled by a probe: the upstream may answer for nix-cache-info and still
+            // fail for NARs.
+            let fetch_err_at = inner.fetch_err_at.load(Ordering::Relaxed);
+            let fetch_failing = fetch_err_at > inner.upstream_ok_at.load(Ordering::Relaxed)
+                && unix_now().saturating_sub(fetch_err_at) < UNREADY_AFTER_FAILURE_MS;
+            if !fresh_ok() && !fetch_failing && since >= interval {
                 // Counted from the start: a check given up on by its caller mid-probe must
                 // not let the next one probe at once.
                 inner.probed_at.store(unix_now(), Ordering::Relaxed);
@@ -603,7 +612,9 @@ impl App {
                     Err(e)
                         if matches!(e.kind(), ErrorKind::UpstreamBroken | ErrorKind::TimedOut) =>
                     {
-                        inner.upstream_err_at.store(unix_now(), Ordering::Relaxed);
+                        let now = unix_now();
+                        inner.upstream_err_at.store(now, Ordering::Relaxed);
+                        inner.fetch_err_at.store(now, Ordering::Relaxed);
                     }
                     Err(e) if e.kind() == ErrorKind::VerificationFailed => {
                         inner.metrics.verification_failure()

@@ -266,6 +266,13 @@ impl Cache {
             .map(|_| ())
     }
 
+    /// Asks for `nix-cache-info` and reads the answer whole (so the connection can be used
+    /// again): `Ok` if the cache answered, with the file or a 404.
+    pub async fn probe(&self) -> Result<(), UpstreamError> {
+        let path = CachePath::parse("nix-cache-info")?;
+        self.get_small(&path, MAX_CACHE_INFO_SIZE).await.map(|_| ())
+    }
+
     /// Fetches `<hash>.narinfo`; `None` when the cache does not have it.
     pub async fn narinfo(&self, hash_part: &str) -> Result<Option<Vec<u8>>, UpstreamError> {
         self.check_info().await?;

@@ -401,6 +401,14 @@ async fn readiness_probes_an_upstream_nothing_was_fetched_from() {
     let probes = up.hits("nix-cache-info");
     assert_eq!(server.get("/-/readyz").await.status, 200);
     assert_eq!(up.hits("nix-cache-info"), probes);
+
+    // A fetch that failed is not overruled by a probe that would succeed.
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    up.set_fault(&nar, Fault::status(500));
+    assert_eq!(server.get("/hello").await.status, 502);
+    let probes = up.hits("nix-cache-info");
+    assert_eq!(server.get("/-/readyz").await.status, 503);
+    assert_eq!(up.hits("nix-cache-info"), probes);
 }
 
 #[tokio::test]
