@@ -114,6 +114,219 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     }
 }
 
+/// Bytes hyper's request parser refuses in a request target, answering with an empty 400 of
+/// its own: `<`, `>`, `` ` ``, DEL and every non-ASCII byte. curl sends them as typed, so
+/// `curl host/a\`b -o tree` would save an empty file, which runs as a script that exits 0
+/// and says nothing. Escaped, they reach the router, whose 400 is a script that explains.
+fn needs_escape(b: u8) -> bool {
+    matches!(b, b'<' | b'>' | b'`' | 0x7f..=0xff)
+}
+
+/// Where the escaper is in the HTTP/1 byte stream it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The method, up to the first space; `seen` counts its bytes so far.
+    Method { seen: usize },
+    /// The request target, up to the next space or line end.
+    Target,
+    /// The rest of the head; `newlines` counts line ends in a row (two end it).
+    Head { newlines: u8 },
+    /// Bytes passed on untouched from here on: an HTTP/2 connection, a request with a body
+    /// (whose end this does not track), or anything it does not understand.
+    Off,
+}
+
+/// Percent-encodes [`needs_escape`] bytes in the request targets of HTTP/1 requests without
+/// a body; everything else passes through unchanged. It keeps no request bytes back: it
+/// only remembers the start of the current header line, up to [`LINE_PREFIX`] bytes.
+#[derive(Debug)]
+pub struct TargetEscaper {
+    place: Place,
+    method_is_get_or_head: bool,
+    method: [u8; 8],
+    line: [u8; LINE_PREFIX],
+    line_len: usize,
+}
+
+/// Bytes of a header line kept to recognise `content-length:` and `transfer-encoding:`.
+const LINE_PREFIX: usize = 18;
+
+impl Default for TargetEscaper {
+    fn default() -> Self {
+        TargetEscaper {
+            place: Place::Method { seen: 0 },
+            method_is_get_or_head: false,
+            method: [0; 8],
+            line: [0; LINE_PREFIX],
+            line_len: 0,
+        }
+    }
+}
+
+impl TargetEscaper {
+    /// Whether everything from here on passes through untouched.
+    pub fn is_off(&self) -> bool {
+        self.place == Place::Off
+    }
+
+    /// Appends `input`, escaped where it belongs, to `out`.
+    pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
+        for (i, &b) in input.iter().enumerate() {
+            match self.place {
+                Place::Off => {
+                    out.extend_from_slice(&input[i..]);
+                    return;
+                }
+                Place::Method { seen } => {
+                    out.push(b);
+                    if b == b' ' && seen > 0 {
+                        let m = &self.method[..seen];
+                        self.method_is_get_or_head = m == b"GET" || m == b"HEAD";
+                        self.place = Place::Target;
+                    } else if seen == 0 && (b == b'\r' || b == b'\n') {
+                        // Blank lines before a request line are allowed.
+                    } else if b.is_ascii_uppercase() && seen < self.method.len() {
+                        self.method[seen] = b;
+                        self.place = Place::Method { seen: seen + 1 };
+                    } else {
+                        self.place = Place::Off;
+                    }
+                }
+                Place::Target => {
+                    if needs_escape(b) {
+                        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                        out.extend_from_slice(&[
+                            b'%',
+                            HEX[usize::from(b >> 4)],
+                            HEX[usize::from(b & 15)],
+                        ]);
+                    } else {
+                        out.push(b);
+                        if matches!(b, b' ' | b'\r' | b'\n') {
+                            self.place = Place::Head {
+                                newlines: u8::from(b == b'\n'),
+                            };
+                            self.line_len = 0;
+                        }
+                    }
+                }
+                Place::Head { newlines } => {
+                    out.push(b);
+                    match b {
+                        b'\r' => {}
+                        b'\n' => {
+                            if newlines >= 1 {
+                                // The head ended: the next request, if its request had
+                                // no body.
+                                self.place = if self.method_is_get_or_head {
+                                    Place::Method { seen: 0 }
+                                } else {
+                                    Place::Off
+                                };
+                            } else {
+                                self.place = Place::Head { newlines: 1 };
+                            }
+                            self.line_len = 0;
+                        }
+                        _ => {
+                            self.place = Place::Head { newlines: 0 };
+                            if self.line_len < LINE_PREFIX {
+                                self.line[self.line_len] = b.to_ascii_lowercase();
+                                self.line_len += 1;
+                                let line = &self.line[..self.line_len];
+                                if line == b"content-length:" || line == b"transfer-encoding:" {
+                                    self.method_is_get_or_head = false;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection whose reads go through a [`TargetEscaper`]; writes pass through.
+pub struct EscapeTargets<T> {
+    inner: T,
+    escaper: TargetEscaper,
+    /// Escaped bytes that did not fit the caller's buffer yet.
+    pending: Vec<u8>,
+    pos: usize,
+}
+
+/// Bytes read from the socket at a time while escaping (request heads are small).
+const ESCAPE_READ: usize = 4096;
+
+impl<T> EscapeTargets<T> {
+    pub fn new(inner: T) -> Self {
+        EscapeTargets {
+            inner,
+            escaper: TargetEscaper::default(),
+            pending: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for EscapeTargets<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos == this.pending.len() {
+            if this.escaper.is_off() {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            let mut raw = [0u8; ESCAPE_READ];
+            let mut raw_buf = ReadBuf::new(&mut raw);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut raw_buf) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            this.pending.clear();
+            this.pos = 0;
+            this.escaper.push(raw_buf.filled(), &mut this.pending);
+        }
+        let n = (this.pending.len() - this.pos).min(buf.remaining());
+        buf.put_slice(&this.pending[this.pos..this.pos + n]);
+        this.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for EscapeTargets<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +375,67 @@ mod tests {
         w.shutdown().await.expect("shutdown");
         drop(w);
         assert_eq!(reader.await.expect("join").expect("read"), vec![7u8; 64]);
+    }
+
+    fn escaped(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut e = TargetEscaper::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            e.push(c, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn refused_bytes_in_targets_are_escaped_and_nothing_else_changes() {
+        let input: &[u8] = b"GET /a`b<c>\xc3\xa9 HTTP/1.1\r\nHost: x`y\r\nUser-Agent: <z>\r\n\r\n\
+                             HEAD /x`?q=\x7f HTTP/1.1\r\nHost: x\r\n\r\n";
+        let want: &[u8] =
+            b"GET /a%60b%3Cc%3E%C3%A9 HTTP/1.1\r\nHost: x`y\r\nUser-Agent: <z>\r\n\r\n\
+                            HEAD /x%60?q=%7F HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(escaped(&[input]), want);
+        // However the bytes arrive.
+        for split in 0..input.len() {
+            let (a, b) = input.split_at(split);
+            assert_eq!(escaped(&[a, b]), want, "split at {split}");
+        }
+        let bytewise: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(escaped(&bytewise), want);
+    }
+
+    #[rstest::rstest]
+    #[case::a_body_by_length(
+        b"GET /a HTTP/1.1\r\nContent-Length: 3\r\n\r\n`x`GET /`b HTTP/1.1\r\n\r\n"
+    )]
+    #[case::a_chunked_body(
+        b"GET /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\n`\r\n0\r\n\r\n"
+    )]
+    #[case::another_method(b"POST /a HTTP/1.1\r\n\r\nGET /`b HTTP/1.1\r\n\r\n")]
+    #[case::the_http2_preface(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04`<>\xff")]
+    #[case::garbage(b"\x16\x03\x01\x02\x00\x01\x00 `<>\xff")]
+    fn after_a_body_or_an_unknown_start_everything_passes_through(#[case] input: &[u8]) {
+        let out = escaped(&[input]);
+        assert_eq!(out, input);
+    }
+
+    #[tokio::test]
+    async fn the_reader_escapes_across_small_caller_buffers() {
+        use tokio::io::AsyncReadExt;
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"GET /\xff\xff\xff\xff HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        drop(a);
+        let mut r = EscapeTargets::new(b);
+        let mut out = Vec::new();
+        let mut small = [0u8; 5];
+        loop {
+            let n = r.read(&mut small).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&small[..n]);
+        }
+        assert_eq!(out, b"GET /%FF%FF%FF%FF HTTP/1.1\r\n\r\n");
     }
 }

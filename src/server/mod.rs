@@ -1102,7 +1102,7 @@ impl Connections {
             async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
         });
         let io = TokioIo::new(io::WriteTimeout::new(
-            stream,
+            io::EscapeTargets::new(stream),
             self.app.inner.config.write_timeout,
         ));
         let conn = self
