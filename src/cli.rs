@@ -699,8 +699,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         tokio::spawn(async move {
             let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
-                let reload = reload.clone();
-                let _ = tokio::task::spawn_blocking(move || reload.reload_indexes(true)).await;
+                reload.reload_indexes(true).await;
             }
         });
         crate::server::run_threads(listener, app, threads, shutdown_signal())

@@ -77,6 +77,16 @@ fn memory_key(store_path: &str, path: &str) -> String {
     k
 }
 
+/// The content of `sha` from the disk cache: read `whole` into memory, or opened. `None`
+/// if it is not there (or was dropped as corrupt).
+fn load(disk: &DiskCache, sha: &[u8; 32], whole: bool) -> std::io::Result<Option<Content>> {
+    Ok(if whole {
+        disk.read_all(sha)?.map(|v| Content::Memory(Bytes::from(v)))
+    } else {
+        disk.open_file(sha)?.map(Content::Disk)
+    })
+}
+
 /// A failed flight carries the path it was started for: its error may be about that file
 /// alone, and not about the other files of the store path that callers were waiting for.
 type FlightResult = Result<(), (String, Arc<ExtractError>)>;
@@ -137,23 +147,13 @@ impl Files {
         let meta = Arc::new(meta);
         let sha = meta.sha256;
         let content = if meta.size <= INLINE_READ_MAX {
-            self.disk
-                .read_all(&sha)?
-                .map(|v| Content::Memory(Bytes::from(v)))
+            load(&self.disk, &sha, true)?
         } else {
             let disk = self.disk.clone();
-            let in_memory = meta.size <= self.memory_item_max;
-            tokio::task::spawn_blocking(move || -> std::io::Result<Option<Content>> {
-                if in_memory {
-                    Ok(disk
-                        .read_all(&sha)?
-                        .map(|v| Content::Memory(Bytes::from(v))))
-                } else {
-                    Ok(disk.open_file(&sha)?.map(Content::Disk))
-                }
-            })
-            .await
-            .map_err(std::io::Error::other)??
+            let whole = meta.size <= self.memory_item_max;
+            tokio::task::spawn_blocking(move || load(&disk, &sha, whole))
+                .await
+                .map_err(std::io::Error::other)??
         };
         Ok(match content {
             None => None, // dropped as corrupt: the caller fetches it again

@@ -142,7 +142,9 @@ enum Place {
 #[derive(Debug)]
 pub struct TargetEscaper {
     place: Place,
-    method_is_get_or_head: bool,
+    /// The current request is a GET or HEAD with no header announcing a body, so the next
+    /// request starts where its head ends.
+    bodiless: bool,
     method: [u8; 8],
     line: [u8; LINE_PREFIX],
     line_len: usize,
@@ -155,7 +157,7 @@ impl Default for TargetEscaper {
     fn default() -> Self {
         TargetEscaper {
             place: Place::Method { seen: 0 },
-            method_is_get_or_head: false,
+            bodiless: false,
             method: [0; 8],
             line: [0; LINE_PREFIX],
             line_len: 0,
@@ -181,7 +183,7 @@ impl TargetEscaper {
                     out.push(b);
                     if b == b' ' && seen > 0 {
                         let m = &self.method[..seen];
-                        self.method_is_get_or_head = m == b"GET" || m == b"HEAD";
+                        self.bodiless = m == b"GET" || m == b"HEAD";
                         self.place = Place::Target;
                     } else if seen == 0 && (b == b'\r' || b == b'\n') {
                         // Blank lines before a request line are allowed.
@@ -218,7 +220,7 @@ impl TargetEscaper {
                             if newlines >= 1 {
                                 // The head ended: the next request, if its request had
                                 // no body.
-                                self.place = if self.method_is_get_or_head {
+                                self.place = if self.bodiless {
                                     Place::Method { seen: 0 }
                                 } else {
                                     Place::Off
@@ -235,7 +237,7 @@ impl TargetEscaper {
                                 self.line_len += 1;
                                 let line = &self.line[..self.line_len];
                                 if line == b"content-length:" || line == b"transfer-encoding:" {
-                                    self.method_is_get_or_head = false;
+                                    self.bodiless = false;
                                 }
                             }
                         }

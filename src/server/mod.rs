@@ -141,6 +141,16 @@ struct Inner {
 /// How long (ms) an upstream failure with no success since keeps `/-/readyz` unready, and
 /// how long a success counts as the upstream being reachable without a probe.
 const UNREADY_AFTER_FAILURE_MS: u64 = 60_000;
+/// Whether `at` (Unix milliseconds) is less than [`UNREADY_AFTER_FAILURE_MS`] ago.
+fn within_a_minute(at: u64) -> bool {
+    unix_now().saturating_sub(at) < UNREADY_AFTER_FAILURE_MS
+}
+
+/// A failure at `err_at` in the last minute with no success (at `ok_at`) since.
+fn unanswered(err_at: u64, ok_at: u64) -> bool {
+    err_at > ok_at && within_a_minute(err_at)
+}
+
 /// Longest a readiness probe waits for the upstream.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -206,9 +216,11 @@ impl App {
     }
 
     /// Re-reads index files that changed (every file if `force`, as on SIGHUP); a bad file
-    /// keeps the old index serving.
-    pub fn reload_indexes(&self, force: bool) {
-        self.inner.indexes.reload(force);
+    /// keeps the old index serving. Loading an index is a long synchronous read and check:
+    /// it runs on a blocking thread, not on a serving one.
+    pub async fn reload_indexes(&self, force: bool) {
+        let app = self.clone();
+        let _ = tokio::task::spawn_blocking(move || app.inner.indexes.reload(force)).await;
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
@@ -355,11 +367,9 @@ impl App {
                 head,
             );
         }
-        let fresh_ok = || {
-            let ok_at = inner.upstream_ok_at.load(Ordering::Relaxed);
-            ok_at >= inner.upstream_err_at.load(Ordering::Relaxed)
-                && unix_now().saturating_sub(ok_at) < UNREADY_AFTER_FAILURE_MS
-        };
+        let ok_at = || inner.upstream_ok_at.load(Ordering::Relaxed);
+        let err_at = || inner.upstream_err_at.load(Ordering::Relaxed);
+        let fresh_ok = || ok_at() >= err_at() && within_a_minute(ok_at());
         if !fresh_ok() {
             let _probing = inner.probe.lock().await;
             let interval = inner.config.ready_probe_interval.as_millis() as u64;
@@ -367,9 +377,7 @@ impl App {
             // A real fetch that failed in the last minute, with no success since, is not
             // overruled by a probe: the upstream may answer for nix-cache-info and still
             // fail for NARs.
-            let fetch_err_at = inner.fetch_err_at.load(Ordering::Relaxed);
-            let fetch_failing = fetch_err_at > inner.upstream_ok_at.load(Ordering::Relaxed)
-                && unix_now().saturating_sub(fetch_err_at) < UNREADY_AFTER_FAILURE_MS;
+            let fetch_failing = unanswered(inner.fetch_err_at.load(Ordering::Relaxed), ok_at());
             if !fresh_ok() && !fetch_failing && since >= interval {
                 // Counted from the start: a check given up on by its caller mid-probe must
                 // not let the next one probe at once.
@@ -389,11 +397,8 @@ impl App {
                 }
             }
         }
-        let ok_at = inner.upstream_ok_at.load(Ordering::Relaxed);
-        let err_at = inner.upstream_err_at.load(Ordering::Relaxed);
-        let failing =
-            err_at > ok_at && unix_now().saturating_sub(err_at) < UNREADY_AFTER_FAILURE_MS;
-        let (status, msg) = if failing {
+        let (ok_at, err_at) = (ok_at(), err_at());
+        let (status, msg) = if unanswered(err_at, ok_at) {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -525,7 +530,7 @@ impl App {
             let body = format!("{}  {program}\n", fixed.sha256);
             let mut resp = text(StatusCode::OK, TEXT_PLAIN, body, head);
             let h = resp.headers_mut();
-            h.reserve(fixed.provenance.len() + PROVENANCE_HEADERS);
+            h.reserve(PROVENANCE_HEADERS);
             for (name, value) in &fixed.provenance {
                 h.insert(name, value.clone());
             }
@@ -803,8 +808,8 @@ impl FileHeaders {
         set(&mut provenance, H_NIX_STORE_PATH, &hit.meta.store_path);
         set(&mut provenance, H_BINPLZ_SHA256, &sha256);
         set(&mut provenance, H_BINPLZ_LINKAGE, &hit.meta.linkage);
-        // Room for the request's own headers too: a map grown one insert at a time
-        // reallocates.
+        // Sized for the request's own headers too: each clone keeps this index table, so
+        // adding them does not rehash.
         let mut file = HeaderMap::with_capacity(FILE_HEADERS + PROVENANCE_HEADERS);
         file.extend(provenance.clone());
         set(&mut file, header::ETAG, &etag);
@@ -1004,9 +1009,7 @@ pub async fn run_threads(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(app.inner.config.index_poll).await;
-                // Loading an index is a long synchronous read and check.
-                let app = app.clone();
-                let _ = tokio::task::spawn_blocking(move || app.reload_indexes(false)).await;
+                app.reload_indexes(false).await;
             }
         })
     };

@@ -683,14 +683,20 @@ async fn gated(
     gate: &Gate,
     per_client: usize,
 ) -> Server {
-    let setup = Setup::fixture(up, dir)
-        .await
-        .upstream(Gated::wrap(http_upstream(up, &client_config()), path, gate))
-        .config(Config {
-            max_per_client: per_client,
-            ..Config::default()
-        });
+    let setup = gated_setup(up, dir, path, gate).await.config(Config {
+        max_per_client: per_client,
+        ..Config::default()
+    });
     Server::start(setup).await
+}
+
+/// The fixture setup with its upstream behind `gate` for `path`.
+async fn gated_setup(up: &FakeUpstream, dir: &Path, path: &str, gate: &Gate) -> Setup {
+    Setup::fixture(up, dir).await.upstream(Gated::wrap(
+        http_upstream(up, &client_config()),
+        path,
+        gate,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1070,7 +1076,7 @@ async fn changed_index_file_is_served_after_a_reload() {
     assert_eq!(server.get("/goodbye").await.status, 404);
 
     fixture.revision("two", 2_000).write(&index);
-    server.app.reload_indexes(false);
+    server.app.reload_indexes(false).await;
     let r = server.get("/hello").await;
     assert_serves(&r, "hello");
     assert_eq!(r.header("x-nixpkgs-revision"), Some("two"));
@@ -1133,7 +1139,7 @@ async fn garbage_index_file_leaves_the_old_index_serving() {
     let server = Server::start(setup).await;
     for garbage in [&b"not an index at all"[..], b"", &[0u8; 4096][..]] {
         std::fs::write(&index, garbage).expect("overwriting the index");
-        server.app.reload_indexes(true);
+        server.app.reload_indexes(true).await;
         let r = server.get("/hello").await;
         assert_serves(&r, "hello");
         assert_eq!(r.header("x-nixpkgs-revision"), Some("one"));
@@ -1141,7 +1147,7 @@ async fn garbage_index_file_leaves_the_old_index_serving() {
     }
     // A good file after the bad ones is loaded.
     fixture_index().await.revision("two", 2_000).write(&index);
-    server.app.reload_indexes(false);
+    server.app.reload_indexes(false).await;
     assert_eq!(
         server.get("/hello").await.header("x-nixpkgs-revision"),
         Some("two")
@@ -1214,14 +1220,10 @@ async fn several_serving_threads_share_one_fetch_and_all_drain_on_shutdown() {
     let dir = tempdir();
     let nar = fixture_nar_path("cache", paths::HELLO);
     let gate = Gate::default();
-    let mut setup = Setup::fixture(&up, dir.path()).await.upstream(Gated::wrap(
-        http_upstream(&up, &client_config()),
-        &nar,
-        &gate,
-    ));
+    let mut setup = gated_setup(&up, dir.path(), &nar, &gate).await;
     setup.threads = 3;
     let mut server = Server::start(setup).await;
-    // Connections spread over the threads' sockets; all wait on one extraction.
+    // Connections are handed to the threads in turn; all wait on one extraction.
     let mut pending = Vec::with_capacity(CLIENTS);
     for _ in 0..CLIENTS {
         let p = server
