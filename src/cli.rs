@@ -660,6 +660,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
             )
         })?;
     let files = crate::cache::files::Files::new(disk, args.memory_cache_size);
+    raise_open_files_limit();
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
@@ -706,6 +707,21 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
             .await
             .map_err(|e| (ErrorKind::Internal, e.to_string()))
     })
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs and nginx's
+/// `worker_rlimit_nofile` do: each connection takes a descriptor, and each large file held
+/// in memory another (a memory file), while the usual soft limit of 1024 is well under the
+/// default connection cap.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(err = %e, "cannot raise the open files limit");
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -2,18 +2,28 @@
 //! disk cache, then one single-flight extraction per `(store path, path)`.
 //!
 //! ```text
-//!  get(store path, path) ─► disk key map ─► memory (by SHA-256) ─► hit
-//!                                      └──► disk file (checked) ─► hit (small files also
-//!                                                                   go to memory)
+//!  get(store path, path) ─► memory ─► hit
+//!                       └──► disk key map ─► disk file (checked) ─► hit (and into memory,
+//!                                                                    if it fits there)
 //!                       └─ miss ─► single flight ─► extract (verified) ─► disk insert ─► again
 //! ```
+//!
+//! The memory tier holds a small file as bytes and a larger one as a sealed memory file
+//! (`memfd`): bytes go out with the response head in one write, while a memory file can be
+//! handed to the socket with `sendfile`, without a copy through this process. Its seals
+//! make it unwritable by anyone, this process included, for as long as it exists.
 
 use std::any::Any;
+use std::fs::File;
 use std::future::Future;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use rustix::fs::{MemfdFlags, SealFlags};
+use sha2::{Digest, Sha256};
 
 use super::disk::{DiskCache, KeyMeta};
 use super::flight::SingleFlight;
@@ -29,9 +39,13 @@ where
 }
 
 /// What a hit holds.
+#[derive(Clone)]
 pub enum Content {
+    /// A small file's bytes.
     Memory(Bytes),
-    Disk(std::fs::File),
+    /// A file in the disk cache, or a sealed memory file: either way checked, and read
+    /// with positioned reads only, so one open file serves any number of responses.
+    File(Arc<File>),
 }
 
 pub struct Hit {
@@ -64,7 +78,7 @@ const HELD_OVERHEAD: usize = 4 << 10;
 /// disk cache's key map nor its lock.
 struct Held {
     meta: Arc<KeyMeta>,
-    bytes: Bytes,
+    content: Content,
     memo: Memo,
 }
 
@@ -79,12 +93,51 @@ fn memory_key(store_path: &str, path: &str) -> String {
 
 /// The content of `sha` from the disk cache: read `whole` into memory, or opened. `None`
 /// if it is not there (or was dropped as corrupt).
-fn load(disk: &DiskCache, sha: &[u8; 32], whole: bool) -> std::io::Result<Option<Content>> {
-    Ok(if whole {
-        disk.read_all(sha)?.map(|v| Content::Memory(Bytes::from(v)))
-    } else {
-        disk.open_file(sha)?.map(Content::Disk)
-    })
+fn load(disk: &DiskCache, sha: &[u8; 32], whole: bool) -> io::Result<Option<Content>> {
+    if whole {
+        if let Some(v) = disk.read_all(sha)? {
+            return Ok(Some(Content::Memory(Bytes::from(v))));
+        }
+        return Ok(None);
+    }
+    Ok(disk.open_file(sha)?.map(|f| Content::File(Arc::new(f))))
+}
+
+/// Chunk copied at a time into a memory file.
+const SEAL_CHUNK: usize = 256 << 10;
+
+/// `size` bytes of the checked `file` copied into a sealed memory file, hashed again on the
+/// way so that the copy is known to be `sha` whatever happened to the disk file after its
+/// check. `Ok(None)` if it is not (the caller drops the disk copy); an error if no memory
+/// file can be made (no `memfd` on this kernel, or out of descriptors).
+fn seal(file: &File, size: u64, sha: &[u8; 32]) -> io::Result<Option<File>> {
+    let fd = rustix::fs::memfd_create(
+        "binplz-file",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    let mut mem = File::from(fd);
+    mem.set_len(size)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; SEAL_CHUNK];
+    let mut at = 0u64;
+    while at < size {
+        let n = usize::try_from(size - at)
+            .unwrap_or(SEAL_CHUNK)
+            .min(SEAL_CHUNK);
+        let chunk = &mut buf[..n];
+        file.read_exact_at(chunk, at)?;
+        hasher.update(&*chunk);
+        mem.write_all(chunk)?;
+        at += n as u64;
+    }
+    if <[u8; 32]>::from(hasher.finalize()) != *sha {
+        return Ok(None);
+    }
+    rustix::fs::fcntl_add_seals(
+        &mem,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )?;
+    Ok(Some(mem))
 }
 
 /// A failed flight carries the path it was started for: its error may be about that file
@@ -111,7 +164,8 @@ impl Files {
         let memory = moka::future::Cache::builder()
             .max_capacity(memory_bytes)
             .weigher(|k: &String, v: &Arc<Held>| {
-                u32::try_from(v.bytes.len() + k.len() + HELD_OVERHEAD).unwrap_or(u32::MAX)
+                let size = usize::try_from(v.meta.size).unwrap_or(usize::MAX);
+                u32::try_from(size.saturating_add(k.len() + HELD_OVERHEAD)).unwrap_or(u32::MAX)
             })
             .build();
         Files {
@@ -136,7 +190,7 @@ impl Files {
         if let Some(held) = self.memory.get(&key).await {
             return Ok(Some(Hit {
                 meta: held.meta.clone(),
-                content: Content::Memory(held.bytes.clone()),
+                content: held.content.clone(),
                 tier: "memory",
                 memo: Some(held.memo.clone()),
             }));
@@ -146,42 +200,54 @@ impl Files {
         };
         let meta = Arc::new(meta);
         let sha = meta.sha256;
-        let content = if meta.size <= INLINE_READ_MAX {
-            load(&self.disk, &sha, true)?
+        let to_memory = meta.size <= self.memory_item_max;
+        // The content, and whether it goes to the memory tier.
+        let loaded = if meta.size <= INLINE_READ_MAX {
+            load(&self.disk, &sha, true)?.map(|c| (c, to_memory))
         } else {
-            let disk = self.disk.clone();
-            let whole = meta.size <= self.memory_item_max;
-            tokio::task::spawn_blocking(move || load(&disk, &sha, whole))
-                .await
-                .map_err(std::io::Error::other)??
-        };
-        Ok(match content {
-            None => None, // dropped as corrupt: the caller fetches it again
-            Some(Content::Memory(bytes)) => {
-                let mut memo = None;
-                if meta.size <= self.memory_item_max {
-                    let held = Arc::new(Held {
-                        meta: meta.clone(),
-                        bytes: bytes.clone(),
-                        memo: Memo::default(),
-                    });
-                    memo = Some(held.memo.clone());
-                    self.memory.insert(key, held).await;
+            let (disk, size) = (self.disk.clone(), meta.size);
+            tokio::task::spawn_blocking(move || -> io::Result<_> {
+                let Some(Content::File(file)) = load(&disk, &sha, false)? else {
+                    return Ok(None);
+                };
+                if !to_memory {
+                    return Ok(Some((Content::File(file), false)));
                 }
-                Some(Hit {
-                    meta,
-                    content: Content::Memory(bytes),
-                    tier: "disk",
-                    memo,
-                })
-            }
-            Some(c) => Some(Hit {
-                meta,
-                content: c,
-                tier: "disk",
-                memo: None,
-            }),
-        })
+                match seal(&file, size, &sha) {
+                    Ok(Some(mem)) => Ok(Some((Content::File(Arc::new(mem)), true))),
+                    Ok(None) => {
+                        tracing::warn!(sha256 = %crate::hash::hex(&sha), "disk cache file changed after its check; dropped");
+                        disk.remove(&sha);
+                        Ok(None)
+                    }
+                    // Served from disk this time; the next hit tries again.
+                    Err(e) => {
+                        tracing::warn!(err = %e, "cannot make a memory file");
+                        Ok(Some((Content::File(file), false)))
+                    }
+                }
+            })
+            .await
+            .map_err(io::Error::other)??
+        };
+        let Some((content, held)) = loaded else {
+            return Ok(None); // dropped as corrupt: the caller fetches it again
+        };
+        let memo = held.then(Memo::default);
+        if let Some(memo) = &memo {
+            let held = Held {
+                meta: meta.clone(),
+                content: content.clone(),
+                memo: memo.clone(),
+            };
+            self.memory.insert(key, Arc::new(held)).await;
+        }
+        Ok(Some(Hit {
+            meta,
+            content,
+            tier: "disk",
+            memo,
+        }))
     }
 
     /// The file for `(store_path, path)`: from a tier, or extracted by `fetch` into the disk
@@ -295,9 +361,9 @@ mod tests {
     fn content(hit: &Hit) -> Vec<u8> {
         match &hit.content {
             Content::Memory(b) => b.to_vec(),
-            Content::Disk(f) => {
-                let mut v = Vec::new();
-                std::io::Read::read_to_end(&mut f.try_clone().unwrap(), &mut v).unwrap();
+            Content::File(f) => {
+                let mut v = vec![0u8; hit.meta.size as usize];
+                f.read_exact_at(&mut v, 0).unwrap();
                 v
             }
         }
@@ -317,7 +383,7 @@ mod tests {
             assert!(matches!(hit.content, Content::Memory(_)));
             assert_eq!((hit.tier, content(&hit)), ("disk", small.clone()));
             let hit = files.cached(SP, "bin/large").await.unwrap().unwrap();
-            assert!(matches!(hit.content, Content::Disk(_)));
+            assert!(matches!(hit.content, Content::File(_)));
             assert_eq!((hit.tier, content(&hit)), ("disk", large.clone()));
         }
         assert!(files.cached(SP, "bin/other").await.unwrap().is_none());
@@ -355,5 +421,45 @@ mod tests {
         let files = Files::new(DiskCache::open(dir.path(), 64 << 20).unwrap(), 0);
         assert!(files.cached(SP, "bin/small").await.unwrap().is_none());
         assert!(files.disk().lookup(SP, "bin/small").is_none(), "dropped");
+    }
+
+    #[tokio::test]
+    async fn a_larger_file_is_held_in_a_sealed_memory_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path(), 64 << 20).unwrap();
+        let bytes: Vec<u8> = (0..INLINE_READ_MAX as usize * 3 + 7)
+            .map(|i| i as u8)
+            .collect();
+        let meta = keep(&disk, "bin/large", &bytes);
+        let files = Files::new(disk, 64 << 20);
+        let first = files.cached(SP, "bin/large").await.unwrap().unwrap();
+        assert_eq!((first.tier, content(&first)), ("disk", bytes.clone()));
+        // Gone from disk: the memory file answers alone.
+        assert!(files.disk().remove(&meta.sha256));
+        let hit = files.cached(SP, "bin/large").await.unwrap().unwrap();
+        assert_eq!((hit.tier, content(&hit)), ("memory", bytes));
+        let Content::File(f) = &hit.content else {
+            panic!("not a memory file");
+        };
+        let seals = rustix::fs::fcntl_get_seals(&**f).unwrap();
+        assert!(seals
+            .contains(SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL));
+        let err = f.write_at(b"x", 0).expect_err("a sealed file was written");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(rustix::io::Errno::PERM.raw_os_error())
+        );
+        assert!(f.set_len(1).is_err(), "a sealed file was truncated");
+    }
+
+    #[test]
+    fn a_copy_that_does_not_hash_to_its_key_is_not_sealed() {
+        let bytes = vec![5u8; 100_000];
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        let sha: [u8; 32] = Sha256::digest(&bytes).into();
+        assert!(seal(&file, bytes.len() as u64, &sha).unwrap().is_some());
+        file.write_all_at(b"6", 99_999).unwrap();
+        assert!(seal(&file, bytes.len() as u64, &sha).unwrap().is_none());
     }
 }

@@ -1,8 +1,12 @@
-//! The one response body type: nothing, bytes in memory, or a file range streamed from disk.
+//! The one response body type: nothing, bytes in memory, or a range of a file (in the disk
+//! cache, or a sealed memory file). hyper streams it by frames; binplz's own HTTP/1 path
+//! ([`super::h1`]) takes it apart with [`Body::into_out`] and sends a file with `sendfile`.
 
 use std::fs::File;
-use std::io::{self, Read, Seek};
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -20,10 +24,22 @@ enum Kind {
     Empty,
     Full(Option<Bytes>),
     File {
-        file: File,
-        /// Where the next read starts; `None` until the first read has seeked there.
-        offset: Option<u64>,
+        file: Arc<File>,
+        /// Where the next read starts.
+        offset: u64,
         remaining: u64,
+    },
+}
+
+/// A body taken apart, for a writer that sends each kind its own way.
+pub enum Out {
+    Empty,
+    Bytes(Bytes),
+    /// `len` bytes of `file` from `offset`.
+    File {
+        file: Arc<File>,
+        offset: u64,
+        len: u64,
     },
 }
 
@@ -33,36 +49,48 @@ impl Body {
     }
 
     /// `len` bytes of `file` from `offset`, read chunk by chunk as the socket takes them.
-    /// The body moves the descriptor's offset: nothing else may read through it.
+    /// Reads are positioned (`pread`), so one open file can serve many bodies at once.
     ///
     /// The reads run on the serving thread, as nginx's do: the disk cache's files are on
     /// local storage and usually in the page cache, where a chunk costs a copy of a few
     /// microseconds, while handing each chunk over from a blocking thread cost more than
     /// the read (the disk tier served about half as many 1 MB files per second). A read
     /// that does reach a slow disk holds up this thread's other connections meanwhile.
-    pub fn file(file: File, offset: u64, len: u64) -> Body {
+    pub fn file(file: Arc<File>, offset: u64, len: u64) -> Body {
         Body {
             kind: Kind::File {
                 file,
-                offset: Some(offset),
+                offset,
                 remaining: len,
+            },
+        }
+    }
+
+    /// What is left to send.
+    pub fn into_out(self) -> Out {
+        match self.kind {
+            Kind::Empty | Kind::Full(None) => Out::Empty,
+            Kind::Full(Some(b)) => Out::Bytes(b),
+            Kind::File { remaining: 0, .. } => Out::Empty,
+            Kind::File {
+                file,
+                offset,
+                remaining,
+            } => Out::File {
+                file,
+                offset,
+                len: remaining,
             },
         }
     }
 }
 
-/// Reads exactly `n` bytes. `read_to_end` fills the vector's spare capacity without
-/// zeroing it first: zeroing each chunk cost a fifth of the disk tier's throughput on 1 MB
-/// files.
-fn read_chunk(file: &mut File, n: u64) -> io::Result<Bytes> {
-    let mut buf = Vec::with_capacity(usize::try_from(n).unwrap_or(FILE_CHUNK));
-    file.take(n).read_to_end(&mut buf)?;
-    if buf.len() as u64 != n {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "file ended early",
-        ));
-    }
+/// Reads exactly `n` bytes (at most [`FILE_CHUNK`]) at `offset`; a file that ends first is an
+/// error, never a short body.
+pub fn read_chunk(file: &File, offset: u64, n: u64) -> io::Result<Bytes> {
+    let n = usize::try_from(n).unwrap_or(FILE_CHUNK).min(FILE_CHUNK);
+    let mut buf = vec![0u8; n];
+    file.read_exact_at(&mut buf, offset)?;
     Ok(Bytes::from(buf))
 }
 
@@ -99,16 +127,11 @@ impl hyper::body::Body for Body {
                 if *remaining == 0 {
                     return Poll::Ready(None);
                 }
-                if let Some(start) = offset.take() {
-                    if let Err(e) = file.seek(io::SeekFrom::Start(start)) {
-                        *remaining = 0;
-                        return Poll::Ready(Some(Err(e)));
-                    }
-                }
                 let n = (*remaining).min(FILE_CHUNK as u64);
-                match read_chunk(file, n) {
+                match read_chunk(file, *offset, n) {
                     Ok(b) => {
                         *remaining -= n;
+                        *offset += n;
                         Poll::Ready(Some(Ok(Frame::data(b))))
                     }
                     Err(e) => {
@@ -150,10 +173,10 @@ mod tests {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
 
-    fn file_with(bytes: &[u8]) -> File {
+    fn file_with(bytes: &[u8]) -> Arc<File> {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
-        f
+        Arc::new(f)
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@
 //! over threads. All state lives in one [`App`] handle, shared by the threads.
 
 pub mod body;
+mod h1;
 mod indexes;
 mod io;
 pub mod metrics;
@@ -25,8 +26,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -223,13 +223,18 @@ impl App {
         let _ = tokio::task::spawn_blocking(move || app.inner.indexes.reload(force)).await;
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        &self,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         let start = Instant::now();
         let _counted = self.inner.metrics.begin();
-        let method = req.method().clone();
         let head = method == Method::HEAD;
-        let path = req.uri().path();
-        let query = req.uri().query();
+        let path = uri.path();
+        let query = uri.query();
         let (route_name, resp, tier) = if method != Method::GET && method != Method::HEAD {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -255,7 +260,7 @@ impl App {
                 Err(RouteError::BadRequest(why)) => {
                     ("program", error(ErrorKind::BadRequest, why, head), None)
                 }
-                Ok(route) => self.route(route, req.headers(), head, peer).await,
+                Ok(route) => self.route(route, headers, head, peer).await,
             }
         };
         let status = resp.status().as_u16();
@@ -881,10 +886,7 @@ fn file_response(
                 let (s, e) = (start as usize, (start + len) as usize);
                 Body::from(b.slice(s.min(b.len())..e.min(b.len())))
             }
-            Content::Disk(f) => match f.try_clone() {
-                Ok(f) => Body::file(f, start, len),
-                Err(_) => Body::empty(),
-            },
+            Content::File(f) => Body::file(f.clone(), start, len),
         };
     }
     resp
@@ -1071,8 +1073,11 @@ pub async fn run_threads(
 /// The connections one thread serves: hyper's settings, and what shutdown waits for.
 struct Connections {
     app: App,
-    builder: auto::Builder<TokioExecutor>,
-    graceful: hyper_util::server::graceful::GracefulShutdown,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    limits: Arc<h1::Limits>,
+    /// Turns true at shutdown; every connection holds a receiver until it ends, so
+    /// [`Connections::drain`] waits for the last one to be dropped.
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl Connections {
@@ -1090,29 +1095,56 @@ impl Connections {
             .max_concurrent_streams(64)
             .max_pending_accept_reset_streams(Some(64))
             .max_local_error_reset_streams(Some(64));
+        let limits = h1::Limits {
+            header_read_timeout: config.header_read_timeout,
+            write_timeout: config.write_timeout,
+        };
         Connections {
             app,
-            builder,
-            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            builder: Arc::new(builder),
+            limits: Arc::new(limits),
+            shutdown: tokio::sync::watch::Sender::new(false),
         }
     }
 
-    /// Serves one connection on this thread's runtime; `permit` is released when it ends.
+    /// Serves one connection on this thread's runtime: plain `GET` and `HEAD` requests in
+    /// [`h1`], the rest of the connection from the first other one in hyper. `permit` is
+    /// released when it ends.
     fn serve(&self, stream: TcpStream, peer: SocketAddr, permit: OwnedSemaphorePermit) {
         let app = self.app.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
-        });
-        let io = TokioIo::new(io::WriteTimeout::new(
-            io::EscapeTargets::new(stream),
-            self.app.inner.config.write_timeout,
-        ));
-        let conn = self
-            .graceful
-            .watch(self.builder.serve_connection(io, service).into_owned());
+        let builder = self.builder.clone();
+        let limits = self.limits.clone();
+        let mut shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut io = io::EscapeTargets::new(stream);
+            let read = match h1::serve(&mut io, &app, peer, &limits, &mut shutdown).await {
+                h1::Outcome::Closed => return drop(permit),
+                h1::Outcome::Handoff(read) => read,
+            };
+            let service = hyper::service::service_fn({
+                let app = app.clone();
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let app = app.clone();
+                    async move {
+                        let resp = app.handle(req.method(), req.uri(), req.headers(), peer);
+                        Ok::<_, std::convert::Infallible>(resp.await)
+                    }
+                }
+            });
+            let io = TokioIo::new(io::WriteTimeout::new(
+                io::Prefixed::new(read, io),
+                limits.write_timeout,
+            ));
+            let conn = builder.serve_connection(io, service);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = conn.as_mut() => r,
+                () = h1::stopped(&mut shutdown) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(err = %e, %peer, "connection ended with an error");
             }
             drop(permit);
@@ -1122,7 +1154,8 @@ impl Connections {
     /// Waits up to the grace period for this thread's connections to finish.
     async fn drain(self) {
         let grace = self.app.inner.config.shutdown_grace;
-        if tokio::time::timeout(grace, self.graceful.shutdown())
+        self.shutdown.send_replace(true);
+        if tokio::time::timeout(grace, self.shutdown.closed())
             .await
             .is_err()
         {

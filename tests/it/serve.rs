@@ -1361,3 +1361,261 @@ fn binary_serves_its_builtin_demo_and_exits_cleanly_on_sigterm() {
     let status = child.wait().expect("waiting for binplz");
     assert!(status.success(), "binplz serve exited with {status}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Connections: binplz's own HTTP/1 path, and hyper for the rest
+// ---------------------------------------------------------------------------------------
+
+/// Writes `raw` on a new connection and reads until the server closes it.
+async fn exchange(server: &Server, raw: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(server.client.addr)
+        .await
+        .expect("connecting");
+    conn.write_all(raw).await.expect("sending");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut got))
+        .await
+        .expect("the server closed the connection")
+        .expect("reading");
+    got
+}
+
+/// Consecutive responses on one connection: (status line, lower-cased head, body), bodies
+/// delimited by `Content-Length` (none after a `HEAD` request, as `heads` says).
+fn responses(mut raw: &[u8], heads: &[bool]) -> Vec<(String, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for &head_request in heads {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("response {} is missing", out.len() + 1))
+            + 4;
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |v| v.trim().parse::<usize>().expect("a length"));
+        let len = if head_request { 0 } else { len };
+        out.push((status, head, raw[end..end + len].to_vec()));
+        raw = &raw[end + len..];
+    }
+    assert!(raw.is_empty(), "more bytes than the responses: {raw:?}");
+    out
+}
+
+#[tokio::test]
+async fn pipelined_requests_on_one_connection_are_answered_in_order() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let raw = exchange(
+        &server,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n\
+          HEAD /goodbye HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nRange: bytes=1-4\r\n\r\n\
+          GET /-/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let r = responses(&raw, &[false, true, false, false]);
+    let hello = prebuilt("hello");
+    assert_eq!(r[0].0, "http/1.1 200 ok");
+    assert!(r[0].2 == hello, "the first body is hello");
+    assert!(r[0].1.contains("\r\ndate: "), "{}", r[0].1);
+    assert!(!r[0].1.contains("connection: close"), "{}", r[0].1);
+    assert_eq!(r[1].0, "http/1.1 200 ok");
+    let goodbye_len = prebuilt("goodbye").len();
+    assert!(r[1]
+        .1
+        .contains(&format!("content-length: {goodbye_len}\r\n")));
+    assert_eq!(r[2].0, "http/1.1 206 partial content");
+    assert_eq!(r[2].2, hello[1..5]);
+    assert_eq!(r[3].0, "http/1.1 200 ok");
+    assert_eq!(r[3].2, b"ok\n");
+    assert!(r[3].1.contains("connection: close"), "{}", r[3].1);
+}
+
+#[tokio::test]
+async fn http_1_0_closes_after_a_response_unless_asked_to_keep_alive() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    // Closed after one response: the second request is never answered.
+    let raw = exchange(
+        &server,
+        b"GET /-/healthz HTTP/1.0\r\n\r\nGET /-/healthz HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let r = responses(&raw, &[false]);
+    assert_eq!(r[0].0, "http/1.0 200 ok");
+    assert!(r[0].1.contains("connection: close"), "{}", r[0].1);
+    let raw = exchange(
+        &server,
+        b"GET /-/healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+          GET /hello HTTP/1.0\r\n\r\n",
+    )
+    .await;
+    let r = responses(&raw, &[false, false]);
+    assert!(r[0].1.contains("connection: keep-alive"), "{}", r[0].1);
+    assert!(r[1].2 == prebuilt("hello"));
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_is_answered_by_hyper_and_so_is_the_rest_of_its_connection() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let raw = exchange(
+        &server,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /hello HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nx=1&y\
+          GET /goodbye HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let r = responses(&raw, &[false, false, false, false]);
+    assert!(r[0].2 == prebuilt("hello"));
+    assert_eq!(r[1].0, "http/1.1 405 method not allowed");
+    assert!(r[1].1.contains("allow: get, head"), "{}", r[1].1);
+    assert!(r[2].2 == prebuilt("goodbye"));
+    assert!(r[3].2 == prebuilt("hello"));
+}
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let tcp = tokio::net::TcpStream::connect(server.client.addr)
+        .await
+        .expect("connecting");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    for program in ["hello", "goodbye"] {
+        let req = http::Request::get(format!("http://x/{program}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("a request");
+        let resp = send.send_request(req).await.expect("a response");
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("the body")
+            .to_bytes();
+        assert!(body == prebuilt(program), "the body is not {program}");
+    }
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
+    let up = cache();
+    let dir = tempdir();
+    let setup = Setup::fixture(&up, dir.path()).await.config(Config {
+        header_read_timeout: Duration::from_millis(200),
+        ..Config::default()
+    });
+    let server = Server::start(setup).await;
+    // Answered, then closed while waiting for a next request that never comes.
+    let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\n\r\n").await;
+    assert_eq!(responses(&raw, &[false])[0].2, b"ok\n");
+    // A head that never ends is not waited for either.
+    let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(raw.is_empty(), "{raw:?}");
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_without_waiting_for_the_grace_period() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = cache();
+    let dir = tempdir();
+    let setup = Setup::fixture(&up, dir.path()).await.config(Config {
+        shutdown_grace: Duration::from_secs(600),
+        header_read_timeout: Duration::from_secs(600),
+        ..Config::default()
+    });
+    let mut server = Server::start(setup).await;
+    let mut idle = tokio::net::TcpStream::connect(server.client.addr)
+        .await
+        .expect("connecting");
+    idle.write_all(b"GET /-/healthz HTTP/1.1\r\n\r\n")
+        .await
+        .expect("sending");
+    let mut answer = [0u8; 512];
+    let n = idle.read(&mut answer).await.expect("an answer");
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+    // Half a head: a request that has not started is not a response in progress.
+    idle.write_all(b"GET /hel").await.expect("sending");
+    server.begin_shutdown().await;
+    tokio::time::timeout(Duration::from_secs(30), server.wait())
+        .await
+        .expect("shutdown waited for an idle connection");
+    // Closed with nothing more sent (or reset, when the half head was still unread).
+    let mut rest = Vec::new();
+    match idle.read_to_end(&mut rest).await {
+        Ok(_) => assert!(rest.is_empty(), "{rest:?}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+}
+
+/// A file larger than what is read into memory, kept in the disk cache under `hello`'s key
+/// before the server starts, so it goes out by `sendfile` from the disk or a memory file.
+fn keep_large_hello(cache_dir: &Path) -> Vec<u8> {
+    use binplz::cache::disk::{DiskCache, KeyMeta};
+    use std::io::Write;
+    let bytes: Vec<u8> = (0..700_001u32).map(|i| (i % 251) as u8).collect();
+    let disk = DiskCache::open(cache_dir, 64 << 20).expect("opening the disk cache");
+    let mut tmp = tempfile::NamedTempFile::new_in(disk.tmp_dir()).expect("a temp file");
+    tmp.write_all(&bytes).expect("writing");
+    let meta = KeyMeta {
+        store_path: paths::HELLO.to_owned(),
+        path: "bin/hello".to_owned(),
+        sha256: support::sha256(&bytes),
+        size: bytes.len() as u64,
+        executable: true,
+        linkage: "static".to_owned(),
+    };
+    assert!(disk.insert(tmp, meta).expect("inserting").is_stored());
+    bytes
+}
+
+#[rstest]
+#[case::from_disk(0, "disk")]
+#[case::from_a_memory_file(16 << 20, "memory")]
+#[tokio::test]
+async fn a_large_file_is_sent_exactly_whole_and_in_ranges(
+    #[case] memory_bytes: u64,
+    #[case] tier: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let bytes = keep_large_hello(dir.path());
+    let mut setup = Setup::fixture(&up, dir.path()).await;
+    setup.memory_bytes = memory_bytes;
+    let server = Server::start(setup).await;
+    let raw = exchange(
+        &server,
+        b"GET /hello HTTP/1.1\r\n\r\n\
+          GET /hello HTTP/1.1\r\nRange: bytes=131071-400000\r\n\r\n\
+          GET /hello HTTP/1.1\r\nRange: bytes=-1\r\n\r\n\
+          GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let r = responses(&raw, &[false, false, false, false]);
+    assert!(r[0].2 == bytes, "the first body differs");
+    assert_eq!(r[1].0, "http/1.1 206 partial content");
+    assert!(r[1].2 == bytes[131_071..=400_000], "the range differs");
+    assert_eq!(r[2].2, bytes[bytes.len() - 1..]);
+    assert!(r[3].2 == bytes, "the last body differs");
+    assert!(
+        r[3].1.contains(&format!("x-binplz-cache: {tier}\r\n")),
+        "{}",
+        r[3].1
+    );
+    assert_eq!(up.total_hits(), 0);
+}

@@ -1,0 +1,660 @@
+//! HTTP/1 `GET` and `HEAD` requests without a body, answered by binplz itself so that a
+//! file body goes from the page cache (disk tier) or a sealed memory file (memory tier) to
+//! the socket with `sendfile(2)`. hyper writes bodies from this process's memory only: with
+//! it, copying each body into the kernel took a quarter of the machine's CPU time when
+//! serving 1 MB files, and nginx, which uses `sendfile`, served half as many again.
+//!
+//! Everything else goes to hyper, on the same connection, with the bytes read so far:
+//! other methods, requests with a body, `Expect` or `Upgrade`, HTTP/2, heads that httparse
+//! (hyper's own parser) refuses or that are larger than [`MAX_HEAD`]. Once hyper has a
+//! connection it keeps it, so whatever this module does not take is answered exactly as
+//! before.
+//!
+//! ```text
+//!  read a head (header read timeout, shutdown) ─► httparse ─► plain GET or HEAD?
+//!     yes ─► App::handle ─► head + bytes in one write, or head (MSG_MORE) + sendfile
+//!            (write timeout per stall) ─► keep-alive? next head : close
+//!     no  ─► hyper (HTTP/1 or HTTP/2) with the bytes read so far
+//! ```
+
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Uri, Version,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::body::{read_chunk, Body, Out};
+use super::io::EscapeTargets;
+use super::App;
+
+/// Largest request head taken here. curl's and browsers' heads are well under 1 KiB; a
+/// larger one goes to hyper, whose own limit (about 400 KiB) answers it.
+const MAX_HEAD: usize = 16 << 10;
+/// Most header fields taken here; a request with more goes to hyper (which allows 100).
+const MAX_HEADERS: usize = 64;
+/// Read at a time while waiting for a head.
+const READ_CHUNK: usize = 4096;
+/// Bodies up to this size are copied behind the head and sent in one write; larger ones
+/// are written from where they are held.
+const COALESCE_MAX: usize = 16 << 10;
+/// Most bytes handed to one `sendfile` call: the socket takes what fits its buffer anyway.
+const SENDFILE_MAX: usize = 1 << 30;
+
+/// How a connection's time here ended.
+pub enum Outcome {
+    /// Closed (by either side, a timeout, an error or shutdown).
+    Closed,
+    /// A request this module does not take: hyper answers it and the rest of the
+    /// connection, reading these bytes first.
+    Handoff(Bytes),
+}
+
+/// A request head, parsed and taken apart into owned values.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    keep_alive: bool,
+}
+
+// Returned once per request and moved once: boxing the head would be an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    /// More bytes needed.
+    Partial,
+    /// Not a plain `GET` or `HEAD`: hyper's.
+    Other,
+    /// A head of `len` bytes.
+    Plain(Head, usize),
+}
+
+/// Parses the head at the start of `buf`. Values are slices of `buf`'s bytes, not copies.
+fn parse(buf: &BytesMut) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        Ok(httparse::Status::Partial) | Err(_) => return Parsed::Other,
+    };
+    let method = match req.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Parsed::Other,
+    };
+    let version = match req.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Parsed::Other,
+    };
+    let Some(path) = req.path.filter(|p| p.starts_with('/')) else {
+        return Parsed::Other;
+    };
+    // Where each slice lies in `buf`, so the frozen head can be sliced without copies.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let at = (s.as_ptr() as usize).wrapping_sub(base);
+        at..at + s.len()
+    };
+    let bytes = Bytes::copy_from_slice(&buf[..len]);
+    let Ok(uri) = Uri::from_maybe_shared(bytes.slice(span(path.as_bytes()))) else {
+        return Parsed::Other;
+    };
+    let mut headers = HeaderMap::with_capacity(req.headers.len());
+    let (mut close, mut keep) = (false, false);
+    for field in req.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        if [
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::EXPECT,
+            header::UPGRADE,
+        ]
+        .contains(&name)
+        {
+            return Parsed::Other;
+        }
+        let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(span(field.value))) else {
+            return Parsed::Other;
+        };
+        if name == header::CONNECTION {
+            for token in field.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let keep_alive = !close && (version == Version::HTTP_11 || keep);
+    let head = Head {
+        method,
+        uri,
+        version,
+        headers,
+        keep_alive,
+    };
+    Parsed::Plain(head, len)
+}
+
+/// Per-connection settings.
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub write_timeout: Duration,
+}
+
+/// Serves plain requests on `io` until the connection closes or a request is hyper's.
+/// `shutdown` turning true closes the connection when it is between responses.
+pub async fn serve(
+    io: &mut EscapeTargets<TcpStream>,
+    app: &App,
+    peer: SocketAddr,
+    limits: &Limits,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = Vec::with_capacity(1024);
+    let mut date = Date::default();
+    loop {
+        // Timed from when a request is awaited, as hyper does: an idle keep-alive
+        // connection is closed after the same time as a slow head.
+        let deadline = Instant::now() + limits.header_read_timeout;
+        let (head, len) = loop {
+            match parse(&buf) {
+                Parsed::Plain(head, len) => break (head, len),
+                Parsed::Other => return Outcome::Handoff(buf.freeze()),
+                Parsed::Partial => {}
+            }
+            if stopping(shutdown) {
+                return Outcome::Closed;
+            }
+            buf.reserve(READ_CHUNK);
+            tokio::select! {
+                biased;
+                r = io.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => return Outcome::Closed,
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep_until(deadline) => return Outcome::Closed,
+                () = stopped(shutdown) => return Outcome::Closed,
+            }
+        };
+        let _ = buf.split_to(len);
+        let resp = app
+            .handle(&head.method, &head.uri, &head.headers, peer)
+            .await;
+        let keep_alive = head.keep_alive && !stopping(shutdown);
+        let stream = io.get_ref();
+        match respond(stream, &head, resp, keep_alive, &mut out, &mut date, limits).await {
+            Ok(()) if keep_alive => {}
+            Ok(()) => {
+                let _ = io.shutdown().await;
+                return Outcome::Closed;
+            }
+            Err(e) => {
+                tracing::debug!(err = %e, %peer, "response not sent whole; connection closed");
+                return Outcome::Closed;
+            }
+        }
+    }
+}
+
+fn stopping(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow()
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Writes `resp` for a request with `head`.
+async fn respond(
+    stream: &TcpStream,
+    head: &Head,
+    resp: Response<Body>,
+    keep_alive: bool,
+    out: &mut Vec<u8>,
+    date: &mut Date,
+    limits: &Limits,
+) -> io::Result<()> {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status;
+    // No body for HEAD, or with these statuses (RFC 9110, 6.4.1).
+    let bodiless = head.method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let body = if bodiless {
+        Out::Empty
+    } else {
+        body.into_out()
+    };
+    let size = match &body {
+        Out::Empty => 0,
+        Out::Bytes(b) => b.len() as u64,
+        Out::File { len, .. } => *len,
+    };
+    let declared = parts.headers.get(header::CONTENT_LENGTH);
+    if !bodiless && declared.is_some_and(|v| v.to_str().ok() != Some(&size.to_string())) {
+        return Err(io::Error::other("Content-Length differs from the body"));
+    }
+    out.clear();
+    out.extend_from_slice(if head.version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let no_length = status.is_informational() || status == StatusCode::NO_CONTENT;
+    if declared.is_none() && !no_length && status != StatusCode::NOT_MODIFIED {
+        field(out, b"content-length", size.to_string().as_bytes());
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        field(out, b"date", date.now().as_bytes());
+    }
+    match (keep_alive, head.version) {
+        (false, _) => field(out, b"connection", b"close"),
+        (true, Version::HTTP_10) => field(out, b"connection", b"keep-alive"),
+        (true, _) => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    let t = limits.write_timeout;
+    match body {
+        Out::Empty => write_all(stream, &[out], t).await,
+        Out::Bytes(b) if b.len() <= COALESCE_MAX => {
+            out.extend_from_slice(&b);
+            write_all(stream, &[out], t).await
+        }
+        Out::Bytes(b) => write_all(stream, &[out, &b], t).await,
+        Out::File { file, offset, len } => {
+            send_more(stream, out, t).await?;
+            send_file(stream, &file, offset, len, t).await
+        }
+    }
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `Date` value, formatted once a second.
+#[derive(Default)]
+struct Date {
+    second: u64,
+    text: String,
+}
+
+impl Date {
+    fn now(&mut self) -> &str {
+        let now = SystemTime::now();
+        let second = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now);
+        }
+        &self.text
+    }
+}
+
+/// Waits until `stream` takes bytes, for at most `timeout`: a client that stops reading
+/// does not hold its connection (and the file being sent) forever.
+async fn writable(stream: &TcpStream, timeout: Duration) -> io::Result<()> {
+    match tokio::time::timeout(timeout, stream.writable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client stopped reading",
+        )),
+    }
+}
+
+/// Runs the non-blocking `op` until it goes through, waiting for the socket between tries.
+async fn retry<R>(
+    stream: &TcpStream,
+    timeout: Duration,
+    mut op: impl FnMut() -> io::Result<R>,
+) -> io::Result<R> {
+    loop {
+        match stream.try_io(Interest::WRITABLE, &mut op) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(stream, timeout).await?,
+            r => return r,
+        }
+    }
+}
+
+/// Writes every byte of `bufs`, in order.
+async fn write_all(stream: &TcpStream, bufs: &[&[u8]], timeout: Duration) -> io::Result<()> {
+    let mut done = 0usize;
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    while done < total {
+        let mut skip = done;
+        let mut slices = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            slices.push(IoSlice::new(&b[skip..]));
+            skip = 0;
+        }
+        let n = retry(stream, timeout, || stream.try_write_vectored(&slices)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Writes the whole head, telling the kernel that more follows (`MSG_MORE`), so that the
+/// head and the file's first bytes leave in the same segments.
+async fn send_more(stream: &TcpStream, head: &[u8], timeout: Duration) -> io::Result<()> {
+    let flags = rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL;
+    let mut done = 0;
+    while done < head.len() {
+        done += retry(stream, timeout, || {
+            Ok(rustix::net::send(stream, &head[done..], flags)?)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `file` from `offset` with `sendfile`, or by reading and writing
+/// where the file's system has no `sendfile`. A file that ends early is an error: the
+/// connection then closes short of its `Content-Length`, which clients take as a failure.
+async fn send_file(
+    stream: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: u64,
+    timeout: Duration,
+) -> io::Result<()> {
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let count = usize::try_from(end - at)
+            .unwrap_or(SENDFILE_MAX)
+            .min(SENDFILE_MAX);
+        let sent = retry(stream, timeout, || {
+            let mut pos = at;
+            let n = rustix::fs::sendfile(stream, file, Some(&mut pos), count)?;
+            Ok(n)
+        })
+        .await;
+        match sent {
+            Ok(0) => return Err(early_end()),
+            Ok(n) => at += n as u64,
+            // Nothing sent yet, and this file cannot be sent that way.
+            Err(e) if at == offset && unsupported(&e) => {
+                return copy_file(stream, file, offset, len, timeout).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    [
+        rustix::io::Errno::INVAL,
+        rustix::io::Errno::NOSYS,
+        rustix::io::Errno::OPNOTSUPP,
+    ]
+    .iter()
+    .any(|c| e.raw_os_error() == Some(c.raw_os_error()))
+}
+
+fn early_end() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "file ended early")
+}
+
+/// [`send_file`] by reading and writing.
+async fn copy_file(
+    stream: &TcpStream,
+    file: &File,
+    offset: u64,
+    len: u64,
+    timeout: Duration,
+) -> io::Result<()> {
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let chunk = read_chunk(file, at, end - at)?;
+        write_all(stream, &[&chunk], timeout).await?;
+        at += chunk.len() as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn parsed(raw: &str) -> Parsed {
+        parse(&BytesMut::from(raw.as_bytes()))
+    }
+
+    fn plain(raw: &str) -> (Head, usize) {
+        match parsed(raw) {
+            Parsed::Plain(h, n) => (h, n),
+            Parsed::Partial => panic!("partial: {raw:?}"),
+            Parsed::Other => panic!("handed off: {raw:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_gets_and_heads_are_taken_with_their_headers() {
+        let raw = "GET /tree?rev=abc HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\n\r\nGET /next";
+        let (head, len) = plain(raw);
+        assert_eq!(len, raw.find("GET /next").unwrap());
+        assert_eq!(head.method, Method::GET);
+        assert_eq!(head.uri.path(), "/tree");
+        assert_eq!(head.uri.query(), Some("rev=abc"));
+        assert_eq!(head.headers["range"], "bytes=0-1");
+        assert!(head.keep_alive);
+        let (head, _) = plain("HEAD / HTTP/1.1\r\n\r\n");
+        assert_eq!(head.method, Method::HEAD);
+    }
+
+    #[test]
+    fn keep_alive_follows_the_version_and_connection_header() {
+        for (raw, keep) in [
+            ("GET / HTTP/1.1\r\n\r\n", true),
+            ("GET / HTTP/1.1\r\nConnection: close\r\n\r\n", false),
+            (
+                "GET / HTTP/1.1\r\nConnection: Keep-Alive, CLOSE\r\n\r\n",
+                false,
+            ),
+            ("GET / HTTP/1.0\r\n\r\n", false),
+            ("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true),
+        ] {
+            assert_eq!(plain(raw).0.keep_alive, keep, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn anything_but_a_plain_bodiless_get_or_head_is_handed_to_hyper() {
+        for raw in [
+            "POST / HTTP/1.1\r\n\r\n",
+            "PUT / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\n\r\n",
+            "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "GET /a b HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nX: a\u{1}b\r\n\r\n",
+        ] {
+            assert!(matches!(parsed(raw), Parsed::Other), "{raw:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        assert!(matches!(
+            parsed(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
+            Parsed::Other
+        ));
+        let long = format!("GET / HTTP/1.1\r\nX: {}", "v".repeat(MAX_HEAD));
+        assert!(matches!(parsed(&long), Parsed::Other));
+    }
+
+    #[test]
+    fn an_unfinished_head_waits_for_more() {
+        for raw in [
+            "",
+            "GE",
+            "GET / HTTP/1.1\r\nHost: x\r\n",
+            "GET / HTTP/1.1\r\n\r",
+        ] {
+            assert!(matches!(parsed(raw), Parsed::Partial), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn the_date_is_an_http_date() {
+        let mut d = Date::default();
+        let text = d.now().to_owned();
+        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
+        assert!(text.ends_with(" GMT"));
+    }
+
+    /// A connected pair: (the server's end, the client's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (accepted.unwrap().0, client.unwrap())
+    }
+
+    /// Bytes that differ at every offset that matters here.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    fn file_with(bytes: &[u8]) -> File {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    fn memory_file_with(bytes: &[u8]) -> File {
+        use std::io::Write;
+        let fd = rustix::fs::memfd_create("test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let mut f = File::from(fd);
+        f.write_all(bytes).unwrap();
+        f
+    }
+
+    /// What the client end receives while `send` runs on the server end, and `send`'s result.
+    async fn received<F, Fut>(send: F) -> (Vec<u8>, io::Result<()>)
+    where
+        F: FnOnce(TcpStream) -> Fut,
+        Fut: std::future::Future<Output = io::Result<()>>,
+    {
+        let (server, mut client) = pair().await;
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let result = send(server).await;
+        (reader.await.unwrap(), result)
+    }
+
+    const WAIT: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn file_ranges_are_sent_exactly_from_disk_and_memory_files() {
+        let bytes = pattern(3 * (256 << 10) + 17);
+        for file in [file_with(&bytes), memory_file_with(&bytes)] {
+            let file = std::sync::Arc::new(file);
+            for (offset, len) in [(0, bytes.len()), (1, 100_000), (bytes.len() - 1, 1)] {
+                let f = file.clone();
+                let (got, r) = received(|s| async move {
+                    send_file(&s, &f, offset as u64, len as u64, WAIT).await
+                })
+                .await;
+                r.unwrap();
+                assert!(got == bytes[offset..offset + len], "{offset}+{len}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn copying_sends_the_same_bytes_where_sendfile_cannot() {
+        // More than one read's chunk.
+        let bytes = pattern(300_000);
+        let file = file_with(&bytes);
+        let (got, r) =
+            received(|s| async move { copy_file(&s, &file, 3, 200_000, WAIT).await }).await;
+        r.unwrap();
+        assert!(got == bytes[3..200_003]);
+    }
+
+    #[tokio::test]
+    async fn a_file_shorter_than_promised_is_an_error_after_its_bytes() {
+        let bytes = pattern(70_000);
+        let file = file_with(&bytes);
+        let (got, r) =
+            received(|s| async move { send_file(&s, &file, 0, 80_000, WAIT).await }).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            got == bytes,
+            "the bytes there were are sent, and nothing else"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_times_the_send_out() {
+        let (server, _client) = pair().await;
+        let file = tempfile::tempfile().unwrap();
+        // Sparse: far more than loopback's socket buffers hold, and nothing on disk.
+        file.set_len(1 << 30).unwrap();
+        let r = send_file(&server, &file, 0, 1 << 30, Duration::from_millis(100)).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn heads_and_bodies_leave_in_order_in_one_or_more_writes() {
+        let big = pattern(COALESCE_MAX * 4);
+        let (got, r) = received(|s| {
+            let big = big.clone();
+            async move {
+                write_all(&s, &[b"head ", b"", &big, b" tail"], WAIT).await?;
+                send_more(&s, b"more ", WAIT).await
+            }
+        })
+        .await;
+        r.unwrap();
+        let want = [&b"head "[..], &big, b" tail", b"more "].concat();
+        assert!(got == want);
+    }
+}
