@@ -252,6 +252,10 @@ impl TargetEscaper {
 pub struct EscapeTargets<T> {
     inner: T,
     escaper: TargetEscaper,
+    /// False until [`EscapeTargets::escape`] for a [`EscapeTargets::deferred`] one.
+    escaping: bool,
+    /// Where raw bytes are read to before escaping.
+    raw: Box<[u8]>,
     /// Escaped bytes that did not fit the caller's buffer yet.
     pending: Vec<u8>,
     pos: usize,
@@ -265,9 +269,38 @@ impl<T> EscapeTargets<T> {
         EscapeTargets {
             inner,
             escaper: TargetEscaper::default(),
+            escaping: true,
+            raw: Box::default(),
             pending: Vec::new(),
             pos: 0,
         }
+    }
+
+    /// Reads pass through untouched until [`EscapeTargets::escape`] is called: for a reader
+    /// that parses requests itself and escapes only when a head does not parse.
+    pub fn deferred(inner: T) -> Self {
+        EscapeTargets {
+            escaping: false,
+            ..EscapeTargets::new(inner)
+        }
+    }
+
+    /// Escapes from here on, starting with `read`: bytes read from this connection and not
+    /// yet consumed, which must start at a request's start (or be the first bytes). Does
+    /// nothing once escaping.
+    pub fn escape(&mut self, read: &mut bytes::BytesMut) {
+        if self.escaping {
+            return;
+        }
+        self.escaping = true;
+        let mut out = Vec::with_capacity(read.len() + 16);
+        self.escaper.push(read, &mut out);
+        read.clear();
+        read.extend_from_slice(&out);
+    }
+
+    pub fn is_escaping(&self) -> bool {
+        self.escaping
     }
 
     /// The connection, for writes that bypass this wrapper (writes are not escaped).
@@ -342,11 +375,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for EscapeTargets<T> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.pos == this.pending.len() {
-            if this.escaper.is_off() {
+            if !this.escaping || this.escaper.is_off() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut raw = [0u8; ESCAPE_READ];
-            let mut raw_buf = ReadBuf::new(&mut raw);
+            // Zeroed once per connection: zeroing a fresh buffer for every read cost
+            // more than the rest of the escaping.
+            if this.raw.is_empty() {
+                this.raw = vec![0u8; ESCAPE_READ].into_boxed_slice();
+            }
+            let mut raw_buf = ReadBuf::new(&mut this.raw);
             match Pin::new(&mut this.inner).poll_read(cx, &mut raw_buf) {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
@@ -481,6 +518,29 @@ mod tests {
     fn after_a_body_or_an_unknown_start_everything_passes_through(#[case] input: &[u8]) {
         let out = escaped(&[input]);
         assert_eq!(out, input);
+    }
+
+    #[tokio::test]
+    async fn a_deferred_reader_passes_bytes_through_until_told_to_escape() {
+        use tokio::io::AsyncReadExt;
+        let (mut a, b) = tokio::io::duplex(256);
+        a.write_all(b"GET /`a HTTP/1.1\r\n").await.expect("write");
+        let mut r = EscapeTargets::deferred(b);
+        let mut buf = bytes::BytesMut::new();
+        r.read_buf(&mut buf).await.expect("read");
+        assert_eq!(&buf[..], b"GET /`a HTTP/1.1\r\n");
+        assert!(!r.is_escaping());
+        r.escape(&mut buf);
+        assert!(r.is_escaping());
+        assert_eq!(&buf[..], b"GET /%60a HTTP/1.1\r\n");
+        // The escaper goes on where the bytes it was given ended.
+        a.write_all(b"Host: `\r\n\r\nGET /<b HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        drop(a);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.expect("read");
+        assert_eq!(rest, b"Host: `\r\n\r\nGET /%3Cb HTTP/1.1\r\n\r\n");
     }
 
     #[tokio::test]

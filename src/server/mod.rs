@@ -530,7 +530,8 @@ impl App {
             ));
         }
         let hit = self.file(chosen.store_path, chosen.path, neg_key).await?;
-        let fixed = FileHeaders::of(&hit, program);
+        let revision = index.metadata().revision.as_deref();
+        let fixed = FileHeaders::of(&hit, program, chosen.attr, revision);
         let mut resp = if sha_only {
             let body = format!("{}  {program}\n", fixed.sha256);
             let mut resp = text(StatusCode::OK, TEXT_PLAIN, body, head);
@@ -549,10 +550,6 @@ impl App {
                 h.insert(name, v);
             }
         };
-        set(H_NIX_ATTR, chosen.attr);
-        if let Some(rev) = &index.metadata().revision {
-            set(H_NIXPKGS_REVISION, rev);
-        }
         if found.len() > 1 {
             let others: Vec<&str> = found.iter().skip(1).map(|c| c.attr).collect();
             set(H_BINPLZ_CANDIDATES, &others.join(", "));
@@ -777,10 +774,12 @@ struct FileHeaders {
     sha256: String,
     /// `"<sha256>"`.
     etag: String,
-    /// The program name `file` was built for.
+    /// The program name, attribute and Nixpkgs revision `file` was built for.
     program: Box<str>,
-    /// `X-Nix-Store-Path`, `X-Binplz-Sha256`, `X-Binplz-Linkage`: on every response for the
-    /// file, `.sha256` ones included.
+    attr: Box<str>,
+    revision: Option<Box<str>>,
+    /// `X-Nix-Store-Path`, `X-Binplz-Sha256`, `X-Binplz-Linkage`, `X-Nix-Attr`,
+    /// `X-Nixpkgs-Revision`: on every response for the file, `.sha256` ones included.
     provenance: HeaderMap,
     /// The provenance headers, then `ETag`, `Accept-Ranges`, `Content-Type` and
     /// `Content-Disposition`: a full response's start.
@@ -788,20 +787,28 @@ struct FileHeaders {
 }
 
 impl FileHeaders {
-    /// The headers for `hit` served as `program`: from the hit's memo when it has them for
-    /// that name, else built (and kept in the memo, if there is one and it is empty).
-    fn of(hit: &Hit, program: &str) -> Arc<FileHeaders> {
+    /// The headers for `hit` served as `program` of `attr` from `revision`: from the hit's
+    /// memo when it has them for those, else built (and kept in the memo, if there is one
+    /// and it is empty).
+    fn of(hit: &Hit, program: &str, attr: &str, revision: Option<&str>) -> Arc<FileHeaders> {
+        let build = || Arc::new(FileHeaders::build(hit, program, attr, revision));
         let Some(memo) = &hit.memo else {
-            return Arc::new(FileHeaders::build(hit, program));
+            return build();
         };
-        let kept = memo.get_or_init(|| Box::new(Arc::new(FileHeaders::build(hit, program))));
+        let kept = memo.get_or_init(|| Box::new(build()));
         match kept.downcast_ref::<Arc<FileHeaders>>() {
-            Some(f) if *f.program == *program => f.clone(),
-            _ => Arc::new(FileHeaders::build(hit, program)),
+            Some(f)
+                if *f.program == *program
+                    && *f.attr == *attr
+                    && f.revision.as_deref() == revision =>
+            {
+                f.clone()
+            }
+            _ => build(),
         }
     }
 
-    fn build(hit: &Hit, program: &str) -> FileHeaders {
+    fn build(hit: &Hit, program: &str, attr: &str, revision: Option<&str>) -> FileHeaders {
         let sha256 = crate::hash::hex(&hit.meta.sha256);
         let etag = ["\"", &sha256, "\""].concat();
         let mut provenance = HeaderMap::with_capacity(PROVENANCE_HEADERS);
@@ -813,6 +820,10 @@ impl FileHeaders {
         set(&mut provenance, H_NIX_STORE_PATH, &hit.meta.store_path);
         set(&mut provenance, H_BINPLZ_SHA256, &sha256);
         set(&mut provenance, H_BINPLZ_LINKAGE, &hit.meta.linkage);
+        set(&mut provenance, H_NIX_ATTR, attr);
+        if let Some(rev) = revision {
+            set(&mut provenance, H_NIXPKGS_REVISION, rev);
+        }
         // Sized for the request's own headers too: each clone keeps this index table, so
         // adding them does not rehash.
         let mut file = HeaderMap::with_capacity(FILE_HEADERS + PROVENANCE_HEADERS);
@@ -826,6 +837,8 @@ impl FileHeaders {
             sha256,
             etag,
             program: program.into(),
+            attr: attr.into(),
+            revision: revision.map(Into::into),
             provenance,
             file,
         }
@@ -874,7 +887,11 @@ fn file_response(
     };
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    // A body's length goes out from the body itself (by hyper, or `h1`); only a `HEAD`
+    // response, which has none, says it here.
+    if head {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
             h.insert(header::CONTENT_RANGE, v);
@@ -1116,7 +1133,7 @@ impl Connections {
         let limits = self.limits.clone();
         let mut shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
-            let mut io = io::EscapeTargets::new(stream);
+            let mut io = io::EscapeTargets::deferred(stream);
             let read = match h1::serve(&mut io, &app, peer, &limits, &mut shutdown).await {
                 h1::Outcome::Closed => return drop(permit),
                 h1::Outcome::Handoff(read) => read,

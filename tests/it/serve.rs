@@ -1619,3 +1619,27 @@ async fn a_large_file_is_sent_exactly_whole_and_in_ranges(
     );
     assert_eq!(up.total_hits(), 0);
 }
+
+#[tokio::test]
+async fn a_hostile_name_between_plain_requests_gets_the_400_script_and_the_connection_goes_on() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let raw = exchange(
+        &server,
+        b"GET /hello HTTP/1.1\r\n\r\n\
+          GET /`touch${IFS}pwned` HTTP/1.1\r\n\r\n\
+          GET /<x> HTTP/1.1\r\n\r\n\
+          GET /goodbye HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let r = responses(&raw, &[false, false, false, false]);
+    assert!(r[0].2 == prebuilt("hello"));
+    for bad in &r[1..3] {
+        assert_eq!(bad.0, "http/1.1 400 bad request");
+        let script = String::from_utf8_lossy(&bad.2);
+        assert!(script.contains("invalid program name"), "{script}");
+        assert!(!script.contains("pwned"), "{script}");
+    }
+    assert!(r[3].2 == prebuilt("goodbye"));
+}
