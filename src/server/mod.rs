@@ -1,8 +1,9 @@
 //! `binplz serve`: the HTTP edge node.
 //!
 //! ```text
-//!  accept (connection cap) ─► a serving thread ─► hyper (header read timeout) ─► handle()
-//!     routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
+//!  accept (connection cap) ─► a serving thread ─► h1: plain GET/HEAD ─► handle() ─► sendfile
+//!                                                  └ anything else ─► hyper ─► handle()
+//!  handle(): routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
 //!     extraction (upstream permits) ─► response with provenance, Range, ETag ─► log line
 //! ```
 //!
