@@ -94,13 +94,11 @@ fn memory_key(store_path: &str, path: &str) -> String {
 /// The content of `sha` from the disk cache: read `whole` into memory, or opened. `None`
 /// if it is not there (or was dropped as corrupt).
 fn load(disk: &DiskCache, sha: &[u8; 32], whole: bool) -> io::Result<Option<Content>> {
-    if whole {
-        if let Some(v) = disk.read_all(sha)? {
-            return Ok(Some(Content::Memory(Bytes::from(v))));
-        }
-        return Ok(None);
-    }
-    Ok(disk.open_file(sha)?.map(|f| Content::File(Arc::new(f))))
+    Ok(if whole {
+        disk.read_all(sha)?.map(|v| Content::Memory(Bytes::from(v)))
+    } else {
+        disk.open_file(sha)?.map(|f| Content::File(Arc::new(f)))
+    })
 }
 
 /// Chunk copied at a time into a memory file.

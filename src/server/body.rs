@@ -161,7 +161,7 @@ impl hyper::body::Body for Body {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
@@ -169,11 +169,11 @@ mod tests {
     use std::io::Write;
 
     /// Bytes that differ at every offset that matters here.
-    fn pattern(len: usize) -> Vec<u8> {
+    pub(in crate::server) fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
     }
 
-    fn file_with(bytes: &[u8]) -> Arc<File> {
+    pub(in crate::server) fn file_with(bytes: &[u8]) -> Arc<File> {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
         Arc::new(f)

@@ -304,12 +304,12 @@ async fn respond(
     out.extend_from_slice(b"\r\n");
     let t = limits.write_timeout;
     match body {
-        Out::Empty => write_all(stream, &[out], t).await,
+        Out::Empty => write_all(stream, &mut [IoSlice::new(out)], t).await,
         Out::Bytes(b) if b.len() <= COALESCE_MAX => {
             out.extend_from_slice(&b);
-            write_all(stream, &[out], t).await
+            write_all(stream, &mut [IoSlice::new(out)], t).await
         }
-        Out::Bytes(b) => write_all(stream, &[out, &b], t).await,
+        Out::Bytes(b) => write_all(stream, &mut [IoSlice::new(out), IoSlice::new(&b)], t).await,
         Out::File { file, offset, len } => {
             send_more(stream, out, t).await?;
             send_file(stream, &file, offset, len, t).await
@@ -372,25 +372,18 @@ async fn retry<R>(
 }
 
 /// Writes every byte of `bufs`, in order.
-async fn write_all(stream: &TcpStream, bufs: &[&[u8]], timeout: Duration) -> io::Result<()> {
-    let mut done = 0usize;
-    let total: usize = bufs.iter().map(|b| b.len()).sum();
-    while done < total {
-        let mut skip = done;
-        let mut slices = Vec::with_capacity(bufs.len());
-        for b in bufs {
-            if skip >= b.len() {
-                skip -= b.len();
-                continue;
-            }
-            slices.push(IoSlice::new(&b[skip..]));
-            skip = 0;
-        }
-        let n = retry(stream, timeout, || stream.try_write_vectored(&slices)).await?;
+async fn write_all(
+    stream: &TcpStream,
+    mut bufs: &mut [IoSlice<'_>],
+    timeout: Duration,
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = retry(stream, timeout, || stream.try_write_vectored(bufs)).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        done += n;
+        IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
 }
@@ -470,7 +463,7 @@ async fn copy_file(
     let mut at = offset;
     while at < end {
         let chunk = read_chunk(file, at, end - at)?;
-        write_all(stream, &[&chunk], timeout).await?;
+        write_all(stream, &mut [IoSlice::new(&chunk)], timeout).await?;
         at += chunk.len() as u64;
     }
     Ok(())
@@ -481,6 +474,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::server::body::tests::{file_with, pattern};
+    use std::sync::Arc;
 
     fn parsed(raw: &str) -> Parsed {
         parse(&BytesMut::from(raw.as_bytes()))
@@ -582,24 +577,12 @@ mod tests {
         (accepted.unwrap().0, client.unwrap())
     }
 
-    /// Bytes that differ at every offset that matters here.
-    fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i % 251) as u8).collect()
-    }
-
-    fn file_with(bytes: &[u8]) -> File {
-        use std::io::Write;
-        let mut f = tempfile::tempfile().unwrap();
-        f.write_all(bytes).unwrap();
-        f
-    }
-
-    fn memory_file_with(bytes: &[u8]) -> File {
+    fn memory_file_with(bytes: &[u8]) -> Arc<File> {
         use std::io::Write;
         let fd = rustix::fs::memfd_create("test", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         let mut f = File::from(fd);
         f.write_all(bytes).unwrap();
-        f
+        Arc::new(f)
     }
 
     /// What the client end receives while `send` runs on the server end, and `send`'s result.
@@ -624,7 +607,6 @@ mod tests {
     async fn file_ranges_are_sent_exactly_from_disk_and_memory_files() {
         let bytes = pattern(3 * (256 << 10) + 17);
         for file in [file_with(&bytes), memory_file_with(&bytes)] {
-            let file = std::sync::Arc::new(file);
             for (offset, len) in [(0, bytes.len()), (1, 100_000), (bytes.len() - 1, 1)] {
                 let f = file.clone();
                 let (got, r) = received(|s| async move {
@@ -677,7 +659,8 @@ mod tests {
         let (got, r) = received(|s| {
             let big = big.clone();
             async move {
-                write_all(&s, &[b"head ", b"", &big, b" tail"], WAIT).await?;
+                let mut bufs = [b"head ", &b""[..], &big, b" tail"].map(IoSlice::new);
+                write_all(&s, &mut bufs, WAIT).await?;
                 send_more(&s, b"more ", WAIT).await
             }
         })
