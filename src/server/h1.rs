@@ -88,7 +88,9 @@ fn parse(buf: &BytesMut) -> Parsed {
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
-        Ok(httparse::Status::Partial) => return Parsed::Other,
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Other
+        }
         Err(_) => return Parsed::Invalid,
     };
     let method = match req.method {
@@ -185,6 +187,27 @@ pub async fn serve(
                 Parsed::Invalid if !io.is_escaping() => {
                     io.escape(&mut buf);
                     continue;
+                }
+                // Still not HTTP: hyper would answer an empty 400, which runs as a script
+                // that succeeds. A request for a file gets the 400 script, and the
+                // connection closes (where its next request starts is unknown).
+                Parsed::Invalid if buf.starts_with(b"GET ") || buf.starts_with(b"HEAD ") => {
+                    let head = Head {
+                        method: if buf.starts_with(b"HEAD ") {
+                            Method::HEAD
+                        } else {
+                            Method::GET
+                        },
+                        uri: Uri::from_static("/"),
+                        version: Version::HTTP_11,
+                        headers: HeaderMap::new(),
+                        keep_alive: false,
+                    };
+                    let resp = app.malformed(head.method == Method::HEAD, peer);
+                    let stream = io.get_ref();
+                    let _ = respond(stream, &head, resp, false, &mut out, &mut date, limits).await;
+                    let _ = io.shutdown().await;
+                    return Outcome::Closed;
                 }
                 Parsed::Other | Parsed::Invalid => {
                     io.escape(&mut buf);

@@ -286,6 +286,15 @@ impl App {
         resp
     }
 
+    /// The answer to a `GET` or `HEAD` whose head does not parse even with its target
+    /// escaped (a tab or control byte in the name, say): the 400 script, so that running
+    /// what a failed download saved explains itself, as for any other bad name.
+    fn malformed(&self, head: bool, peer: SocketAddr) -> Response<Body> {
+        self.inner.metrics.request("program", 400);
+        tracing::info!(target: "binplz::access", status = 400, client = %peer.ip(), "malformed request");
+        error(ErrorKind::BadRequest, "malformed request", head)
+    }
+
     async fn route(
         &self,
         route: Route,

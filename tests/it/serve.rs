@@ -1643,3 +1643,28 @@ async fn a_hostile_name_between_plain_requests_gets_the_400_script_and_the_conne
     }
     assert!(r[3].2 == prebuilt("goodbye"));
 }
+
+#[rstest]
+#[case::a_tab_in_the_name(b"GET /a\tb HTTP/1.1\r\nHost: x\r\n\r\n")]
+#[case::a_control_byte_in_the_name(b"GET /a\x01b HTTP/1.1\r\nHost: x\r\n\r\n")]
+#[case::a_broken_header(b"GET /hello HTTP/1.1\r\nBad Name: x\r\n\r\n")]
+#[tokio::test]
+async fn a_get_that_is_not_http_gets_the_400_script_and_a_closed_connection(#[case] raw: &[u8]) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let got = exchange(&server, raw).await;
+    let r = responses(&got, &[false]);
+    assert_eq!(r[0].0, "http/1.1 400 bad request");
+    assert!(r[0].1.contains("connection: close"), "{}", r[0].1);
+    let headers = r[0].1.lines().skip(1).filter_map(|l| l.split_once(':'));
+    let reply = Reply {
+        status: 400,
+        headers: headers
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+        body: r[0].2.clone(),
+    };
+    assert_error_script(&reply, 400, "binplz: malformed request");
+    assert_eq!(up.total_hits(), 0);
+}
