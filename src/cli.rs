@@ -501,7 +501,8 @@ fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
     eprintln!(
         "binplz: indexed {} attributes, {} outputs: {} programs, {} outputs not built, \
          {} outputs failed, {} evaluation errors, {} lines skipped \
-         (listings: {} from .ls, {} from NARs, {} .ls rejected; {} bin/ entries skipped)",
+         (listings: {} from .ls, {} from NARs, {} .ls rejected; {} bin/ entries skipped, \
+         {} left out for a reference that could not be listed)",
         s.attributes,
         s.outputs,
         s.programs,
@@ -513,6 +514,7 @@ fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
         s.from_nar,
         s.listings_rejected,
         s.skipped_links,
+        s.failed_links,
     );
     eprintln!("binplz: wrote {}", args.output.display());
     Ok(())

@@ -61,6 +61,9 @@ pub struct Summary {
     pub from_nar: usize,
     pub listings_rejected: usize,
     pub skipped_links: usize,
+    /// `bin/` entries leading into a referenced store path that could not be listed (not
+    /// in the cache, or failing verification): their programs are left out.
+    pub failed_links: usize,
 }
 
 /// The built index, ready for [`super::format::write`].
@@ -113,6 +116,7 @@ struct Scanner {
     /// Listings of store paths that symlinks in `bin/` lead into, fetched once.
     refs: Mutex<HashMap<StorePath, Arc<(VerifiedNarInfo, Listing)>>>,
     skipped_links: AtomicUsize,
+    failed_links: AtomicUsize,
 }
 
 pub async fn build(
@@ -153,6 +157,7 @@ pub async fn build(
         extractor,
         refs: Mutex::default(),
         skipped_links: AtomicUsize::new(0),
+        failed_links: AtomicUsize::new(0),
     });
     let counters = Arc::new(Counters::default());
     let semaphore = Arc::new(Semaphore::new(opts.jobs.max(1)));
@@ -207,6 +212,7 @@ pub async fn build(
         eprintln!();
     }
     built.summary.skipped_links = scanner.skipped_links.load(Ordering::Relaxed);
+    built.summary.failed_links = scanner.failed_links.load(Ordering::Relaxed);
     assemble(&mut built, &attrs, &scans);
     let systems: BTreeSet<&str> = attrs.iter().map(|a| a.system.as_str()).collect();
     built.meta = Metadata {
@@ -380,15 +386,24 @@ impl Scanner {
             let mut path = bin.clone();
             path.0.push(name.as_str().as_bytes().to_vec());
             match self.follow(store_path, &info, &listing, &path).await {
-                Some((sp, p, size, nar_offset)) => found.push(Found {
+                Ok(Some((sp, p, size, nar_offset))) => found.push(Found {
                     name: name.as_str().to_owned(),
                     store_path: sp,
                     path: p,
                     size,
                     nar_offset,
                 }),
-                None => {
+                Ok(None) => {
                     self.skipped_links.fetch_add(1, Ordering::Relaxed);
+                }
+                // A reference the upstream failed to give: the whole output is tried again,
+                // as when its own listing fails.
+                Err(e) if matches!(e.kind(), ErrorKind::UpstreamBroken | ErrorKind::TimedOut) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(%store_path, program = name.as_str(), err = %e, "program left out: its link leads into a store path that cannot be listed");
+                    self.failed_links.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -396,14 +411,15 @@ impl Scanner {
     }
 
     /// Resolves `path` with the extractor's rules, into signed references too. `None` for
-    /// anything that is not an executable regular file in the end.
+    /// anything that is not an executable regular file in the end; an error if a reference
+    /// on the way cannot be listed.
     async fn follow(
         &self,
         store_path: &StorePath,
         info: &VerifiedNarInfo,
         listing: &Listing,
         path: &RelPath,
-    ) -> Option<(String, String, u64, Option<u64>)> {
+    ) -> Result<Option<(String, String, u64, Option<u64>)>, ExtractError> {
         let mut hops = 0;
         let mut here: Option<Arc<(VerifiedNarInfo, Listing)>> = None;
         let mut current = store_path.clone();
@@ -420,46 +436,51 @@ impl Scanner {
                     executable,
                 }) => {
                     if !executable {
-                        return None;
+                        return Ok(None);
                     }
                     let nar_offset = match listing.get(&path.0) {
                         Some(Node::Regular { nar_offset, .. }) => *nar_offset,
                         _ => None,
                     };
-                    return Some((
+                    return Ok(Some((
                         current.to_absolute_path(),
                         path.to_string(),
                         size,
                         nar_offset,
-                    ));
+                    )));
                 }
                 Ok(Target::StorePath {
                     store_path: next,
                     rest,
                 }) => {
                     if !info.references(&next) {
-                        return None;
+                        return Ok(None);
                     }
                     let next_pair = self.reference(&next).await?;
                     here = Some(next_pair);
                     current = next;
                     path = rest;
                 }
-                Err(_) => return None,
+                Err(_) => return Ok(None),
             }
         }
     }
 
-    async fn reference(&self, store_path: &StorePath) -> Option<Arc<(VerifiedNarInfo, Listing)>> {
+    /// A referenced store path's narinfo and listing, fetched once per build (failures
+    /// are not kept: a later link tries again).
+    async fn reference(
+        &self,
+        store_path: &StorePath,
+    ) -> Result<Arc<(VerifiedNarInfo, Listing)>, ExtractError> {
         if let Some(hit) = self.refs.lock().await.get(store_path) {
-            return Some(hit.clone());
+            return Ok(hit.clone());
         }
-        let (info, listing, _) = self.extractor.listing(store_path).await.ok()?;
+        let (info, listing, _) = self.extractor.listing(store_path).await?;
         let pair = Arc::new((info, listing));
         self.refs
             .lock()
             .await
             .insert(store_path.clone(), pair.clone());
-        Some(pair)
+        Ok(pair)
     }
 }

@@ -282,6 +282,51 @@ async fn symlinks_in_bin_are_resolved_to_the_file_they_lead_to() {
     );
 }
 
+/// An evaluation of `links` alone: `hello`'s store path is then only a reference.
+fn links_alone(dir: &TempDir) -> PathBuf {
+    let all = read_text(&jobs_fixture());
+    let line = all
+        .lines()
+        .find(|l| l.starts_with(r#"{"attr":"links","#))
+        .expect("links is in the evaluation");
+    write_file(dir, "links.jsonl", &format!("{line}\n"))
+}
+
+#[tokio::test]
+async fn a_reference_the_upstream_fails_once_is_fetched_again() {
+    let up = cache();
+    let dir = tempdir();
+    // Two answers of 500: both tries of the client's first attempt.
+    up.set_fault(
+        &narinfo_path(paths::HELLO),
+        Fault::Status {
+            code: 500,
+            first: Some(2),
+            retry_after: None,
+        },
+    );
+    let built = build(&up, &[links_alone(&dir)]).await;
+    let index = index_of(&built);
+    assert_eq!(found(&index, "hello-abs", None)[0].store_path, paths::HELLO);
+    assert_eq!((built.summary.failures, built.summary.failed_links), (0, 0));
+}
+
+#[tokio::test]
+async fn a_reference_missing_upstream_leaves_its_program_out_and_is_counted() {
+    let up = cache();
+    let dir = tempdir();
+    up.set_fault(&narinfo_path(paths::HELLO), Fault::NotFound);
+    let built = build(&up, &[links_alone(&dir)]).await;
+    let index = index_of(&built);
+    assert_eq!(index.resolve(SYSTEM, "hello-abs", None), Lookup::Unknown);
+    // The output's other programs are indexed.
+    assert_eq!(
+        location(&index, "hello-rel"),
+        (paths::LINKS.to_owned(), "bin/hello".to_owned())
+    );
+    assert_eq!((built.summary.failures, built.summary.failed_links), (0, 1));
+}
+
 #[rstest]
 #[case::non_executable("readme")]
 #[case::escaping_the_store_path("escape")]
@@ -365,6 +410,7 @@ async fn summary_and_metadata_count_what_was_indexed() {
     );
     // links: escape, etc-passwd, loop-a, loop-b, dangling, unref, dir-link; nonexec: readme.
     assert_eq!(s.skipped_links, 8);
+    assert_eq!(s.failed_links, 0);
 
     let m = &built.meta;
     assert_eq!(m.revision.as_deref(), Some(REVISION));
