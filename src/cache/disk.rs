@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tempfile::NamedTempFile;
+use tempfile::{NamedTempFile, TempPath};
 use tracing::{debug, info, warn};
 
 use crate::hash::hex;
@@ -364,6 +364,14 @@ impl DiskCache {
     /// re-hashed) and it must have been created in [`DiskCache::tmp_dir`]. A file larger
     /// than the capacity is not kept ([`Stored::TooLarge`]).
     pub fn insert(&self, file: NamedTempFile, meta: KeyMeta) -> io::Result<Stored> {
+        let (file, path) = file.into_parts();
+        self.insert_parts(&file, path, meta)
+    }
+
+    /// [`DiskCache::insert`] for a temp file split into its open file and its path, so that
+    /// the caller can keep reading the open file (the same file, under its new name) while
+    /// and after it is kept.
+    pub fn insert_parts(&self, file: &File, path: TempPath, meta: KeyMeta) -> io::Result<Stored> {
         let sha = meta.sha256;
         if meta.size > self.capacity {
             debug!(
@@ -374,7 +382,7 @@ impl DiskCache {
             );
             return Ok(Stored::TooLarge);
         }
-        let len = file.as_file().metadata()?.len();
+        let len = file.metadata()?.len();
         if len != meta.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -394,7 +402,7 @@ impl DiskCache {
         // partly written file (ext4 and XFS delay allocation). The re-hash after restart
         // would catch that, but only by throwing the entry away.
         if !had_content {
-            file.as_file().sync_all()?;
+            file.sync_all()?;
         }
         let key_tmp = if key_current {
             None
@@ -404,16 +412,16 @@ impl DiskCache {
 
         let mut index = self.lock();
         let stored = if index.entries.contains_key(&sha) {
-            drop(file);
+            drop(path);
             Stored::Shared
         } else {
             if had_content {
                 // Evicted since we looked: rare enough to flush under the lock.
-                file.as_file().sync_all()?;
+                file.sync_all()?;
             }
             let evicted = index.make_room(&self.layout, meta.size, self.capacity);
             fs::create_dir_all(self.layout.shard(&sha))?;
-            file.persist(self.layout.content(&sha))
+            path.persist(self.layout.content(&sha))
                 .map_err(|e| e.error)?;
             index.add(sha, meta.size, true);
             Stored::Written { evicted }

@@ -5,7 +5,9 @@
 //!  get(store path, path) ─► memory ─► hit
 //!                       └──► disk key map ─► disk file (checked) ─► hit (and into memory,
 //!                                                                    if it fits there)
-//!                       └─ miss ─► single flight ─► extract (verified) ─► disk insert ─► again
+//!                       └─ miss ─► single flight ─► extract (verified) ─► hit, from the temp file
+//!                                                   └─ then, as the flight's tail: the wanted
+//!                                                      file into memory, all into the disk cache
 //! ```
 //!
 //! The memory tier holds a small file as bytes and a larger one as a sealed memory file
@@ -24,9 +26,10 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use rustix::fs::{MemfdFlags, SealFlags};
 use sha2::{Digest, Sha256};
+use tempfile::TempPath;
 
 use super::disk::{DiskCache, KeyMeta};
-use super::flight::SingleFlight;
+use super::flight::{Joined, SingleFlight, Tail};
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extracted};
 
@@ -140,7 +143,7 @@ fn seal(file: &File, size: u64, sha: &[u8; 32]) -> io::Result<Option<File>> {
 
 /// A failed flight carries the path it was started for: its error may be about that file
 /// alone, and not about the other files of the store path that callers were waiting for.
-type FlightResult = Result<(), (String, Arc<ExtractError>)>;
+type FlightResult = Result<Arc<Vec<(Arc<KeyMeta>, Arc<File>)>>, (String, Arc<ExtractError>)>;
 
 /// Flights a caller starts or joins before giving up.
 const MAX_FLIGHTS: usize = 3;
@@ -252,6 +255,11 @@ impl Files {
     /// cache's temp directory and kept, with the sibling files `fetch` returns. Concurrent
     /// callers for the same store path share one fetch; one whose file was not among what
     /// that fetch kept starts another.
+    ///
+    /// The callers of a fetch are answered from its verified temp files as soon as the
+    /// fetch is done: keeping them (into memory, and flushed to disk under their hash) is
+    /// the flight's tail, so a response does not wait for the disk. Whoever asks during
+    /// the tail waits for it and is then answered from the tier it filled.
     pub async fn get<F, Fut>(
         &self,
         store_path: &str,
@@ -266,44 +274,45 @@ impl Files {
         if let Some(hit) = self.cached(store_path, path).await.map_err(local)? {
             return Ok(hit);
         }
-        for _ in 0..MAX_FLIGHTS {
+        let (mut flights, mut waits) = (0, 0);
+        while flights < MAX_FLIGHTS && waits < MAX_FLIGHTS {
             let work = fetch_once(&fetch, self.disk.tmp_dir().to_owned());
-            let disk = self.disk.clone();
+            let keeper = Keeper {
+                disk: self.disk.clone(),
+                memory: self.memory.clone(),
+                memory_item_max: self.memory_item_max,
+            };
             let (sp, p) = (store_path.to_owned(), path.to_owned());
             let flight = async move {
                 // A flight that ended between our cache check and this one starting has
                 // already kept the file: do not download it again.
-                if disk.lookup(&sp, &p).is_some() {
-                    return Ok(());
+                if keeper.disk.lookup(&sp, &p).is_some() {
+                    return (Ok(Arc::default()), None);
                 }
                 let failed = |e: ExtractError| (p.clone(), Arc::new(e));
-                let (wanted, extras) = work.await.map_err(failed)?;
-                let kept = (sp, p.clone());
-                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                    // The wanted file under the key it was asked by (its path before any
-                    // symlink into another store path); siblings under their own.
-                    let mut all = vec![(kept.0, kept.1, wanted)];
-                    all.extend(extras.into_iter().filter_map(|e| {
-                        let sp = e.store_path.as_ref()?.to_absolute_path();
-                        Some((sp, e.path.to_string(), e))
-                    }));
-                    for (store_path, path, e) in all {
-                        let meta = KeyMeta {
-                            store_path,
-                            path,
-                            sha256: e.sha256()?,
-                            size: e.size,
-                            executable: e.executable,
-                            linkage: e.linkage.kind().to_owned(),
-                        };
-                        disk.insert(e.file, meta)?;
-                    }
-                    Ok(())
+                let (wanted, extras) = match work.await {
+                    Ok(x) => x,
+                    Err(e) => return (Err(failed(e)), None),
+                };
+                let asked = (sp, p.clone());
+                let landings = match tokio::task::spawn_blocking(move || {
+                    land(asked.0, asked.1, wanted, extras)
                 })
                 .await
-                .map_err(|e| failed(ExtractError::Local(std::io::Error::other(e))))?
-                .map_err(|e| failed(ExtractError::Local(e)))?;
-                Ok(())
+                {
+                    Ok(Ok(l)) => l,
+                    Ok(Err(e)) => return (Err(failed(ExtractError::Local(e))), None),
+                    Err(e) => {
+                        let e = ExtractError::Local(std::io::Error::other(e));
+                        return (Err(failed(e)), None);
+                    }
+                };
+                let landed = landings
+                    .iter()
+                    .map(|l| (l.meta.clone(), l.file.clone()))
+                    .collect::<Vec<_>>();
+                let tail: Tail = Box::pin(keeper.keep(landings));
+                (Ok(Arc::new(landed)), Some(tail))
             };
             let lost = Err((
                 path.to_owned(),
@@ -311,24 +320,182 @@ impl Files {
                     "extraction task lost",
                 ))),
             ));
-            match self.flights.run(store_path.to_owned(), flight, lost).await {
-                Ok(()) => {}
+            let tier = match self.flights.join(store_path.to_owned(), flight, lost).await {
+                Joined::Ran(Ok(landed)) => {
+                    flights += 1;
+                    let ours = landed
+                        .iter()
+                        .find(|(m, _)| m.store_path == store_path && m.path == path);
+                    if let Some((meta, file)) = ours {
+                        return Ok(Hit {
+                            meta: meta.clone(),
+                            content: Content::File(file.clone()),
+                            tier: "upstream",
+                            memo: None,
+                        });
+                    }
+                    "upstream"
+                }
                 // Another caller's file is missing or refused: that says nothing about
                 // ours, which that flight did not keep. Fetch it in a flight of our own.
-                Err((for_path, e))
+                Joined::Ran(Err((for_path, e)))
                     if for_path != path
-                        && matches!(e.kind(), ErrorKind::UnknownProgram | ErrorKind::Refused) => {}
-                Err((_, e)) => return Err(e),
-            }
+                        && matches!(e.kind(), ErrorKind::UnknownProgram | ErrorKind::Refused) =>
+                {
+                    flights += 1;
+                    "upstream"
+                }
+                Joined::Ran(Err((_, e))) => return Err(e),
+                // Came during a flight's tail, which has now kept what it fetched.
+                Joined::Finished => {
+                    waits += 1;
+                    ""
+                }
+            };
             if let Some(mut hit) = self.cached(store_path, path).await.map_err(local)? {
-                hit.tier = "upstream";
+                if !tier.is_empty() {
+                    hit.tier = tier;
+                }
                 return Ok(hit);
             }
         }
         Err(local(std::io::Error::other(
-            "the extracted file could not be kept (larger than the disk cache?)",
+            "the extracted file could not be kept",
         )))
     }
+
+    /// Waits until no extraction is under way and every extracted file has been kept.
+    pub async fn settled(&self) {
+        self.flights.idle().await;
+    }
+}
+
+/// A file a flight extracted and verified, kept by the flight's tail.
+struct Landing {
+    meta: Arc<KeyMeta>,
+    /// Open on the temp file, and on the kept file once it is renamed.
+    file: Arc<File>,
+    temp: TempPath,
+}
+
+/// The wanted file (first) under the key it was asked by (its path before any symlink into
+/// another store path), and the siblings under their own. Blocking: a file whose SHA-256 the pass
+/// did not compute is read back.
+fn land(
+    store_path: String,
+    path: String,
+    wanted: Extracted,
+    extras: Vec<Extracted>,
+) -> io::Result<Vec<Landing>> {
+    let mut all = vec![(store_path, path, wanted)];
+    all.extend(extras.into_iter().filter_map(|e| {
+        let sp = e.store_path.as_ref()?.to_absolute_path();
+        Some((sp, e.path.to_string(), e))
+    }));
+    all.into_iter()
+        .map(|(store_path, path, e)| {
+            let meta = KeyMeta {
+                store_path,
+                path,
+                sha256: e.sha256()?,
+                size: e.size,
+                executable: e.executable,
+                linkage: e.linkage.kind().to_owned(),
+            };
+            let (file, temp) = e.file.into_parts();
+            Ok(Landing {
+                meta: Arc::new(meta),
+                file: Arc::new(file),
+                temp,
+            })
+        })
+        .collect()
+}
+
+/// What a flight's tail needs to keep its files.
+struct Keeper {
+    disk: Arc<DiskCache>,
+    memory: moka::future::Cache<String, Arc<Held>>,
+    memory_item_max: u64,
+}
+
+impl Keeper {
+    /// Keeps landed files: first the wanted one in memory if it fits there, so that a
+    /// request arriving while it is flushed to disk finds it; then all on disk. Siblings
+    /// go to memory when they are first asked for, like any file from disk.
+    async fn keep(self, landings: Vec<Landing>) {
+        let item_max = self.memory_item_max;
+        let held = tokio::task::spawn_blocking(move || {
+            let mut held = Vec::new();
+            let mut keep = Vec::with_capacity(landings.len());
+            for (i, l) in landings.into_iter().enumerate() {
+                if i > 0 || l.meta.size > item_max {
+                    keep.push(l);
+                    continue;
+                }
+                match hold(&l.file, l.meta.size, &l.meta.sha256) {
+                    Ok(Some(content)) => {
+                        held.push((l.meta.clone(), content));
+                        keep.push(l);
+                    }
+                    Ok(None) => {
+                        tracing::error!(
+                            store_path = %l.meta.store_path,
+                            path = %l.meta.path,
+                            "an extracted file changed before it was kept; dropped"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(err = %e, "cannot hold an extracted file in memory");
+                        keep.push(l);
+                    }
+                }
+            }
+            (held, keep)
+        })
+        .await;
+        let Ok((held, keep)) = held else {
+            return;
+        };
+        for (meta, content) in held {
+            let key = memory_key(&meta.store_path, &meta.path);
+            let held = Held {
+                meta,
+                content,
+                memo: Memo::default(),
+            };
+            self.memory.insert(key, Arc::new(held)).await;
+        }
+        let disk = self.disk;
+        let _ = tokio::task::spawn_blocking(move || {
+            for l in keep {
+                let meta = KeyMeta::clone(&l.meta);
+                if let Err(e) = disk.insert_parts(&l.file, l.temp, meta) {
+                    tracing::warn!(
+                        store_path = %l.meta.store_path,
+                        path = %l.meta.path,
+                        err = %e,
+                        "cannot keep an extracted file on disk"
+                    );
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// `file`'s `size` bytes as held in memory: read whole if small, else copied into a sealed
+/// memory file; hashed on the way either way. `Ok(None)` if they are not `sha`.
+fn hold(file: &File, size: u64, sha: &[u8; 32]) -> io::Result<Option<Content>> {
+    if size > INLINE_READ_MAX {
+        return Ok(seal(file, size, sha)?.map(|m| Content::File(Arc::new(m))));
+    }
+    let mut bytes = vec![0u8; usize::try_from(size).map_err(io::Error::other)?];
+    file.read_exact_at(&mut bytes, 0)?;
+    if <[u8; 32]>::from(Sha256::digest(&bytes)) != *sha {
+        return Ok(None);
+    }
+    Ok(Some(Content::Memory(Bytes::from(bytes))))
 }
 
 #[cfg(test)]

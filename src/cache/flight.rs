@@ -4,23 +4,75 @@
 //! others (or waste what was already fetched). Its result, success or error, goes to
 //! everyone who asked while it ran; nothing is remembered afterwards, so an error is never
 //! cached by accident.
+//!
+//! Work may hand back a tail with its result: what is left to do once the result is out
+//! (the server keeps extracted files while their first responses are already being sent).
+//! The flight stays registered until its tail is done, and whoever asks meanwhile waits for
+//! that and is told [`Joined::Finished`], so that it looks again where the tail keeps
+//! things instead of starting the work a second time.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+/// What is left of a piece of work after its result is published.
+pub type Tail = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What a caller of [`SingleFlight::join`] gets.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined<V> {
+    /// The result of the run the caller started or waited for.
+    Ran(V),
+    /// The caller came after the result of a run was out, and that run's tail is now done.
+    Finished,
+}
+
+type Flights<K, V> = Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>;
+
 pub struct SingleFlight<K, V> {
-    flights: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+    flights: Flights<K, V>,
+    /// Runs not yet done, tails included.
+    active: Arc<watch::Sender<usize>>,
 }
 
 impl<K, V> Default for SingleFlight<K, V> {
     fn default() -> Self {
         SingleFlight {
             flights: Arc::default(),
+            active: Arc::new(watch::Sender::new(0)),
         }
+    }
+}
+
+/// Held by a run's task: whatever way it ends (panic and cancellation included), its key
+/// is removed, unless a new run holds it by then, and it stops counting as active.
+struct Running<K: Eq + Hash, V> {
+    key: K,
+    mine: watch::Receiver<Option<V>>,
+    flights: Flights<K, V>,
+    active: Arc<watch::Sender<usize>>,
+}
+
+impl<K: Eq + Hash, V> Running<K, V> {
+    fn remove(&self) {
+        if let Ok(mut f) = self.flights.lock() {
+            if f.get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.mine))
+            {
+                f.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for Running<K, V> {
+    fn drop(&mut self) {
+        self.remove();
+        self.active.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -35,34 +87,68 @@ where
     where
         F: Future<Output = V> + Send + 'static,
     {
-        let mut rx = {
+        match self
+            .join(key, async { (work.await, None) }, lost.clone())
+            .await
+        {
+            Joined::Ran(v) => v,
+            // Without tails, nobody is told Finished.
+            Joined::Finished => lost,
+        }
+    }
+
+    /// [`SingleFlight::run`] for work that may leave a [`Tail`] after its result.
+    pub async fn join<F>(&self, key: K, work: F, lost: V) -> Joined<V>
+    where
+        F: Future<Output = (V, Option<Tail>)> + Send + 'static,
+    {
+        let (mut rx, late) = {
             let Ok(mut flights) = self.flights.lock() else {
-                return lost;
+                return Joined::Ran(lost);
             };
             match flights.get(&key) {
-                Some(rx) => rx.clone(),
+                Some(rx) => (rx.clone(), rx.borrow().is_some()),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(key.clone(), rx.clone());
-                    let flights = self.flights.clone();
+                    self.active.send_modify(|n| *n += 1);
+                    let running = Running {
+                        key,
+                        mine: rx.clone(),
+                        flights: self.flights.clone(),
+                        active: self.active.clone(),
+                    };
                     tokio::spawn(async move {
-                        let v = work.await;
-                        // Remove the flight before publishing, so a request arriving after
-                        // the result starts a new flight rather than seeing a stale one.
-                        if let Ok(mut f) = flights.lock() {
-                            f.remove(&key);
+                        let (v, tail) = work.await;
+                        match tail {
+                            None => {
+                                // Removed before publishing, so a request arriving after
+                                // the result starts a new run rather than seeing this one.
+                                running.remove();
+                                let _ = tx.send(Some(v));
+                            }
+                            Some(tail) => {
+                                let _ = tx.send(Some(v));
+                                tail.await;
+                            }
                         }
-                        let _ = tx.send(Some(v));
+                        // `running` and `tx` drop here: late callers wake up.
+                        drop(running);
                     });
-                    rx
+                    (rx, false)
                 }
             }
         };
+        if late {
+            // The sender goes when the run's task ends, tail and all.
+            while rx.changed().await.is_ok() {}
+            return Joined::Finished;
+        }
         let result = match rx.wait_for(Option::is_some).await {
             Ok(v) => v.clone(),
             Err(_) => None,
         };
-        result.unwrap_or(lost)
+        Joined::Ran(result.unwrap_or(lost))
     }
 
     /// Flights under way.
@@ -72,6 +158,11 @@ where
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Waits until no run is under way, tails included.
+    pub async fn idle(&self) {
+        let _ = self.active.subscribe().wait_for(|n| *n == 0).await;
     }
 }
 
@@ -118,5 +209,58 @@ mod tests {
         let v = sf.run("k", async { Ok(7) }, Err("lost".into())).await;
         assert_eq!(v, Ok(7));
         assert!(sf.is_empty());
+    }
+
+    #[tokio::test]
+    async fn callers_during_a_tail_wait_for_it_and_are_told_it_finished() {
+        let sf: Arc<SingleFlight<&'static str, u32>> = Arc::new(SingleFlight::default());
+        let (tail_go, mut tail_wait) = watch::channel(false);
+        let (tail_done_tx, tail_done) = watch::channel(false);
+        let work = async move {
+            let tail: Tail = Box::pin(async move {
+                let _ = tail_wait.wait_for(|g| *g).await;
+                let _ = tail_done_tx.send(true);
+            });
+            (7, Some(tail))
+        };
+        // The caller that ran the work has its result while the tail is still to do.
+        assert_eq!(sf.join("k", work, 0).await, Joined::Ran(7));
+        assert_eq!(sf.len(), 1, "the flight is gone before its tail is done");
+
+        let late = tokio::spawn({
+            let sf = sf.clone();
+            async move {
+                let never = async { panic!("a second run started during the tail") };
+                sf.join("k", never, 0).await
+            }
+        });
+        let idle = tokio::spawn({
+            let sf = sf.clone();
+            async move { sf.idle().await }
+        });
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!late.is_finished() && !idle.is_finished());
+        tail_go.send(true).expect("send");
+        assert_eq!(late.await.expect("join"), Joined::Finished);
+        assert!(
+            *tail_done.borrow(),
+            "told Finished before the tail was done"
+        );
+        idle.await.expect("join");
+        assert!(sf.is_empty());
+        // Done: the next call runs again.
+        assert_eq!(sf.run("k", async { 8 }, 0).await, 8);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_panics_is_lost_and_forgotten() {
+        let sf: SingleFlight<&'static str, u32> = SingleFlight::default();
+        let v = sf.run("k", async { panic!("boom") }, 99).await;
+        assert_eq!(v, 99);
+        assert!(sf.is_empty());
+        sf.idle().await;
+        assert_eq!(sf.run("k", async { 1 }, 99).await, 1);
     }
 }

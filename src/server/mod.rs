@@ -998,6 +998,7 @@ pub async fn run_threads(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let keeper = app.clone();
     let mut workers = Vec::with_capacity(threads.saturating_sub(1));
     let mut drained = Vec::with_capacity(threads.saturating_sub(1));
     let mut handles = Vec::with_capacity(threads.saturating_sub(1));
@@ -1087,6 +1088,15 @@ pub async fn run_threads(
     conns.drain().await;
     for done in drained {
         let _ = done.await;
+    }
+    // Files fetched for responses already sent may still be being kept: finish that (on
+    // the runtimes that started it), so that the next start finds them.
+    let grace = keeper.inner.config.shutdown_grace;
+    if tokio::time::timeout(grace, keeper.inner.files.settled())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace period over; extracted files left unkept");
     }
     let _ = release_tx.send(true);
     for h in handles {

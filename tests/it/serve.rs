@@ -835,6 +835,51 @@ async fn restarted_node_serves_from_disk_without_asking_the_upstream() {
 }
 
 #[tokio::test]
+async fn a_file_larger_than_the_disk_cache_is_served_and_fetched_again_next_time() {
+    let up = cache();
+    let dir = tempdir();
+    let mut setup = Setup::fixture(&up, dir.path()).await;
+    setup.disk_bytes = 4096;
+    setup.memory_bytes = 0;
+    assert!(prebuilt("hello").len() > 4096);
+    let server = Server::start(setup).await;
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    for fetches in 1..=2 {
+        let r = server.get("/hello").await;
+        assert_serves(&r, "hello");
+        assert_eq!(r.header("x-binplz-cache"), Some("upstream"));
+        assert_eq!(up.hits(&nar), fetches);
+    }
+    server.stop().await;
+    let hello_sha = hex_sha256(&prebuilt("hello"));
+    assert!(
+        !content_files(dir.path())
+            .iter()
+            .any(|p| p.file_name().is_some_and(|n| n == hello_sha.as_str())),
+        "kept on disk beyond the cache's size"
+    );
+}
+
+#[tokio::test]
+async fn a_file_the_disk_cannot_keep_is_served_and_held_in_memory() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    // Content files can no longer be written: `files` is not a directory any more.
+    let files = dir.path().join("files");
+    std::fs::remove_dir_all(&files).expect("removing files/");
+    std::fs::write(&files, b"").expect("writing a file in its place");
+    let r = server.get("/hello").await;
+    assert_serves(&r, "hello");
+    assert_eq!(r.header("x-binplz-cache"), Some("upstream"));
+    let again = server.get("/hello").await;
+    assert_serves(&again, "hello");
+    assert_eq!(again.header("x-binplz-cache"), Some("memory"));
+    assert_eq!(up.hits(&fixture_nar_path("cache", paths::HELLO)), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn corrupted_disk_entry_is_detected_and_fetched_again() {
     let up = cache();
     let dir = tempdir();
