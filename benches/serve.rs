@@ -388,8 +388,7 @@ fn cold(
     );
     println!(
         "extract = the server's own binplz_extraction_seconds (fetch, decode, verify, write a \
-         temp file); head = request to response head (also keeping the file on disk); \
-         cold = request to last byte"
+         temp file); head = request to response head; cold = request to last byte"
     );
     println!();
     println!(

@@ -216,6 +216,12 @@ impl App {
         &self.inner.metrics
     }
 
+    /// Waits until no extraction is under way and every extracted file has been kept
+    /// (responses go out before their files are flushed to disk).
+    pub async fn settled(&self) {
+        self.inner.files.settled().await;
+    }
+
     /// Re-reads index files that changed (every file if `force`, as on SIGHUP); a bad file
     /// keeps the old index serving. Loading an index is a long synchronous read and check:
     /// it runs on a blocking thread, not on a serving one.
@@ -963,8 +969,8 @@ fn parse_range(v: &str, size: u64) -> RangeSpec {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits up
-/// to the configured grace period for responses in progress. Everything runs on the
-/// calling runtime.
+/// to the configured grace period for responses in progress and for extracted files still
+/// being kept. Everything runs on the calling runtime.
 pub async fn run(
     listener: TcpListener,
     app: App,
@@ -1081,6 +1087,7 @@ pub async fn run_threads(
             Err(e) => tracing::warn!(err = %e, %peer, "cannot hand a connection over"),
         }
     }
+    let stopping = tokio::time::Instant::now();
     poller.abort();
     drop(listener);
     drop(workers);
@@ -1091,8 +1098,8 @@ pub async fn run_threads(
     }
     // Files fetched for responses already sent may still be being kept: finish that (on
     // the runtimes that started it), so that the next start finds them.
-    let grace = keeper.inner.config.shutdown_grace;
-    if tokio::time::timeout(grace, keeper.inner.files.settled())
+    let deadline = stopping + keeper.inner.config.shutdown_grace;
+    if tokio::time::timeout_at(deadline, keeper.settled())
         .await
         .is_err()
     {

@@ -450,6 +450,8 @@ async fn metrics_count_requests_cache_tiers_upstream_fetches_and_bytes() {
     assert_eq!(server.get("/helo").await.status, 404);
     let head = server.request("HEAD", "/hello", &[]).await;
     assert_eq!(head.status, 200);
+    // The disk copy is made after the first response.
+    server.app.settled().await;
 
     let after = metrics(&server.get("/-/metrics").await.text());
     let get = |name: &str| after.get(name).copied().unwrap_or(0.0);
