@@ -21,6 +21,7 @@ use std::future::Future;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -28,7 +29,7 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use sha2::{Digest, Sha256};
 use tempfile::TempPath;
 
-use super::disk::{DiskCache, KeyMeta};
+use super::disk::{DiskCache, KeyMeta, Stored};
 use super::flight::{Joined, SingleFlight, Tail};
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extracted};
@@ -158,6 +159,8 @@ pub struct Files {
     disk: Arc<DiskCache>,
     /// Keyed by store path: one NAR download serves every file wanted from it meanwhile.
     flights: SingleFlight<String, FlightResult>,
+    /// Extracted files that were served but could not be kept on disk.
+    keep_errors: Arc<AtomicU64>,
 }
 
 impl Files {
@@ -174,6 +177,7 @@ impl Files {
             memory_item_max: (memory_bytes / 8).min(64 << 20),
             disk: Arc::new(disk),
             flights: SingleFlight::default(),
+            keep_errors: Arc::default(),
         }
     }
 
@@ -183,6 +187,11 @@ impl Files {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory.weighted_size()
+    }
+
+    /// Extracted files served but not kept on disk for an error (not for their size).
+    pub fn keep_errors(&self) -> u64 {
+        self.keep_errors.load(Ordering::Relaxed)
     }
 
     /// The file for `(store_path, path)` if a tier holds it, without any upstream fetch.
@@ -259,7 +268,10 @@ impl Files {
     /// The callers of a fetch are answered from its verified temp files as soon as the
     /// fetch is done: keeping them (into memory, and flushed to disk under their hash) is
     /// the flight's tail, so a response does not wait for the disk. Whoever asks during
-    /// the tail waits for it and is then answered from the tier it filled.
+    /// the tail waits for it and is then answered from the tier it filled. A temp file is
+    /// trusted as a fresh disk-cache entry is: this process wrote it, and its SHA-256 was
+    /// taken over the bytes written, in the verified pass. Its length is checked before it
+    /// is served, and the wanted file is hashed again as it is copied into memory.
     pub async fn get<F, Fut>(
         &self,
         store_path: &str,
@@ -281,6 +293,7 @@ impl Files {
                 disk: self.disk.clone(),
                 memory: self.memory.clone(),
                 memory_item_max: self.memory_item_max,
+                errors: self.keep_errors.clone(),
             };
             let (sp, p) = (store_path.to_owned(), path.to_owned());
             let flight = async move {
@@ -360,7 +373,7 @@ impl Files {
             }
         }
         Err(local(std::io::Error::other(
-            "the extracted file could not be kept",
+            "the extracted file could not be kept (larger than the disk cache?)",
         )))
     }
 
@@ -403,6 +416,15 @@ fn land(
                 linkage: e.linkage.kind().to_owned(),
             };
             let (file, temp) = e.file.into_parts();
+            // Served from this file before it is flushed and kept: at least its length is
+            // checked first, as keeping it would.
+            let len = file.metadata()?.len();
+            if len != e.size {
+                return Err(io::Error::other(format!(
+                    "extracted {} is {len} bytes on disk, {} in the NAR",
+                    meta.path, e.size
+                )));
+            }
             Ok(Landing {
                 meta: Arc::new(meta),
                 file: Arc::new(file),
@@ -417,6 +439,7 @@ struct Keeper {
     disk: Arc<DiskCache>,
     memory: moka::future::Cache<String, Arc<Held>>,
     memory_item_max: u64,
+    errors: Arc<AtomicU64>,
 }
 
 impl Keeper {
@@ -425,6 +448,7 @@ impl Keeper {
     /// go to memory when they are first asked for, like any file from disk.
     async fn keep(self, landings: Vec<Landing>) {
         let item_max = self.memory_item_max;
+        let errors = self.errors.clone();
         let held = tokio::task::spawn_blocking(move || {
             let mut held = Vec::new();
             let mut keep = Vec::with_capacity(landings.len());
@@ -442,8 +466,9 @@ impl Keeper {
                         tracing::error!(
                             store_path = %l.meta.store_path,
                             path = %l.meta.path,
-                            "an extracted file changed before it was kept; dropped"
+                            "an extracted file no longer hashes to what was verified; dropped"
                         );
+                        errors.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::warn!(err = %e, "cannot hold an extracted file in memory");
@@ -454,8 +479,13 @@ impl Keeper {
             (held, keep)
         })
         .await;
-        let Ok((held, keep)) = held else {
-            return;
+        let (held, keep) = match held {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(err = %e, "keeping extracted files failed");
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
         };
         for (meta, content) in held {
             let key = memory_key(&meta.store_path, &meta.path);
@@ -466,21 +496,34 @@ impl Keeper {
             };
             self.memory.insert(key, Arc::new(held)).await;
         }
-        let disk = self.disk;
-        let _ = tokio::task::spawn_blocking(move || {
+        let (disk, errors) = (self.disk, self.errors);
+        let kept = tokio::task::spawn_blocking(move || {
             for l in keep {
                 let meta = KeyMeta::clone(&l.meta);
-                if let Err(e) = disk.insert_parts(&l.file, l.temp, meta) {
-                    tracing::warn!(
+                match disk.insert_parts(&l.file, l.temp, meta) {
+                    Ok(Stored::TooLarge) => tracing::info!(
                         store_path = %l.meta.store_path,
                         path = %l.meta.path,
-                        err = %e,
-                        "cannot keep an extracted file on disk"
-                    );
+                        size = l.meta.size,
+                        "larger than the disk cache: served, not kept"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(
+                            store_path = %l.meta.store_path,
+                            path = %l.meta.path,
+                            err = %e,
+                            "cannot keep an extracted file on disk"
+                        );
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         })
         .await;
+        if let Err(e) = kept {
+            tracing::error!(err = %e, "keeping extracted files on disk failed");
+        }
     }
 }
 

@@ -48,10 +48,12 @@ impl<K, V> Default for SingleFlight<K, V> {
     }
 }
 
-/// Held by a run's task: whatever way it ends (panic and cancellation included), its key
-/// is removed, unless a new run holds it by then, and it stops counting as active.
+/// Held by a run's task, with the sender of its result: whatever way the task ends (panic
+/// and cancellation included), its key is removed, unless a new run holds it by then, and
+/// only then is the sender dropped, which wakes whoever waits for the run's end.
 struct Running<K: Eq + Hash, V> {
     key: K,
+    tx: watch::Sender<Option<V>>,
     mine: watch::Receiver<Option<V>>,
     flights: Flights<K, V>,
     active: Arc<watch::Sender<usize>>,
@@ -67,12 +69,17 @@ impl<K: Eq + Hash, V> Running<K, V> {
             }
         }
     }
+
+    fn publish(&self, v: V) {
+        let _ = self.tx.send(Some(v));
+    }
 }
 
 impl<K: Eq + Hash, V> Drop for Running<K, V> {
     fn drop(&mut self) {
         self.remove();
         self.active.send_modify(|n| *n = n.saturating_sub(1));
+        // `tx` is dropped after this, with the other fields.
     }
 }
 
@@ -102,42 +109,50 @@ where
     where
         F: Future<Output = (V, Option<Tail>)> + Send + 'static,
     {
-        let (mut rx, late) = {
+        let (mut rx, running) = {
             let Ok(mut flights) = self.flights.lock() else {
                 return Joined::Ran(lost);
             };
             match flights.get(&key) {
-                Some(rx) => (rx.clone(), rx.borrow().is_some()),
+                // Late if its result is out already: its tail is under way.
+                Some(rx) => (rx.clone(), Err(rx.borrow().is_some())),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(key.clone(), rx.clone());
                     self.active.send_modify(|n| *n += 1);
                     let running = Running {
                         key,
+                        tx,
                         mine: rx.clone(),
                         flights: self.flights.clone(),
                         active: self.active.clone(),
                     };
-                    tokio::spawn(async move {
-                        let (v, tail) = work.await;
-                        match tail {
-                            None => {
-                                // Removed before publishing, so a request arriving after
-                                // the result starts a new run rather than seeing this one.
-                                running.remove();
-                                let _ = tx.send(Some(v));
-                            }
-                            Some(tail) => {
-                                let _ = tx.send(Some(v));
-                                tail.await;
-                            }
-                        }
-                        // `running` and `tx` drop here: late callers wake up.
-                        drop(running);
-                    });
-                    (rx, false)
+                    (rx, Ok(running))
                 }
             }
+        };
+        // Spawned outside the lock: a task dropped at once (its runtime shutting down)
+        // takes the lock again to remove its key.
+        let late = match running {
+            Ok(running) => {
+                tokio::spawn(async move {
+                    let (v, tail) = work.await;
+                    match tail {
+                        None => {
+                            // Removed before publishing, so a request arriving after the
+                            // result starts a new run rather than seeing this one.
+                            running.remove();
+                            running.publish(v);
+                        }
+                        Some(tail) => {
+                            running.publish(v);
+                            tail.await;
+                        }
+                    }
+                });
+                false
+            }
+            Err(late) => late,
         };
         if late {
             // The sender goes when the run's task ends, tail and all.

@@ -193,9 +193,15 @@ impl Metrics {
             self.in_progress()
         );
         for (name, help, value) in extra {
+            // Counters end in `_total`; the rest are gauges.
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             let _ = writeln!(
                 s,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
         s

@@ -456,6 +456,11 @@ impl App {
                 "Extractions waiting for an upstream permit.",
                 self.inner.queued.load(Ordering::Relaxed),
             ),
+            (
+                "binplz_disk_cache_keep_errors_total",
+                "Extracted files served but not kept in the disk cache, for an error.",
+                self.inner.files.keep_errors(),
+            ),
         ];
         text(
             StatusCode::OK,

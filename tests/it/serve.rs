@@ -852,6 +852,10 @@ async fn a_file_larger_than_the_disk_cache_is_served_and_fetched_again_next_time
         assert_eq!(r.header("x-binplz-cache"), Some("upstream"));
         assert_eq!(up.hits(&nar), fetches);
     }
+    server.app.settled().await;
+    // Too large is not an error.
+    let errors = metric(&server, "binplz_disk_cache_keep_errors_total").await;
+    assert_eq!(errors, 0.0);
     server.stop().await;
     let hello_sha = hex_sha256(&prebuilt("hello"));
     assert!(
@@ -878,6 +882,9 @@ async fn a_file_the_disk_cannot_keep_is_served_and_held_in_memory() {
     assert_serves(&again, "hello");
     assert_eq!(again.header("x-binplz-cache"), Some("memory"));
     assert_eq!(up.hits(&fixture_nar_path("cache", paths::HELLO)), 1);
+    server.app.settled().await;
+    let errors = metric(&server, "binplz_disk_cache_keep_errors_total").await;
+    assert!(errors >= 1.0, "the failure to keep was not counted");
     server.stop().await;
 }
 
