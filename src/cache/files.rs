@@ -307,9 +307,9 @@ impl Files {
                     Ok(x) => x,
                     Err(e) => return (Err(failed(e)), None),
                 };
-                let asked = (sp, p.clone());
+                let asked = p.clone();
                 let landings = match tokio::task::spawn_blocking(move || {
-                    land(asked.0, asked.1, wanted, extras)
+                    land(sp, asked, wanted, extras)
                 })
                 .await
                 {
@@ -347,7 +347,7 @@ impl Files {
                             memo: None,
                         });
                     }
-                    "upstream"
+                    Some("upstream")
                 }
                 // Another caller's file is missing or refused: that says nothing about
                 // ours, which that flight did not keep. Fetch it in a flight of our own.
@@ -356,17 +356,18 @@ impl Files {
                         && matches!(e.kind(), ErrorKind::UnknownProgram | ErrorKind::Refused) =>
                 {
                     flights += 1;
-                    "upstream"
+                    Some("upstream")
                 }
                 Joined::Ran(Err((_, e))) => return Err(e),
-                // Came during a flight's tail, which has now kept what it fetched.
+                // Came during a flight's tail, which has now kept what it fetched: the
+                // hit is labelled by the tier it comes from.
                 Joined::Finished => {
                     waits += 1;
-                    ""
+                    None
                 }
             };
             if let Some(mut hit) = self.cached(store_path, path).await.map_err(local)? {
-                if !tier.is_empty() {
+                if let Some(tier) = tier {
                     hit.tier = tier;
                 }
                 return Ok(hit);
@@ -392,8 +393,8 @@ struct Landing {
 }
 
 /// The wanted file (first) under the key it was asked by (its path before any symlink into
-/// another store path), and the siblings under their own. Blocking: a file whose SHA-256 the pass
-/// did not compute is read back.
+/// another store path), and the siblings under their own. Blocking: a file whose SHA-256
+/// the pass did not compute is read back.
 fn land(
     store_path: String,
     path: String,
@@ -443,62 +444,45 @@ struct Keeper {
 }
 
 impl Keeper {
-    /// Keeps landed files: first the wanted one in memory if it fits there, so that a
-    /// request arriving while it is flushed to disk finds it; then all on disk. Siblings
-    /// go to memory when they are first asked for, like any file from disk.
-    async fn keep(self, landings: Vec<Landing>) {
-        let item_max = self.memory_item_max;
-        let errors = self.errors.clone();
-        let held = tokio::task::spawn_blocking(move || {
-            let mut held = Vec::new();
-            let mut keep = Vec::with_capacity(landings.len());
-            for (i, l) in landings.into_iter().enumerate() {
-                if i > 0 || l.meta.size > item_max {
-                    keep.push(l);
-                    continue;
+    /// Keeps landed files: first the wanted one (the first) in memory if it fits there, so
+    /// that a request arriving while it is flushed to disk finds it; then all on disk.
+    /// Siblings go to memory when they are first asked for, like any file from disk.
+    async fn keep(self, mut landings: Vec<Landing>) {
+        if let Some(wanted) = landings
+            .first()
+            .filter(|l| l.meta.size <= self.memory_item_max)
+        {
+            let (file, meta) = (wanted.file.clone(), wanted.meta.clone());
+            let held =
+                tokio::task::spawn_blocking(move || hold(&file, meta.size, &meta.sha256)).await;
+            match held {
+                Ok(Ok(Some(content))) => {
+                    let meta = wanted.meta.clone();
+                    let key = memory_key(&meta.store_path, &meta.path);
+                    let held = Held {
+                        meta,
+                        content,
+                        memo: Memo::default(),
+                    };
+                    self.memory.insert(key, Arc::new(held)).await;
                 }
-                match hold(&l.file, l.meta.size, &l.meta.sha256) {
-                    Ok(Some(content)) => {
-                        held.push((l.meta.clone(), content));
-                        keep.push(l);
-                    }
-                    Ok(None) => {
-                        tracing::error!(
-                            store_path = %l.meta.store_path,
-                            path = %l.meta.path,
-                            "an extracted file no longer hashes to what was verified; dropped"
-                        );
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::warn!(err = %e, "cannot hold an extracted file in memory");
-                        keep.push(l);
-                    }
+                Ok(Ok(None)) => {
+                    tracing::error!(
+                        store_path = %wanted.meta.store_path,
+                        path = %wanted.meta.path,
+                        "an extracted file no longer hashes to what was verified; dropped"
+                    );
+                    self.errors.fetch_add(1, Ordering::Relaxed);
+                    landings.remove(0);
                 }
+                Ok(Err(e)) => tracing::warn!(err = %e, "cannot hold an extracted file in memory"),
+                Err(e) => tracing::error!(err = %e, "holding an extracted file in memory failed"),
             }
-            (held, keep)
-        })
-        .await;
-        let (held, keep) = match held {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(err = %e, "keeping extracted files failed");
-                self.errors.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        for (meta, content) in held {
-            let key = memory_key(&meta.store_path, &meta.path);
-            let held = Held {
-                meta,
-                content,
-                memo: Memo::default(),
-            };
-            self.memory.insert(key, Arc::new(held)).await;
         }
         let (disk, errors) = (self.disk, self.errors);
+        let counted = errors.clone();
         let kept = tokio::task::spawn_blocking(move || {
-            for l in keep {
+            for l in landings {
                 let meta = KeyMeta::clone(&l.meta);
                 match disk.insert_parts(&l.file, l.temp, meta) {
                     Ok(Stored::TooLarge) => tracing::info!(
@@ -515,7 +499,7 @@ impl Keeper {
                             err = %e,
                             "cannot keep an extracted file on disk"
                         );
-                        errors.fetch_add(1, Ordering::Relaxed);
+                        counted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -523,6 +507,7 @@ impl Keeper {
         .await;
         if let Err(e) = kept {
             tracing::error!(err = %e, "keeping extracted files on disk failed");
+            errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

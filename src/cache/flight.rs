@@ -83,6 +83,16 @@ impl<K: Eq + Hash, V> Drop for Running<K, V> {
     }
 }
 
+/// How a caller takes part in a run.
+enum Role<K: Eq + Hash, V> {
+    /// Starts it.
+    Lead(Running<K, V>),
+    /// Waits for its result.
+    Wait,
+    /// Came after its result: waits for its tail.
+    Late,
+}
+
 impl<K, V> SingleFlight<K, V>
 where
     K: Eq + Hash + Clone + Send + 'static,
@@ -109,13 +119,14 @@ where
     where
         F: Future<Output = (V, Option<Tail>)> + Send + 'static,
     {
-        let (mut rx, running) = {
+        let (mut rx, role) = {
             let Ok(mut flights) = self.flights.lock() else {
                 return Joined::Ran(lost);
             };
             match flights.get(&key) {
-                // Late if its result is out already: its tail is under way.
-                Some(rx) => (rx.clone(), Err(rx.borrow().is_some())),
+                // Its result is out already: its tail is under way.
+                Some(rx) if rx.borrow().is_some() => (rx.clone(), Role::Late),
+                Some(rx) => (rx.clone(), Role::Wait),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(key.clone(), rx.clone());
@@ -127,14 +138,14 @@ where
                         flights: self.flights.clone(),
                         active: self.active.clone(),
                     };
-                    (rx, Ok(running))
+                    (rx, Role::Lead(running))
                 }
             }
         };
-        // Spawned outside the lock: a task dropped at once (its runtime shutting down)
-        // takes the lock again to remove its key.
-        let late = match running {
-            Ok(running) => {
+        match role {
+            // Spawned outside the lock: a task dropped at once (its runtime shutting down)
+            // takes the lock again to remove its key.
+            Role::Lead(running) => {
                 tokio::spawn(async move {
                     let (v, tail) = work.await;
                     match tail {
@@ -150,14 +161,13 @@ where
                         }
                     }
                 });
-                false
             }
-            Err(late) => late,
-        };
-        if late {
-            // The sender goes when the run's task ends, tail and all.
-            while rx.changed().await.is_ok() {}
-            return Joined::Finished;
+            Role::Wait => {}
+            Role::Late => {
+                // The sender goes when the run's task ends, tail and all.
+                while rx.changed().await.is_ok() {}
+                return Joined::Finished;
+            }
         }
         let result = match rx.wait_for(Option::is_some).await {
             Ok(v) => v.clone(),
