@@ -655,4 +655,26 @@ mod tests {
         file.write_all_at(b"6", 99_999).unwrap();
         assert!(seal(&file, bytes.len() as u64, &sha).unwrap().is_none());
     }
+
+    #[test]
+    fn a_held_copy_is_checked_against_its_hash_small_or_large() {
+        for len in [1_000usize, INLINE_READ_MAX as usize + 1] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&bytes).unwrap();
+            let sha: [u8; 32] = Sha256::digest(&bytes).into();
+            let held = hold(&file, len as u64, &sha).unwrap().expect("held");
+            let got = match held {
+                Content::Memory(b) => b.to_vec(),
+                Content::File(f) => {
+                    let mut v = vec![0u8; len];
+                    f.read_exact_at(&mut v, 0).unwrap();
+                    v
+                }
+            };
+            assert!(got == bytes, "{len}: held bytes differ");
+            file.write_all_at(b"\xff", 10).unwrap();
+            assert!(hold(&file, len as u64, &sha).unwrap().is_none(), "{len}");
+        }
+    }
 }
