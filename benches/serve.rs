@@ -7,7 +7,9 @@
 //!  nginx    sendfile, 2 workers: the raw files at /, the binary cache at /cache/
 //!  binplz   memory: --memory-cache-size 1G      ─┐ upstream http://127.0.0.1:<nginx>/cache,
 //!           disk:   --memory-cache-size 0       ─┘ each with an empty --cache-dir
-//!  load     wrk -t2 -c64 -d10s × {nginx, memory, disk} × {1 KB, 1 MB, 10 MB} ─► req/s, ratios
+//!  control  hyper alone from memory, in this process: content-type only / binplz's head
+//!  load     wrk -t2 -c64 -d10s × {nginx, memory, disk, control ×2} × {1 KB, 1 MB, 10 MB}
+//!           ─► req/s, ratios to nginx
 //!  cold     fresh binplz, GET /f100m: request to last byte (median of 3)
 //!           vs Codec::Zstd decode ─► io::sink of the same .nar.zst (median of 3)
 //! ```
@@ -16,6 +18,11 @@
 //! 1 MB and 10 MB; the disk tier at least 0.7x for each; a cold miss at least 0.85x the
 //! decoder's throughput. Cold-miss throughput counts bytes of uncompressed NAR (NarSize /
 //! time) for both sides, though only `bin/f100m` is sent to the client. MB = 10^6 bytes.
+//!
+//! The control is the reference figures' "naive hyper from memory" (1.2–1.5x nginx for
+//! 1 KB there), measured in the same run, once as the reference ran it and once sending the
+//! head binplz sends for the same file: it shows what the provenance headers cost on this
+//! machine, apart from how binplz serves them. It has no goal.
 //!
 //! All servers, wrk and the benchmark share the machine's cores, as in the reference
 //! figures. Without nginx the comparison is skipped and binplz fetches from the cache as
@@ -35,6 +42,8 @@
 #[allow(dead_code)]
 mod inputs;
 
+#[path = "serve/baseline.rs"]
+mod baseline;
 #[path = "serve/http.rs"]
 mod http;
 #[path = "serve/procs.rs"]
@@ -194,7 +203,18 @@ fn run() -> BenchResult<()> {
     Ok(())
 }
 
-/// Requests per second of nginx and both binplz tiers, per file.
+/// Requests per second of each server for one file in one round.
+#[derive(Clone, Copy)]
+struct Round {
+    nginx: Option<f64>,
+    memory: f64,
+    disk: f64,
+    /// The control (see `baseline`): hyper alone, and hyper sending binplz's head.
+    hyper: f64,
+    hyper_head: f64,
+}
+
+/// Requests per second of nginx, both binplz tiers and the hyper control, per file.
 fn load(
     settings: &Settings,
     store: &Store,
@@ -204,16 +224,54 @@ fn load(
 ) -> BenchResult<()> {
     let memory = procs::binplz("binplz-memory", Tier::Memory, store, upstream)?;
     let disk = procs::binplz("binplz-disk", Tier::Disk, store, upstream)?;
+    let mut controls = Vec::new();
     for spec in &settings.files {
         let published = store.get(spec.name)?;
         if let Some(n) = nginx {
-            check(n, spec, &published.sha256, None)?;
+            check((n.name, n.port), spec, &published.sha256, None)?;
         }
         // The first request fetches from the upstream; the second must be a hit.
-        check(&memory, spec, &published.sha256, Some("upstream"))?;
-        check(&memory, spec, &published.sha256, Some("memory"))?;
-        check(&disk, spec, &published.sha256, Some("upstream"))?;
-        check(&disk, spec, &published.sha256, Some("disk"))?;
+        check(
+            (memory.name, memory.port),
+            spec,
+            &published.sha256,
+            Some("upstream"),
+        )?;
+        let (hit, body) = check(
+            (memory.name, memory.port),
+            spec,
+            &published.sha256,
+            Some("memory"),
+        )?;
+        check(
+            (disk.name, disk.port),
+            spec,
+            &published.sha256,
+            Some("upstream"),
+        )?;
+        check(
+            (disk.name, disk.port),
+            spec,
+            &published.sha256,
+            Some("disk"),
+        )?;
+        let octet = [(
+            "content-type".to_owned(),
+            "application/octet-stream".to_owned(),
+        )];
+        let body = bytes::Bytes::from(body);
+        let hyper = baseline::start("hyper", body.clone(), &octet)?;
+        let hyper_head = baseline::start("hyper-head", body, &hit.headers)?;
+        // Head sizes as wrk gets them: without the `connection: close` these checks ask for.
+        let mut sizes = [0; 2];
+        for (size, b) in sizes.iter_mut().zip([&hyper, &hyper_head]) {
+            let r = check((b.name, b.port), spec, &published.sha256, None)?.0;
+            let connection = r
+                .header("connection")
+                .map_or(0, |v| "connection: \r\n".len() + v.len());
+            *size = r.head_len - connection;
+        }
+        controls.push((hyper, hyper_head, sizes));
     }
 
     let (t, c, d) = (settings.threads, settings.connections, &settings.duration);
@@ -221,34 +279,39 @@ fn load(
     println!();
     println!(
         "load: wrk -t{t} -c{c} -d{d} --timeout 10s http://127.0.0.1:PORT/<file>, keep-alive, \
-         loopback; {rounds} round(s), each file on the three servers in turn"
+         loopback; {rounds} round(s), each file on every server in turn"
     );
     println!(
         "binplz: BINPLZ_LOG=warn, --max-per-client 1024; memory = --memory-cache-size 1G, \
          disk = --memory-cache-size 0"
     );
-    println!("r/s: median of the rounds; ratio: median of the rounds' binplz/nginx ratios");
+    println!("r/s: median of the rounds; ratio: median of the rounds' server/nginx ratios");
     let mut notes = Vec::new();
-    // samples[file] = per round (nginx, memory, disk) requests per second
-    let mut samples: Vec<Vec<(Option<f64>, f64, f64)>> = vec![Vec::new(); settings.files.len()];
+    let mut samples: Vec<Vec<Round>> = vec![Vec::new(); settings.files.len()];
     for _ in 0..rounds {
-        for (spec, cell) in settings.files.iter().zip(&mut samples) {
+        for ((spec, cell), (hyper, hyper_head, _)) in
+            settings.files.iter().zip(&mut samples).zip(&controls)
+        {
             let path = format!("/{}", spec.name);
-            let mut run = |server: &Server| -> BenchResult<f64> {
-                let l = http::wrk(server.port, &path, t, c, d)?;
+            let mut run = |name: &str, port: u16| -> BenchResult<f64> {
+                let l = http::wrk(port, &path, t, c, d)?;
                 if l.non_2xx > 0 || l.socket_errors > 0 {
                     notes.push(format!(
-                        "{} {}: {} non-2xx responses, {} socket errors of {} requests",
-                        server.name, spec.label, l.non_2xx, l.socket_errors, l.requests
+                        "{name} {}: {} non-2xx responses, {} socket errors of {} requests",
+                        spec.label, l.non_2xx, l.socket_errors, l.requests
                     ));
                 }
                 Ok(l.requests_per_sec)
             };
-            // In turn, so a change in the machine's load disturbs all three alike.
-            let base = nginx.map(&mut run).transpose()?;
-            let mem = run(&memory)?;
-            let dsk = run(&disk)?;
-            cell.push((base, mem, dsk));
+            // In turn, so a change in the machine's load disturbs all of them alike.
+            let nginx = nginx.map(|n| run(n.name, n.port)).transpose()?;
+            cell.push(Round {
+                nginx,
+                memory: run(memory.name, memory.port)?,
+                disk: run(disk.name, disk.port)?,
+                hyper: run(hyper.name, hyper.port)?,
+                hyper_head: run(hyper_head.name, hyper_head.port)?,
+            });
         }
     }
 
@@ -258,36 +321,44 @@ fn load(
         "file", "nginx r/s", "memory r/s", "ratio", "goal", "disk r/s", "ratio", "goal"
     );
     let mut spreads = Vec::new();
-    for (spec, cell) in settings.files.iter().zip(&samples) {
+    let mut control_rows = Vec::new();
+    for ((spec, cell), (_, _, sizes)) in settings.files.iter().zip(&samples).zip(&controls) {
         let mem_goal = if spec.size <= 1_000 {
             GOAL_MEMORY_SMALL
         } else {
             GOAL_MEMORY_LARGE
         };
-        let base: Option<Vec<f64>> = cell.iter().map(|r| r.0).collect();
-        let mut verdict = |tier: &str, pick: fn(&(Option<f64>, f64, f64)) -> f64, goal: f64| {
-            let Some(base) = &base else {
-                return ("-".to_owned(), "-".to_owned(), Vec::new());
-            };
-            let ratios: Vec<f64> = cell
-                .iter()
-                .zip(base)
-                .map(|(r, b)| pick(r) / b.max(1e-9))
-                .collect();
-            let ratio = median_f64(&ratios);
-            let v = if ratio >= goal {
-                format!(">= {goal:.2} ok")
-            } else {
+        let base: Option<Vec<f64>> = cell.iter().map(|r| r.nginx).collect();
+        let ratios = |pick: fn(&Round) -> f64| -> Option<Vec<f64>> {
+            let base = base.as_ref()?;
+            Some(
+                cell.iter()
+                    .zip(base)
+                    .map(|(r, b)| pick(r) / b.max(1e-9))
+                    .collect(),
+            )
+        };
+        let ratio = |rs: &Option<Vec<f64>>| {
+            rs.as_deref()
+                .map_or("-".to_owned(), |v| format!("{}x", shown(median_f64(v))))
+        };
+        let mut verdict = |tier: &str, rs: &Option<Vec<f64>>, goal: f64| match rs {
+            None => "-".to_owned(),
+            Some(v) if median_f64(v) >= goal => format!(">= {goal:.2} ok"),
+            Some(_) => {
                 missed.push(format!("{tier} {}", spec.label));
                 format!(">= {goal:.2} MISSED")
-            };
-            (format!("{ratio:.2}x"), v, ratios)
+            }
         };
-        let (mr, mv, mrs) = verdict("memory", |r| r.1, mem_goal);
-        let (dr, dv, drs) = verdict("disk", |r| r.2, GOAL_DISK);
-        let show = |v: &[f64]| {
+        let (mrs, drs) = (ratios(|r| r.memory), ratios(|r| r.disk));
+        let (mv, dv) = (
+            verdict("memory", &mrs, mem_goal),
+            verdict("disk", &drs, GOAL_DISK),
+        );
+        let show = |v: &Option<Vec<f64>>| {
             v.iter()
-                .map(|x| format!("{x:.2}"))
+                .flatten()
+                .map(|x| shown(*x))
                 .collect::<Vec<_>>()
                 .join(" ")
         };
@@ -297,21 +368,41 @@ fn load(
             show(&mrs),
             show(&drs)
         ));
-        let rps = |pick: fn(&(Option<f64>, f64, f64)) -> f64| {
-            median_f64(&cell.iter().map(pick).collect::<Vec<_>>())
-        };
+        let rps = |pick: fn(&Round) -> f64| median_f64(&cell.iter().map(pick).collect::<Vec<_>>());
         println!(
             "{:>6} {:>11} {:>11.0} {:>6}  {:<13} {:>11.0} {:>6}  {:<13}",
             spec.label,
             base.as_deref()
                 .map_or("-".to_owned(), |b| format!("{:.0}", median_f64(b))),
-            rps(|r| r.1),
-            mr,
+            rps(|r| r.memory),
+            ratio(&mrs),
             mv,
-            rps(|r| r.2),
-            dr,
+            rps(|r| r.disk),
+            ratio(&drs),
             dv,
         );
+        control_rows.push(format!(
+            "{:>6} {:>11.0} {:>6} {:>14.0} {:>6}   {:>4} / {:>4} bytes",
+            spec.label,
+            rps(|r| r.hyper),
+            ratio(&ratios(|r| r.hyper)),
+            rps(|r| r.hyper_head),
+            ratio(&ratios(|r| r.hyper_head)),
+            sizes[0],
+            sizes[1],
+        ));
+    }
+    println!();
+    println!(
+        "control, not a goal: hyper alone from memory (the reference's \"naive hyper\"), \
+         with content-type only and with binplz's head for the file"
+    );
+    println!(
+        "{:>6} {:>11} {:>6} {:>14} {:>6}   head: hyper / binplz",
+        "file", "hyper r/s", "ratio", "+ head r/s", "ratio"
+    );
+    for row in control_rows {
+        println!("{row}");
     }
     if rounds > 1 && nginx.is_some() {
         println!("ratios per round:");
@@ -328,14 +419,20 @@ fn load(
 }
 
 /// Fetches a file, checks its bytes and (for binplz) which tier answered.
-fn check(server: &Server, spec: &Spec, sha256: &[u8; 32], tier: Option<&str>) -> BenchResult<()> {
+/// Returns the response and its body.
+fn check(
+    (name, port): (&str, u16),
+    spec: &Spec,
+    sha256: &[u8; 32],
+    tier: Option<&str>,
+) -> BenchResult<(http::Response, Vec<u8>)> {
     let mut body = Vec::new();
-    let r = http::get(server.port, &format!("/{}", spec.name), &mut body)?;
+    let r = http::get(port, &format!("/{}", spec.name), &mut body)?;
     let got: [u8; 32] = Sha256::digest(&body).into();
     if r.status != 200 || body.len() as u64 != spec.size || got != *sha256 {
         return Err(format!(
             "{} /{}: status {}, {} bytes, sha256 {}: not the published file",
-            server.name,
+            name,
             spec.name,
             r.status,
             body.len(),
@@ -347,13 +444,13 @@ fn check(server: &Server, spec: &Spec, sha256: &[u8; 32], tier: Option<&str>) ->
         let answered = r.header("x-binplz-cache").unwrap_or("(none)");
         if answered != want {
             return Err(format!(
-                "{} /{}: answered from {answered}, expected {want}",
-                server.name, spec.name
+                "{name} /{}: answered from {answered}, expected {want}",
+                spec.name
             )
             .into());
         }
     }
-    Ok(())
+    Ok((r, body))
 }
 
 /// A cold miss of the 100 MB file through a fresh binplz, against decoding alone.
@@ -441,14 +538,15 @@ fn cold(
         format!(">= {GOAL_COLD} MISSED")
     };
     println!(
-        "{:>4} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>11.0}   cold/decode {ratio:.2}x  {verdict}",
+        "{:>4} {:>10.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>11.0}   cold/decode {}x  {verdict}",
         "med",
         ms(e),
         ms(h),
         ms(c),
         mb_s(c),
         ms(d),
-        mb_s(d)
+        mb_s(d),
+        shown(ratio)
     );
     Ok(())
 }
@@ -477,6 +575,11 @@ fn decode_once(compressed: &[u8], nar_size: u64) -> BenchResult<Duration> {
         return Err(format!("decoded {n} bytes, NarSize is {nar_size}").into());
     }
     Ok(elapsed)
+}
+
+/// A ratio with two decimals, cut rather than rounded, so that one shown as the goal met it.
+fn shown(ratio: f64) -> String {
+    format!("{:.2}", (ratio * 100.0).floor() / 100.0)
 }
 
 fn median_f64(v: &[f64]) -> f64 {

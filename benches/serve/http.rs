@@ -16,6 +16,8 @@ const MAX_HEAD: usize = 64 << 10;
 pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
+    /// Bytes of the head as received: status line, fields and the blank line.
+    pub head_len: usize,
     /// From request written to the end of the response head.
     pub head: Duration,
     /// From request written to last body byte read.
@@ -92,6 +94,7 @@ pub fn get(port: u16, path: &str, body: &mut Vec<u8>) -> BenchResult<Response> {
     Ok(Response {
         status,
         headers,
+        head_len: end + 4,
         head: head_at,
         elapsed,
     })
