@@ -253,7 +253,8 @@ struct IndexShowArgs {
 /// Runs the command line and returns the process's exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = init_tracing();
+    let json = matches!(&cli.command, Command::Serve(a) if a.log_format == "json");
+    let log = init_tracing(json);
     let result = match cli.command {
         Command::Extract(args) => run_extract(args),
         Command::Index(IndexCommand::Build(args)) => run_index_build(args),
@@ -271,7 +272,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() -> LogWriter {
+/// Logs to standard error as text, or with `json` as one JSON object per line (fields at
+/// the top level, next to `timestamp`, `level` and `target`).
+fn init_tracing(json: bool) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("warn,binplz::access=info,binplz::server=info")
     });
@@ -285,11 +288,19 @@ fn init_tracing() -> LogWriter {
             std::thread::sleep(std::time::Duration::from_millis(100));
             flusher.flush();
         });
-    let _ = tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
-        .with_writer(writer.clone())
-        .try_init();
+        .with_writer(writer.clone());
+    let _ = if json {
+        fmt.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init()
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
+            .try_init()
+    };
     writer
 }
 
@@ -634,7 +645,6 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         max_upstream_fetches: args.max_upstream_fetches.max(1),
         max_per_client: args.max_per_client.max(1),
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
-        log_json: args.log_format == "json",
         ..Config::default()
     };
     let extractor = if demo {

@@ -84,7 +84,6 @@ pub struct Config {
     pub index_poll: Duration,
     /// Least time between two readiness probes of the upstream (see `/-/readyz`).
     pub ready_probe_interval: Duration,
-    pub log_json: bool,
 }
 
 impl Default for Config {
@@ -102,7 +101,6 @@ impl Default for Config {
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
             ready_probe_interval: Duration::from_secs(5),
-            log_json: false,
         }
     }
 }
@@ -278,17 +276,10 @@ impl App {
         if route_name == "program" && tier.is_some() && !head {
             self.inner.metrics.bytes(bytes);
         }
-        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        // Milliseconds to the microsecond: a number in JSON, `0.123` in text.
+        let ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let tier = tier.unwrap_or("-");
-        if self.inner.config.log_json {
-            let line = serde_json::json!({
-                "method": method.as_str(), "path": path, "status": status, "bytes": bytes,
-                "ms": (ms * 1000.0).round() / 1000.0, "cache": tier, "client": peer.ip().to_string(),
-            });
-            tracing::info!(target: "binplz::access", "{line}");
-        } else {
-            tracing::info!(target: "binplz::access", method = %method, path = %path, status, bytes, ms = format_args!("{ms:.3}"), cache = tier, client = %peer.ip());
-        }
+        tracing::info!(target: "binplz::access", method = %method, path = %path, status, bytes, ms, cache = %tier, client = %peer.ip());
         resp
     }
 

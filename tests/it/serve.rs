@@ -1416,6 +1416,110 @@ fn binary_serves_its_builtin_demo_and_exits_cleanly_on_sigterm() {
     assert!(status.success(), "binplz serve exited with {status}");
 }
 
+/// Runs the real binary on the demo with `format`, makes the given requests, stops it, and
+/// returns every line it logged.
+fn demo_log(format: &str, targets: &[&str]) -> Vec<String> {
+    let dir = tempdir();
+    let mut child = crate::support::cli::binplz()
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", format])
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .env_remove("BINPLZ_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting binplz serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let mut log = Vec::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("the server exited before listening: {log:?}"))
+            .expect("reading the server's log");
+        let addr = if format == "json" {
+            serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| v["addr"].as_str().map(str::to_owned))
+        } else {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(str::to_owned)
+        };
+        log.push(line);
+        if let Some(a) = addr {
+            break a.parse().expect("a socket address");
+        }
+    };
+    for target in targets {
+        blocking_get(addr, target);
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(kill.success());
+    // The rest of the log, flushed at exit at the latest.
+    log.extend(lines.map(|l| l.expect("reading the server's log")));
+    assert!(child.wait().expect("waiting for binplz").success());
+    log
+}
+
+#[test]
+fn with_log_format_json_every_log_line_is_one_json_object_and_each_request_has_its_fields() {
+    let log = demo_log("json", &["/hello", "/hello", "/x%22y", "/nope"]);
+    let lines: Vec<serde_json::Value> = log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<_> = lines
+        .iter()
+        .filter(|v| v["target"] == "binplz::access")
+        .collect();
+    assert_eq!(access.len(), 4, "{log:#?}");
+    let hello_len = prebuilt("hello").len() as u64;
+    for (v, (path, status, cache)) in access.iter().zip([
+        ("/hello", 200, "upstream"),
+        ("/hello", 200, "memory"),
+        ("/x%22y", 400, "-"),
+        ("/nope", 404, "-"),
+    ]) {
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], path);
+        assert_eq!(v["status"], status);
+        assert_eq!(v["cache"], cache);
+        assert_eq!(v["client"], "127.0.0.1");
+        assert!(v["ms"].as_f64().is_some_and(|ms| ms >= 0.0), "{v}");
+        let bytes = v["bytes"].as_u64().expect("bytes is a number");
+        if status == 200 {
+            assert_eq!(bytes, hello_len);
+        } else {
+            assert!(bytes > 0, "the error script's length: {v}");
+        }
+    }
+}
+
+#[test]
+fn the_text_log_has_one_line_per_request_with_its_fields() {
+    let log = demo_log("text", &["/hello", "/nope"]);
+    let access: Vec<_> = log
+        .iter()
+        .filter(|l| l.contains("binplz::access"))
+        .collect();
+    assert_eq!(access.len(), 2, "{log:#?}");
+    let hello_len = prebuilt("hello").len();
+    for (line, want) in access.iter().zip([
+        format!("method=GET path=/hello status=200 bytes={hello_len} "),
+        "method=GET path=/nope status=404 ".to_owned(),
+    ]) {
+        assert!(line.contains(&want), "{line}");
+        assert!(line.contains(" ms="), "{line}");
+        assert!(line.contains(" client=127.0.0.1"), "{line}");
+    }
+    assert!(access[0].contains(" cache=upstream "), "{}", access[0]);
+}
+
 // ---------------------------------------------------------------------------------------
 // Connections: binplz's own HTTP/1 path, and hyper for the rest
 // ---------------------------------------------------------------------------------------
