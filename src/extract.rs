@@ -241,13 +241,11 @@ impl Extractor {
         // not verify) does not stop the search; its error is reported only if no other
         // cache has the path.
         let mut first_error: Option<ExtractError> = None;
-        // Caches that failed recently are skipped while another one can answer.
-        let all_down = self.caches.iter().all(Cache::is_down);
-        for cache in &self.caches {
-            if cache.is_down() && !all_down {
-                tracing::debug!(cache = cache.url(), "skipped: failed recently");
-                continue;
-            }
+        // Caches that failed recently are asked last: another cache that has the path
+        // answers without waiting on them, and "not in any cache" is said only when every
+        // cache said so (a cache that is down cannot, and its error is the answer).
+        let (up, down): (Vec<&Cache>, Vec<&Cache>) = self.caches.iter().partition(|c| !c.is_down());
+        for cache in up.into_iter().chain(down) {
             let error = match cache.narinfo(hash_part).await {
                 Ok(Some(bytes)) => match narinfo::verify(&bytes, store_path, &self.trust) {
                     Ok(info) => return Ok((cache.clone(), info)),

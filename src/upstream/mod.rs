@@ -200,12 +200,12 @@ pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, Upstr
 pub struct Cache {
     inner: Arc<dyn Upstream>,
     info_checked: Arc<tokio::sync::OnceCell<()>>,
-    /// Until when (ms since the epoch) this cache is skipped after failing, as Nix's
-    /// circuit breaker does with a failing substituter.
+    /// Until when (ms since the epoch) this cache is asked last after failing, as Nix's
+    /// circuit breaker sets a failing substituter aside.
     down_until: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// How long a cache that failed (after its retries) is skipped when others can answer.
+/// How long a cache that failed (after its retries) is asked after the others.
 pub const CIRCUIT_BREAKER: Duration = Duration::from_secs(60);
 
 fn now_ms() -> u64 {

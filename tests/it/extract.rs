@@ -726,6 +726,38 @@ async fn failing_first_upstream_falls_through_and_is_skipped_while_it_stays_down
 }
 
 #[tokio::test]
+async fn a_path_the_answering_caches_lack_is_asked_of_a_down_cache_before_not_in_cache() {
+    let first = cache();
+    let second = cache();
+    first.set_fault(&narinfo_path(paths::HELLO), Fault::status(500));
+    let ex = extractor(&[&first, &second]);
+    let dir = tempdir();
+    extract_ok(&ex, paths::HELLO, "bin/hello", dir.path()).await;
+    // `first` is down now. `second` lacks goodbye: the answer is `first`'s failure, not
+    // "not in any cache", which the server would remember as if every cache had said so.
+    first.set_fault(&narinfo_path(paths::GOODBYE), Fault::status(500));
+    second.set_fault(&narinfo_path(paths::GOODBYE), Fault::NotFound);
+    let err = extract_err(
+        &ex,
+        paths::GOODBYE,
+        "bin/goodbye",
+        ErrorKind::UpstreamBroken,
+    )
+    .await;
+    assert!(matches!(err, ExtractError::Upstream(_)), "{err:?}");
+    assert_eq!(second.hits(&narinfo_path(paths::GOODBYE)), 1);
+    assert!(
+        first.hits(&narinfo_path(paths::GOODBYE)) >= 1,
+        "the down cache was asked"
+    );
+    // Back up and holding it: served from there, while it is still marked down.
+    first.clear_fault(&narinfo_path(paths::GOODBYE));
+    let x = extract_ok(&ex, paths::GOODBYE, "bin/goodbye", dir.path()).await;
+    assert_is_prebuilt(&x, "goodbye");
+    assert_eq!(second.hits(&narinfo_path(paths::GOODBYE)), 2, "asked first");
+}
+
+#[tokio::test]
 async fn first_upstream_that_has_the_narinfo_wins() {
     let first = FakeUpstream::serve(support::cache_dir("cache-xz"));
     let second = cache();
