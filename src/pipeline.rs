@@ -53,9 +53,9 @@ pub struct Captured {
     pub sha256: Option<[u8; 32]>,
 }
 
-/// The SHA-256 of a file, read from the start. Used on captured files after their NAR was
-/// verified (their bytes are still in the page cache): hashing them during the pass would
-/// put a second SHA-256 on the hash thread, which is the pass's bottleneck.
+/// The SHA-256 of a file, read from the start. Used on captured files whose pass did not
+/// hash them (outside the server's mode, see [`Siblings`]), after their NAR was verified,
+/// while their bytes are still in the page cache.
 pub fn sha256_of(file: &std::fs::File) -> io::Result<[u8; 32]> {
     use std::os::unix::fs::FileExt;
     let mut hasher = Sha256::new();

@@ -50,6 +50,17 @@ const KEY_FILE_MAX: u64 = 1024 + 6 * (MAX_DEPTH as u64) * (MAX_NAME_LEN + 1);
 /// is older than this, so a hot file does not cost an inode write on every request.
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
 
+/// Sets `file`'s mtime to now if `modified` is older than [`MTIME_REFRESH`] (or unknown).
+fn refresh_mtime(sha: &Digest32, file: &File, modified: Option<SystemTime>) {
+    let now = SystemTime::now();
+    let stale = modified.is_none_or(|m| now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH));
+    if stale {
+        if let Err(e) = file.set_modified(now) {
+            debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");
+        }
+    }
+}
+
 /// Read size when re-hashing a content file.
 const HASH_CHUNK: usize = 64 * 1024;
 
@@ -196,13 +207,16 @@ impl Index {
         );
     }
 
-    fn touch(&mut self, sha: &Digest32) {
+    /// Makes `sha` the most recently used entry; false if there is no such entry.
+    fn touch(&mut self, sha: &Digest32) -> bool {
         let t = self.tick();
-        if let Some(e) = self.entries.get_mut(sha) {
-            self.lru.remove(&e.last_use);
-            e.last_use = t;
-            self.lru.insert(t, *sha);
-        }
+        let Some(e) = self.entries.get_mut(sha) else {
+            return false;
+        };
+        self.lru.remove(&e.last_use);
+        e.last_use = t;
+        self.lru.insert(t, *sha);
+        true
     }
 
     /// Points key `id` at `meta.sha256`, detaching it from the content it named before.
@@ -628,12 +642,19 @@ impl DiskCache {
                 index.touch(sha);
             }
         }
-        let now = SystemTime::now();
-        let stale = modified.is_none_or(|m| now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH));
-        if stale {
-            if let Err(e) = file.set_modified(now) {
-                debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");
-            }
+        refresh_mtime(sha, file, modified);
+    }
+
+    /// Marks the content `sha` as used without opening it for a read: for a copy served from
+    /// elsewhere (the memory tier), whose entry here would otherwise age while it is in use
+    /// and be the first evicted.
+    pub fn touch(&self, sha: &Digest32) {
+        if !self.lock().touch(sha) {
+            return;
+        }
+        if let Ok(file) = File::open(self.layout.content(sha)) {
+            let modified = file.metadata().and_then(|m| m.modified()).ok();
+            refresh_mtime(sha, &file, modified);
         }
     }
 

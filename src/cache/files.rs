@@ -23,6 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rustix::fs::{MemfdFlags, SealFlags};
@@ -78,12 +79,52 @@ const INLINE_READ_MAX: u64 = 64 << 10;
 /// it, many small files would take several times the configured size.
 const HELD_OVERHEAD: usize = 4 << 10;
 
+/// A memory hit marks the file's disk entry as used at most this often: often enough that a
+/// file in use is never the disk's oldest, rarely enough that hits stay off the disk's lock.
+const DISK_USE_EVERY: Duration = Duration::from_secs(60);
+
 /// A file kept in memory, with its key's metadata, so that a memory hit needs neither the
 /// disk cache's key map nor its lock.
 struct Held {
     meta: Arc<KeyMeta>,
     content: Content,
     memo: Memo,
+    /// When ([`uptime`] seconds) a hit next marks the disk entry as used. A file is held
+    /// just after a disk use (a read, or being kept), so the first is a period away.
+    next_disk_use: AtomicU64,
+}
+
+impl Held {
+    fn new(meta: Arc<KeyMeta>, content: Content, memo: Memo) -> Held {
+        Held {
+            meta,
+            content,
+            memo,
+            next_disk_use: AtomicU64::new(uptime() + DISK_USE_EVERY.as_secs()),
+        }
+    }
+
+    /// Whether this hit should mark the disk entry as used (true for one caller per period).
+    fn disk_use_due(&self) -> bool {
+        let now = uptime();
+        let next = self.next_disk_use.load(Ordering::Relaxed);
+        now >= next
+            && self
+                .next_disk_use
+                .compare_exchange(
+                    next,
+                    now + DISK_USE_EVERY.as_secs(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+/// Whole seconds since the memory tier was first used.
+fn uptime() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
 }
 
 /// The memory tier's key: `store path \0 path` (`\0` occurs in neither).
@@ -198,6 +239,9 @@ impl Files {
     pub async fn cached(&self, store_path: &str, path: &str) -> std::io::Result<Option<Hit>> {
         let key = memory_key(store_path, path);
         if let Some(held) = self.memory.get(&key).await {
+            if held.disk_use_due() {
+                self.disk.touch(&held.meta.sha256);
+            }
             return Ok(Some(Hit {
                 meta: held.meta.clone(),
                 content: held.content.clone(),
@@ -245,11 +289,7 @@ impl Files {
         };
         let memo = held.then(Memo::default);
         if let Some(memo) = &memo {
-            let held = Held {
-                meta: meta.clone(),
-                content: content.clone(),
-                memo: memo.clone(),
-            };
+            let held = Held::new(meta.clone(), content.clone(), memo.clone());
             self.memory.insert(key, Arc::new(held)).await;
         }
         Ok(Some(Hit {
@@ -459,11 +499,7 @@ impl Keeper {
                 Ok(Ok(Some(content))) => {
                     let meta = wanted.meta.clone();
                     let key = memory_key(&meta.store_path, &meta.path);
-                    let held = Held {
-                        meta,
-                        content,
-                        memo: Memo::default(),
-                    };
+                    let held = Held::new(meta, content, Memo::default());
                     self.memory.insert(key, Arc::new(held)).await;
                 }
                 Ok(Ok(None)) => {
@@ -599,6 +635,39 @@ mod tests {
         assert_eq!(*again.meta, meta);
         let memo = again.memo.as_ref().unwrap().get().unwrap();
         assert_eq!(memo.downcast_ref::<u32>(), Some(&42));
+    }
+
+    #[tokio::test]
+    async fn a_file_served_from_memory_is_not_the_first_evicted_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        // Room for two of the three files.
+        let disk = DiskCache::open(dir.path(), 250).unwrap();
+        let (a, b, c) = (vec![1u8; 100], vec![2u8; 100], vec![3u8; 100]);
+        keep(&disk, "bin/a", &a);
+        keep(&disk, "bin/b", &b);
+        let files = Files::new(disk, 16 << 20);
+        // Both read from disk once, so both are held; `b` was used last on disk.
+        for p in ["bin/a", "bin/b"] {
+            assert_eq!(files.cached(SP, p).await.unwrap().unwrap().tier, "disk");
+        }
+        // A period later, `a` is hit again, from memory.
+        let held = files.memory.get(&memory_key(SP, "bin/a")).await.unwrap();
+        held.next_disk_use.store(0, Ordering::Relaxed);
+        let hit = files.cached(SP, "bin/a").await.unwrap().unwrap();
+        assert_eq!(hit.tier, "memory");
+        // Making room for `c` evicts `b`, the file no one asked for since.
+        keep(files.disk(), "bin/c", &c);
+        assert!(files.disk().lookup(SP, "bin/a").is_some(), "a was evicted");
+        assert!(files.disk().lookup(SP, "bin/b").is_none(), "b was kept");
+        // Within the period, hits stay off the disk: `a` ages behind `c`.
+        files.disk().touch(&Sha256::digest(&c).into());
+        assert_eq!(
+            files.cached(SP, "bin/a").await.unwrap().unwrap().tier,
+            "memory"
+        );
+        keep(files.disk(), "bin/b", &b);
+        assert!(files.disk().lookup(SP, "bin/a").is_none());
+        assert!(files.disk().lookup(SP, "bin/c").is_some());
     }
 
     #[tokio::test]
