@@ -1005,15 +1005,75 @@ async fn unknown_program_is_404_with_suggestions_and_asks_no_upstream() {
 }
 
 #[rstest]
-#[case::script_for_a_store_interpreter("/store-script")]
-#[case::dynamic_with_a_store_interpreter("/dyn-store")]
+#[case::script_for_a_store_interpreter("/store-script", &format!("{}/sh", paths::BUSYBOX))]
+#[case::dynamic_with_a_store_interpreter("/dyn-store", paths::FAKE_INTERPRETER)]
 #[tokio::test]
-async fn program_needing_the_nix_store_is_422(#[case] target: &str) {
+async fn program_needing_the_nix_store_is_422_naming_what_it_needs(
+    #[case] target: &str,
+    #[case] needs: &str,
+) {
     let up = cache();
     let dir = tempdir();
     let server = start_default(&up, dir.path()).await;
     let r = server.get(target).await;
     assert_error_script(&r, 422, "needs /nix/store at run time");
+    assert_error_script(&r, 422, needs);
+}
+
+#[tokio::test]
+async fn program_over_max_file_size_is_422_without_any_download() {
+    let up = cache();
+    let dir = tempdir();
+    let setup = Setup::fixture(&up, dir.path()).await.config(Config {
+        max_file_size: 1000,
+        ..Config::default()
+    });
+    let server = Server::start(setup).await;
+    let hello_len = prebuilt("hello").len();
+    let r = server.get("/hello").await;
+    assert_error_script(
+        &r,
+        422,
+        &format!("hello is {hello_len} bytes, over this server's limit of 1000"),
+    );
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[tokio::test]
+async fn a_full_upstream_queue_is_503_with_retry_after_and_not_remembered() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    // One fetch at a time, one waiting.
+    let setup = gated_setup(&up, dir.path(), &nar, &gate)
+        .await
+        .config(Config {
+            max_upstream_fetches: 1,
+            max_queued_fetches: 1,
+            ..Config::default()
+        });
+    let server = Server::start(setup).await;
+    let running = server
+        .client
+        .send("GET", "/hello", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let waiting = server
+        .client
+        .send("GET", "/goodbye", &[])
+        .await
+        .expect("sending");
+    assert_eq!(server.get("/-/healthz").await.status, 200);
+    let r = server.get("/portable-script").await;
+    assert_error_script(&r, 503, "too many downloads in progress; try again shortly");
+    assert_eq!(r.header("retry-after"), Some("60"));
+    gate.open();
+    assert_serves(&running.reply().await.expect("a reply"), "hello");
+    assert_serves(&waiting.reply().await.expect("a reply"), "goodbye");
+    let r = server.get("/portable-script").await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[tokio::test]
@@ -1498,6 +1558,46 @@ fn with_log_format_json_every_log_line_is_one_json_object_and_each_request_has_i
             assert!(bytes > 0, "the error script's length: {v}");
         }
     }
+}
+
+#[test]
+fn serve_takes_its_settings_from_binplz_environment_variables() {
+    let dir = tempdir();
+    let mut child = crate::support::cli::binplz()
+        .arg("serve")
+        .env("BINPLZ_LISTEN", "127.0.0.1:0")
+        .env("BINPLZ_CACHE_DIR", dir.path().join("cache"))
+        .env("BINPLZ_MAX_FILE_SIZE", "1K")
+        .env("BINPLZ_LOG_FORMAT", "json")
+        .env_remove("BINPLZ_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting binplz serve");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let listening = lines
+        .by_ref()
+        .map(|l| l.expect("reading the server's log"))
+        .find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(&l).expect("a JSON log line");
+            v["addr"]
+                .as_str()
+                .map(|a| (a.to_owned(), v["cache_dir"].clone()))
+        })
+        .expect("a listening line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let (addr, cache_dir) = listening;
+    let demo_dir = dir.path().join("cache").join("demo");
+    assert_eq!(cache_dir, demo_dir.to_str().expect("a UTF-8 path"));
+    let r = blocking_get(addr.parse().expect("a socket address"), "/hello");
+    assert_error_script(&r, 422, "over this server's limit of 1024");
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(kill.success());
+    assert!(child.wait().expect("waiting for binplz").success());
 }
 
 #[test]
