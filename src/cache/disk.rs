@@ -14,6 +14,8 @@
 //! Nothing found on disk at start-up is trusted: names that are not ours are deleted, keys
 //! whose JSON is bad or whose content is missing are deleted, and every content file is
 //! re-hashed the first time it is opened after start-up (its size is checked on every open).
+//! Each open also compares the file's ctime and inode with those it had when it was last
+//! hashed or written: a file changed in place since is hashed again before it is served.
 //! A bad entry is dropped with its keys and reported as a miss, so the caller fetches again.
 //!
 //! One mutex guards the in-memory index *and* every change to names on disk (rename in,
@@ -49,17 +51,6 @@ const KEY_FILE_MAX: u64 = 1024 + 6 * (MAX_DEPTH as u64) * (MAX_NAME_LEN + 1);
 /// An open refreshes the content file's mtime (the last use a restart recovers) only when it
 /// is older than this, so a hot file does not cost an inode write on every request.
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
-
-/// Sets `file`'s mtime to now if `modified` is older than [`MTIME_REFRESH`] (or unknown).
-fn refresh_mtime(sha: &Digest32, file: &File, modified: Option<SystemTime>) {
-    let now = SystemTime::now();
-    let stale = modified.is_none_or(|m| now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH));
-    if stale {
-        if let Err(e) = file.set_modified(now) {
-            debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");
-        }
-    }
-}
 
 /// Read size when re-hashing a content file.
 const HASH_CHUNK: usize = 64 * 1024;
@@ -166,8 +157,9 @@ struct Entry {
     /// Unique per insertion, so a check that ran outside the lock only drops the entry it
     /// checked, not one inserted again meanwhile.
     generation: u64,
-    /// Re-hashed since start-up, or written by this process.
-    verified: bool,
+    /// The file's state when this process last hashed it or wrote it: `None` until then.
+    /// An open that finds the file in another state hashes it again.
+    verified: Option<Stamp>,
     /// Ids of the keys naming this content.
     keys: Vec<Digest32>,
 }
@@ -191,7 +183,7 @@ impl Index {
         self.clock
     }
 
-    fn add(&mut self, sha: Digest32, size: u64, verified: bool) {
+    fn add(&mut self, sha: Digest32, size: u64, verified: Option<Stamp>) {
         let t = self.tick();
         self.lru.insert(t, sha);
         self.bytes = self.bytes.saturating_add(size);
@@ -281,7 +273,37 @@ impl Index {
 struct Ticket {
     size: u64,
     generation: u64,
-    verified: bool,
+    verified: Option<Stamp>,
+}
+
+/// One state of a content file. Writing to it, truncating it, or changing its mode or times
+/// through the file system moves its ctime (which no caller can set back); replacing it
+/// changes the inode. The file's own times are refreshed by this process too (see
+/// [`refresh_mtime`]), which records the new stamp when the old one was verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    ctime: i64,
+    ctime_nsec: i64,
+}
+
+impl Stamp {
+    fn of(md: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: md.ino(),
+            ctime: md.ctime(),
+            ctime_nsec: md.ctime_nsec(),
+        }
+    }
+}
+
+/// What an open found: the file's mtime (so marking the use needs no second `fstat`) and
+/// its state.
+#[derive(Clone, Copy)]
+struct Opened {
+    modified: Option<SystemTime>,
+    stamp: Stamp,
 }
 
 /// A content-addressed, size-bounded, LRU disk cache of verified files. See the module doc.
@@ -437,7 +459,9 @@ impl DiskCache {
             fs::create_dir_all(self.layout.shard(&sha))?;
             path.persist(self.layout.content(&sha))
                 .map_err(|e| e.error)?;
-            index.add(sha, meta.size, true);
+            // After the rename, which moves the ctime.
+            let stamp = file.metadata().map(|md| Stamp::of(&md)).ok();
+            index.add(sha, meta.size, stamp);
             Stored::Written { evicted }
         };
         let key_written = if index.keys.get(&id) == Some(&meta) {
@@ -470,24 +494,24 @@ impl DiskCache {
     /// found corrupt (it is then dropped with its keys, so the caller fetches it again).
     /// Counts as a use.
     pub fn open_file(&self, sha: &[u8; 32]) -> io::Result<Option<File>> {
-        let Some((ticket, mut file, modified)) = self.open_sized(sha)? else {
+        let Some((ticket, mut file, opened)) = self.open_sized(sha)? else {
             return Ok(None);
         };
-        if !ticket.verified {
+        if ticket.verified != Some(opened.stamp) {
             let (got, len) = hash_reader(&mut file)?;
-            if !self.check_hash(sha, ticket, got, len) {
+            if !self.check_hash(sha, ticket, opened.stamp, got, len) {
                 return Ok(None);
             }
             file.seek(SeekFrom::Start(0))?;
         }
-        self.used(sha, ticket, &file, modified);
+        self.used(sha, ticket, &file, opened);
         Ok(Some(file))
     }
 
     /// Reads the whole content of `sha`, with the same checks as [`DiskCache::open_file`].
     /// Meant for files small enough to keep in memory.
     pub fn read_all(&self, sha: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
-        let Some((ticket, file, modified)) = self.open_sized(sha)? else {
+        let Some((ticket, file, opened)) = self.open_sized(sha)? else {
             return Ok(None);
         };
         let cap = usize::try_from(ticket.size).unwrap_or(0);
@@ -507,10 +531,12 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        if !ticket.verified && !self.check_hash(sha, ticket, Sha256::digest(&buf).into(), len) {
+        if ticket.verified != Some(opened.stamp)
+            && !self.check_hash(sha, ticket, opened.stamp, Sha256::digest(&buf).into(), len)
+        {
             return Ok(None);
         }
-        self.used(sha, ticket, &file, modified);
+        self.used(sha, ticket, &file, opened);
         Ok(Some(buf))
     }
 
@@ -526,9 +552,8 @@ impl DiskCache {
         self.index.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Opens the content file and checks its size against the index; also returns its
-    /// mtime, so that marking the use needs no second `fstat`.
-    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File, Option<SystemTime>)>> {
+    /// Opens the content file and checks its size against the index.
+    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File, Opened)>> {
         let ticket = {
             let index = self.lock();
             let Some(e) = index.entries.get(sha) else {
@@ -563,11 +588,23 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        Ok(Some((ticket, file, md.modified().ok())))
+        let opened = Opened {
+            modified: md.modified().ok(),
+            stamp: Stamp::of(&md),
+        };
+        Ok(Some((ticket, file, opened)))
     }
 
-    /// Compares a re-hash with the name; marks the entry verified or drops it.
-    fn check_hash(&self, sha: &Digest32, ticket: Ticket, got: Digest32, len: u64) -> bool {
+    /// Compares a re-hash of the file in state `stamp` with the name; marks the entry
+    /// verified in that state or drops it.
+    fn check_hash(
+        &self,
+        sha: &Digest32,
+        ticket: Ticket,
+        stamp: Stamp,
+        got: Digest32,
+        len: u64,
+    ) -> bool {
         if len != ticket.size {
             self.drop_bad(
                 sha,
@@ -589,7 +626,7 @@ impl DiskCache {
         }
         if let Some(e) = self.lock().entries.get_mut(sha) {
             if e.generation == ticket.generation {
-                e.verified = true;
+                e.verified = Some(stamp);
             }
         }
         true
@@ -631,7 +668,7 @@ impl DiskCache {
 
     /// Marks a successful open as a use, in the index and (coarsely) in the file's mtime,
     /// which is what a restart recovers the order from.
-    fn used(&self, sha: &Digest32, ticket: Ticket, file: &File, modified: Option<SystemTime>) {
+    fn used(&self, sha: &Digest32, ticket: Ticket, file: &File, opened: Opened) {
         {
             let mut index = self.lock();
             if index
@@ -642,7 +679,7 @@ impl DiskCache {
                 index.touch(sha);
             }
         }
-        refresh_mtime(sha, file, modified);
+        self.refresh_mtime(sha, file, opened);
     }
 
     /// Marks the content `sha` as used without opening it for a read: for a copy served from
@@ -652,9 +689,41 @@ impl DiskCache {
         if !self.lock().touch(sha) {
             return;
         }
-        if let Ok(file) = File::open(self.layout.content(sha)) {
-            let modified = file.metadata().and_then(|m| m.modified()).ok();
-            refresh_mtime(sha, &file, modified);
+        let Ok(file) = File::open(self.layout.content(sha)) else {
+            return;
+        };
+        if let Ok(md) = file.metadata() {
+            let opened = Opened {
+                modified: md.modified().ok(),
+                stamp: Stamp::of(&md),
+            };
+            self.refresh_mtime(sha, &file, opened);
+        }
+    }
+
+    /// Sets the mtime of `sha`'s `file` to now if it is older than [`MTIME_REFRESH`] (or
+    /// unknown). That moves the file's ctime: an entry verified in the state `opened` saw
+    /// is recorded as verified in the new one, so the next open does not hash it again.
+    fn refresh_mtime(&self, sha: &Digest32, file: &File, opened: Opened) {
+        let now = SystemTime::now();
+        let stale = opened
+            .modified
+            .is_none_or(|m| now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH));
+        if !stale {
+            return;
+        }
+        if let Err(e) = file.set_modified(now) {
+            debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");
+            return;
+        }
+        // Without the new state, the next open hashes the file again: slower, still right.
+        let Ok(md) = file.metadata() else {
+            return;
+        };
+        if let Some(e) = self.lock().entries.get_mut(sha) {
+            if e.verified == Some(opened.stamp) {
+                e.verified = Some(Stamp::of(&md));
+            }
         }
     }
 
@@ -806,7 +875,7 @@ fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<()> {
     }
     found.sort_unstable();
     for (_, sha, size) in found {
-        index.add(sha, size, false);
+        index.add(sha, size, None);
     }
     Ok(())
 }
@@ -1056,6 +1125,77 @@ mod tests {
                 .unwrap()
                 .unwrap(),
             b"new!"
+        );
+    }
+
+    /// Overwrites the start of `m`'s content file in place, keeping its size.
+    fn scribble(cache: &DiskCache, m: &KeyMeta, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(content(cache, m))
+            .unwrap();
+        f.write_all_at(bytes, 0).unwrap();
+    }
+
+    #[test]
+    fn a_file_changed_in_place_after_its_check_is_dropped_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        // Checked when written, and (after a restart) when first read.
+        let (written, _) = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            put(&cache, "bin/a", b"alpha")
+        };
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (fresh, _) = put(&cache, "bin/b", b"bravo");
+        for (m, read_whole) in [(&written, true), (&fresh, false)] {
+            let read = |cache: &DiskCache| {
+                if read_whole {
+                    cache.read_all(&m.sha256).unwrap()
+                } else {
+                    cache.open_file(&m.sha256).unwrap().map(|mut f| {
+                        let mut v = Vec::new();
+                        f.read_to_end(&mut v).unwrap();
+                        v
+                    })
+                }
+            };
+            let good = read(&cache).unwrap();
+            assert_eq!(read(&cache).unwrap(), good, "served again unchanged");
+            let mut bad = good.clone();
+            bad[0] ^= 0x20;
+            scribble(&cache, m, &bad);
+            assert_eq!(read(&cache), None, "{} served changed", m.path);
+            assert_eq!(cache.lookup(SP, &m.path), None, "{} kept", m.path);
+        }
+    }
+
+    #[test]
+    fn refreshing_an_mtime_keeps_the_entry_verified_in_the_files_new_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (m, _) = put(&cache, "bin/a", b"alpha");
+        let path = content(&cache, &m);
+        // An old mtime (set from outside, so the next open hashes the file again), which that
+        // open refreshes.
+        set_mtime(&path, 1_000_000);
+        cache.read_all(&m.sha256).unwrap().unwrap();
+        let md = fs::metadata(&path).unwrap();
+        assert!(md.modified().unwrap() > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+        let verified = cache.lock().entries[&m.sha256].verified;
+        assert_eq!(verified, Some(Stamp::of(&md)));
+        // The same through a use from memory.
+        set_mtime(&path, 1_000_000);
+        cache.read_all(&m.sha256).unwrap().unwrap();
+        set_mtime(&path, 1_000_000);
+        let before = Stamp::of(&fs::metadata(&path).unwrap());
+        cache.lock().entries.get_mut(&m.sha256).unwrap().verified = Some(before);
+        cache.touch(&m.sha256);
+        let md = fs::metadata(&path).unwrap();
+        assert_ne!(Stamp::of(&md), before, "the mtime was refreshed");
+        assert_eq!(
+            cache.lock().entries[&m.sha256].verified,
+            Some(Stamp::of(&md))
         );
     }
 
