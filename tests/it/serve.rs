@@ -1378,28 +1378,6 @@ async fn several_serving_threads_share_one_fetch_and_all_drain_on_shutdown() {
 // The real binary
 // ---------------------------------------------------------------------------------------
 
-/// Reads the server's log until it says where it listens (`listening addr=…`); the rest of
-/// the log is drained on a thread so the server never blocks on a full pipe.
-fn listening_addr(stderr: std::process::ChildStderr) -> std::net::SocketAddr {
-    let mut lines = BufReader::new(stderr).lines();
-    let mut seen = String::new();
-    for line in lines.by_ref() {
-        let line = line.expect("reading the server's log");
-        seen.push_str(&line);
-        seen.push('\n');
-        if !line.contains("listening") {
-            continue;
-        }
-        let addr = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-        std::thread::spawn(move || lines.for_each(drop));
-        return addr.parse().expect("a socket address");
-    }
-    panic!("the server exited before listening:\n{seen}");
-}
-
 fn blocking_get(addr: std::net::SocketAddr, target: &str) -> Reply {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1445,16 +1423,13 @@ fn binary_refuses_to_share_a_port_another_server_listens_on() {
 #[test]
 fn binary_serves_its_builtin_demo_and_exits_cleanly_on_sigterm() {
     let dir = tempdir();
-    let mut child = crate::support::cli::binplz()
-        .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
-        .arg(dir.path().join("cache"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting binplz serve");
-    let addr = listening_addr(child.stderr.take().expect("piped stderr"));
-
+    let running = Running::start(
+        crate::support::cli::binplz()
+            .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+            .arg(dir.path().join("cache")),
+        "text",
+    );
+    let addr = running.addr;
     let health = blocking_get(addr, "/-/healthz");
     assert_eq!(health.status, 200);
     let r = blocking_get(addr, "/hello");
@@ -1467,62 +1442,109 @@ fn binary_serves_its_builtin_demo_and_exits_cleanly_on_sigterm() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "Hello from binplz!\n");
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(kill.success());
-    let status = child.wait().expect("waiting for binplz");
-    assert!(status.success(), "binplz serve exited with {status}");
+    running.stop();
+}
+
+/// The real binary, serving: its address, and its log lines as they come.
+struct Running {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    /// Every line logged so far is kept in `seen` once received.
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    /// Starts `binplz serve` with `args` and the log format `format` (`text` or `json`), and
+    /// waits until it listens.
+    fn start(cmd: &mut Command, format: &str) -> Running {
+        let mut child = cmd
+            .args(["--log-format", format])
+            .env_remove("BINPLZ_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting binplz serve");
+        let stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut running = Running {
+            child,
+            addr: ([0, 0, 0, 0], 0).into(),
+            lines,
+            seen: Vec::new(),
+        };
+        let line = running
+            .wait_for(|l| l.contains("listening"))
+            .unwrap_or_else(|| panic!("the server did not listen: {:#?}", running.seen));
+        let addr = if format == "json" {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+            v["addr"].as_str().map(str::to_owned)
+        } else {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .map(str::to_owned)
+        };
+        running.addr = addr
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .parse()
+            .expect("a socket address");
+        running
+    }
+
+    /// The next line logged that `pred` accepts, within 10 s.
+    fn wait_for(&mut self, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.seen.push(line.clone());
+            if pred(&line) {
+                return Some(line);
+            }
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let kill = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(kill.success());
+    }
+
+    /// Stops it with SIGTERM, checks it exits cleanly, and returns every line it logged.
+    fn stop(mut self) -> Vec<String> {
+        self.signal("-TERM");
+        assert!(self.child.wait().expect("waiting for binplz").success());
+        // The rest of the log, flushed at exit at the latest.
+        self.seen.extend(self.lines.iter());
+        self.seen
+    }
 }
 
 /// Runs the real binary on the demo with `format`, makes the given requests, stops it, and
 /// returns every line it logged.
 fn demo_log(format: &str, targets: &[&str]) -> Vec<String> {
     let dir = tempdir();
-    let mut child = crate::support::cli::binplz()
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", format])
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
-        .env_remove("BINPLZ_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting binplz serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-    let mut log = Vec::new();
-    let addr: std::net::SocketAddr = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("the server exited before listening: {log:?}"))
-            .expect("reading the server's log");
-        let addr = if format == "json" {
-            serde_json::from_str::<serde_json::Value>(&line)
-                .ok()
-                .and_then(|v| v["addr"].as_str().map(str::to_owned))
-        } else {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .map(str::to_owned)
-        };
-        log.push(line);
-        if let Some(a) = addr {
-            break a.parse().expect("a socket address");
-        }
-    };
+    let running = Running::start(
+        crate::support::cli::binplz()
+            .args(["serve", "--listen", "127.0.0.1:0", "--cache-dir"])
+            .arg(dir.path().join("cache")),
+        format,
+    );
     for target in targets {
-        blocking_get(addr, target);
+        blocking_get(running.addr, target);
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(kill.success());
-    // The rest of the log, flushed at exit at the latest.
-    log.extend(lines.map(|l| l.expect("reading the server's log")));
-    assert!(child.wait().expect("waiting for binplz").success());
-    log
+    running.stop()
 }
 
 #[test]
@@ -1563,41 +1585,77 @@ fn with_log_format_json_every_log_line_is_one_json_object_and_each_request_has_i
 #[test]
 fn serve_takes_its_settings_from_binplz_environment_variables() {
     let dir = tempdir();
-    let mut child = crate::support::cli::binplz()
-        .arg("serve")
-        .env("BINPLZ_LISTEN", "127.0.0.1:0")
-        .env("BINPLZ_CACHE_DIR", dir.path().join("cache"))
-        .env("BINPLZ_MAX_FILE_SIZE", "1K")
-        .env("BINPLZ_LOG_FORMAT", "json")
-        .env_remove("BINPLZ_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting binplz serve");
-    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-    let listening = lines
-        .by_ref()
-        .map(|l| l.expect("reading the server's log"))
-        .find_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(&l).expect("a JSON log line");
-            v["addr"]
-                .as_str()
-                .map(|a| (a.to_owned(), v["cache_dir"].clone()))
-        })
-        .expect("a listening line");
-    std::thread::spawn(move || lines.for_each(drop));
-    let (addr, cache_dir) = listening;
+    let mut running = Running::start(
+        crate::support::cli::binplz()
+            .arg("serve")
+            .env("BINPLZ_LISTEN", "127.0.0.1:0")
+            .env("BINPLZ_CACHE_DIR", dir.path().join("cache"))
+            .env("BINPLZ_MAX_FILE_SIZE", "1K"),
+        "json",
+    );
+    let listening = running.seen.last().cloned().expect("the listening line");
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("a JSON log line");
     let demo_dir = dir.path().join("cache").join("demo");
-    assert_eq!(cache_dir, demo_dir.to_str().expect("a UTF-8 path"));
-    let r = blocking_get(addr.parse().expect("a socket address"), "/hello");
+    assert_eq!(v["cache_dir"], demo_dir.to_str().expect("a UTF-8 path"));
+    let r = blocking_get(running.addr, "/hello");
     assert_error_script(&r, 422, "over this server's limit of 1024");
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("running kill");
-    assert!(kill.success());
-    assert!(child.wait().expect("waiting for binplz").success());
+    assert!(running.wait_for(|l| l.contains("binplz::access")).is_some());
+    running.stop();
+}
+
+#[test]
+fn sighup_reloads_an_index_file_even_when_it_looks_unchanged() {
+    let dir = tempdir();
+    let index = dir.path().join("fixture.idx");
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(fixture_index());
+    first.write(&index);
+    let stamp = |p: &Path| {
+        let md = std::fs::metadata(p).expect("the index file");
+        (md.modified().expect("an mtime"), md.len())
+    };
+    let before = stamp(&index);
+    let mut running = Running::start(
+        crate::support::cli::binplz()
+            .args(["serve", "--listen", "127.0.0.1:0", "--index"])
+            .arg(&index)
+            .arg("--upstream")
+            .arg(format!(
+                "file://{}",
+                crate::support::cache_dir("cache").display()
+            ))
+            .args([
+                "--trusted-public-key",
+                &crate::support::Key::test().public(),
+            ])
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache")),
+        "json",
+    );
+    let revision = |addr| {
+        let r = blocking_get(addr, "/hello");
+        assert_serves(&r, "hello");
+        r.header("x-nixpkgs-revision").map(str::to_owned)
+    };
+    assert_eq!(revision(running.addr).as_deref(), Some("fixture"));
+    // Another revision of the same length, with the old mtime: the poll, which compares
+    // mtime and size, does not see it.
+    let created = first.meta.created;
+    first.clone().revision("fixturf", created).write(&index);
+    std::fs::File::options()
+        .write(true)
+        .open(&index)
+        .and_then(|f| f.set_modified(before.0))
+        .expect("setting the old mtime");
+    assert_eq!(stamp(&index), before);
+    running.signal("-HUP");
+    let reloaded = running.wait_for(|l| l.contains("index reloaded"));
+    assert!(reloaded.is_some(), "{:#?}", running.seen);
+    assert_eq!(revision(running.addr).as_deref(), Some("fixturf"));
+    running.stop();
 }
 
 #[test]
