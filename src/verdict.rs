@@ -50,16 +50,20 @@ impl Linkage {
         match self {
             Linkage::Dynamic {
                 interpreter,
+                needed,
                 runpath,
-                ..
             } => {
                 if let Some(i) = interpreter.as_deref().filter(|i| i.starts_with(NIX_STORE)) {
                     return Some(format!("its ELF interpreter is {i}"));
                 }
-                runpath
-                    .iter()
-                    .find(|r| r.contains(NIX_STORE))
-                    .map(|r| format!("it loads libraries from {r}"))
+                let from = runpath.iter().find(|r| r.contains(NIX_STORE))?;
+                const NAMED: usize = 5;
+                let libraries = match needed.len() {
+                    0 => "libraries".to_owned(),
+                    n if n <= NAMED => needed.join(", "),
+                    n => format!("{} and {} more", needed[..NAMED].join(", "), n - NAMED),
+                };
+                Some(format!("it loads {libraries} from {from}"))
             }
             Linkage::Script { interpreter } if interpreter.starts_with(NIX_STORE) => {
                 Some(format!("its interpreter is {interpreter}"))
@@ -172,5 +176,61 @@ where
             needed,
             runpath,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dynamic(interpreter: &str, needed: &[&str], runpath: &[&str]) -> Linkage {
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        Linkage::Dynamic {
+            interpreter: Some(interpreter.to_owned()),
+            needed: strings(needed),
+            runpath: strings(runpath),
+        }
+    }
+
+    #[test]
+    fn what_a_program_needs_from_the_store_is_named() {
+        const LD: &str = "/lib64/ld-linux-x86-64.so.2";
+        const STORE_LD: &str = "/nix/store/ylm3qg2h7mq8ib8cbaxz9gjqd6vqhcz8-glibc-2.40/lib/ld.so";
+        const LIB: &str = "/nix/store/0c1f0cy5l8csgrn2h1mp5jm8zmb8pgl3-zlib/lib";
+        let cases = [
+            (
+                dynamic(STORE_LD, &[], &[]),
+                Some(format!("its ELF interpreter is {STORE_LD}")),
+            ),
+            (
+                dynamic(LD, &["libz.so.1", "libc.so.6"], &["/opt/lib", LIB]),
+                Some(format!("it loads libz.so.1, libc.so.6 from {LIB}")),
+            ),
+            (
+                dynamic(LD, &["a", "b", "c", "d", "e", "f", "g"], &[LIB]),
+                Some(format!("it loads a, b, c, d, e and 2 more from {LIB}")),
+            ),
+            (
+                dynamic(LD, &[], &[LIB]),
+                Some(format!("it loads libraries from {LIB}")),
+            ),
+            (dynamic(LD, &["libc.so.6"], &["/opt/lib"]), None),
+            (
+                Linkage::Script {
+                    interpreter: "/nix/store/x-bash/bin/bash -e".to_owned(),
+                },
+                Some("its interpreter is /nix/store/x-bash/bin/bash -e".to_owned()),
+            ),
+            (
+                Linkage::Script {
+                    interpreter: "/bin/sh".to_owned(),
+                },
+                None,
+            ),
+            (Linkage::Static, None),
+        ];
+        for (linkage, want) in cases {
+            assert_eq!(linkage.needs_nix_store(), want, "{linkage:?}");
+        }
     }
 }
