@@ -1040,6 +1040,38 @@ async fn program_over_max_file_size_is_422_without_any_download() {
 }
 
 #[tokio::test]
+async fn a_file_larger_than_its_index_entry_said_is_refused_after_the_download_and_not_kept() {
+    let up = cache();
+    let dir = tempdir();
+    // An index that says `hello` is 10 bytes (an older build, or a wrong listing).
+    let mut fixture = fixture_index().await;
+    for entry in fixture.programs.iter_mut().filter(|p| p.program == "hello") {
+        for c in &mut entry.candidates {
+            c.size = 10;
+        }
+    }
+    let setup = Setup::new(&up, vec![fixture.source()], dir.path()).config(Config {
+        max_file_size: 1000,
+        ..Config::default()
+    });
+    let server = Server::start(setup).await;
+    let hello_len = prebuilt("hello").len();
+    let r = server.get("/hello").await;
+    assert_error_script(
+        &r,
+        422,
+        &format!("the file is {hello_len} bytes, over this server's limit"),
+    );
+    assert_eq!(up.hits(&narinfo_path(paths::HELLO)), 1, "it was downloaded");
+    server.app.settled().await;
+    assert_eq!(
+        metric(&server, "binplz_disk_cache_entries").await,
+        0.0,
+        "and not kept"
+    );
+}
+
+#[tokio::test]
 async fn a_full_upstream_queue_is_503_with_retry_after_and_not_remembered() {
     let up = cache();
     let dir = tempdir();
