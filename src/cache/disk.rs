@@ -946,13 +946,13 @@ fn is_lower_hex(b: u8) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
     use std::fs::OpenOptions;
 
-    const SP: &str = "/nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0";
+    pub(crate) const SP: &str = "/nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0";
 
     fn meta(store_path: &str, path: &str, bytes: &[u8]) -> KeyMeta {
         KeyMeta {
@@ -965,7 +965,8 @@ mod tests {
         }
     }
 
-    fn put(cache: &DiskCache, path: &str, bytes: &[u8]) -> (KeyMeta, Stored) {
+    /// Keeps `bytes` as `SP`'s `path`.
+    pub(crate) fn put(cache: &DiskCache, path: &str, bytes: &[u8]) -> (KeyMeta, Stored) {
         put_at(cache, SP, path, bytes)
     }
 

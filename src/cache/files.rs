@@ -570,20 +570,11 @@ mod tests {
     use sha2::{Digest, Sha256};
     use std::io::Write;
 
-    const SP: &str = "/nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0";
+    use crate::cache::disk::tests::{put, SP};
 
     fn keep(disk: &DiskCache, path: &str, bytes: &[u8]) -> KeyMeta {
-        let mut tmp = tempfile::NamedTempFile::new_in(disk.tmp_dir()).unwrap();
-        tmp.write_all(bytes).unwrap();
-        let meta = KeyMeta {
-            store_path: SP.to_owned(),
-            path: path.to_owned(),
-            sha256: Sha256::digest(bytes).into(),
-            size: bytes.len() as u64,
-            executable: true,
-            linkage: "static".to_owned(),
-        };
-        assert!(disk.insert(tmp, meta.clone()).unwrap().is_stored());
+        let (meta, stored) = put(disk, path, bytes);
+        assert!(stored.is_stored());
         meta
     }
 
