@@ -621,12 +621,18 @@ fn run_index_stats(path: &Path) -> Result<(), CliError> {
 }
 
 fn default_cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("binplz")
+    cache_dir_from(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
+}
+
+/// `$XDG_CACHE_HOME/binplz`, else `$HOME/.cache/binplz`, else under the temp directory. A
+/// relative or empty value is ignored (as the XDG spec says): it would put the cache in
+/// whatever directory the server was started from.
+fn cache_dir_from(xdg: Option<std::ffi::OsString>, home: Option<std::ffi::OsString>) -> PathBuf {
+    let absolute = |v: Option<std::ffi::OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(xdg)
+        .or_else(|| absolute(home).map(|h| h.join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("binplz")
 }
 
 fn run_serve(args: ServeArgs) -> Result<(), CliError> {
@@ -748,5 +754,24 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_cache_dir_ignores_empty_or_relative_variables() {
+        let d = |xdg: Option<&str>, home: Option<&str>| {
+            cache_dir_from(xdg.map(Into::into), home.map(Into::into))
+        };
+        let tmp = std::env::temp_dir().join("binplz");
+        assert_eq!(d(Some("/x"), Some("/h")), PathBuf::from("/x/binplz"));
+        assert_eq!(d(Some(""), Some("/h")), PathBuf::from("/h/.cache/binplz"));
+        assert_eq!(d(Some("rel"), None), tmp);
+        assert_eq!(d(None, Some("")), tmp);
+        assert_eq!(d(None, Some("home")), tmp);
+        assert_eq!(d(None, None), tmp);
     }
 }
