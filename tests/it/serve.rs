@@ -16,7 +16,7 @@ use rstest::rstest;
 use tempfile::TempDir;
 
 use crate::support::server::{
-    client_config, fixture_index, http_upstream, Gate, Gated, Reply, Server, Setup,
+    client_config, fixture_index, http_upstream, Gate, Gated, Pending, Reply, Server, Setup,
 };
 use crate::support::{
     self, dir_entries, fixture_nar_path, narinfo_path, paths, prebuilt, FakeUpstream, Fault,
@@ -701,6 +701,36 @@ async fn gated_setup(up: &FakeUpstream, dir: &Path, path: &str, gate: &Gate) -> 
     ))
 }
 
+/// Sends a request for each target: the first, whose download then waits at `gate`, and
+/// the others once it does. Returns when the server has taken up all of them.
+async fn behind_gate<const N: usize>(
+    server: &Server,
+    gate: &Gate,
+    targets: [&str; N],
+) -> [Pending; N] {
+    let mut pending = Vec::with_capacity(N);
+    for (i, target) in targets.iter().enumerate() {
+        pending.push(
+            server
+                .client
+                .send("GET", target, &[])
+                .await
+                .expect("sending"),
+        );
+        if i == 0 {
+            gate.arrivals(1).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.app.metrics().in_progress() < N as u64 {
+        assert!(Instant::now() < deadline, "the requests never all arrived");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    pending
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one pending reply per target"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn herd_for_a_cold_program_costs_one_narinfo_and_one_nar_fetch() {
     const HERD: usize = 200;
@@ -740,22 +770,9 @@ async fn programs_of_one_store_path_asked_together_share_one_nar_download() {
     let nar = fixture_nar_path("cache", paths::LINKS);
     let gate = Gate::default();
     let server = gated(&up, dir.path(), &nar, &gate, 32).await;
-    let first = server
-        .client
-        .send("GET", "/links/hello-rel", &[])
-        .await
-        .expect("sending");
-    gate.arrivals(1).await;
-    let second = server
-        .client
-        .send("GET", "/links/hello", &[])
-        .await
-        .expect("sending");
-    // Answered after the server has taken up the second request (connections are served
-    // in the order they were accepted on this runtime).
-    assert_eq!(server.get("/-/healthz").await.status, 200);
+    let both = behind_gate(&server, &gate, ["/links/hello-rel", "/links/hello"]).await;
     gate.open();
-    for pending in [first, second] {
+    for pending in both {
         let r = pending.reply().await.expect("a reply");
         assert_serves(&r, "hello");
         assert_eq!(r.header("x-nix-store-path"), Some(paths::LINKS));
@@ -773,18 +790,7 @@ async fn program_sharing_a_download_with_a_refused_one_is_still_served() {
     let gate = Gate::default();
     let server = gated(&up, dir.path(), &nar, &gate, 32).await;
     // `dyn-store` starts the download of `dynamic`; `dyn` joins it.
-    let refused = server
-        .client
-        .send("GET", "/dyn-store", &[])
-        .await
-        .expect("sending");
-    gate.arrivals(1).await;
-    let served = server
-        .client
-        .send("GET", "/dyn", &[])
-        .await
-        .expect("sending");
-    assert_eq!(server.get("/-/healthz").await.status, 200);
+    let [refused, served] = behind_gate(&server, &gate, ["/dyn-store", "/dyn"]).await;
     gate.open();
     assert_error_script(
         &refused.reply().await.expect("a reply"),
@@ -1086,18 +1092,7 @@ async fn a_full_upstream_queue_is_503_with_retry_after_and_not_remembered() {
             ..Config::default()
         });
     let server = Server::start(setup).await;
-    let running = server
-        .client
-        .send("GET", "/hello", &[])
-        .await
-        .expect("sending");
-    gate.arrivals(1).await;
-    let waiting = server
-        .client
-        .send("GET", "/goodbye", &[])
-        .await
-        .expect("sending");
-    assert_eq!(server.get("/-/healthz").await.status, 200);
+    let [running, waiting] = behind_gate(&server, &gate, ["/hello", "/goodbye"]).await;
     let r = server.get("/portable-script").await;
     assert_error_script(&r, 503, "too many downloads in progress; try again shortly");
     assert_eq!(r.header("retry-after"), Some("60"));
