@@ -1027,54 +1027,46 @@ async fn program_needing_the_nix_store_is_422_naming_what_it_needs(
 }
 
 #[tokio::test]
-async fn program_over_max_file_size_is_422_without_any_download() {
-    let up = cache();
-    let dir = tempdir();
-    let setup = Setup::fixture(&up, dir.path()).await.config(Config {
-        max_file_size: 1000,
-        ..Config::default()
-    });
-    let server = Server::start(setup).await;
-    let hello_len = prebuilt("hello").len();
-    let r = server.get("/hello").await;
-    assert_error_script(
-        &r,
-        422,
-        &format!("hello is {hello_len} bytes, over this server's limit of 1000"),
-    );
-    assert_eq!(up.total_hits(), 0);
-}
-
-#[tokio::test]
-async fn a_file_larger_than_its_index_entry_said_is_refused_after_the_download_and_not_kept() {
-    let up = cache();
-    let dir = tempdir();
-    // An index that says `hello` is 10 bytes (an older build, or a wrong listing).
-    let mut fixture = fixture_index().await;
-    for entry in fixture.programs.iter_mut().filter(|p| p.program == "hello") {
+async fn a_program_over_max_file_size_is_422_before_any_download_or_after_it_if_the_index_said_less(
+) {
+    let fixture = fixture_index().await;
+    // The same index saying `hello` is 10 bytes (an older build, or a wrong listing).
+    let mut understated = fixture.clone();
+    for entry in understated
+        .programs
+        .iter_mut()
+        .filter(|p| p.program == "hello")
+    {
         for c in &mut entry.candidates {
             c.size = 10;
         }
     }
-    let setup = Setup::new(&up, vec![fixture.source()], dir.path()).config(Config {
-        max_file_size: 1000,
-        ..Config::default()
-    });
-    let server = Server::start(setup).await;
     let hello_len = prebuilt("hello").len();
-    let r = server.get("/hello").await;
-    assert_error_script(
-        &r,
-        422,
-        &format!("the file is {hello_len} bytes, over this server's limit"),
-    );
-    assert_eq!(up.hits(&narinfo_path(paths::HELLO)), 1, "it was downloaded");
-    server.app.settled().await;
-    assert_eq!(
-        metric(&server, "binplz_disk_cache_entries").await,
-        0.0,
-        "and not kept"
-    );
+    for (index, reason, downloads) in [
+        (
+            fixture,
+            format!("hello is {hello_len} bytes, over this server's limit of 1000"),
+            0,
+        ),
+        (
+            understated,
+            format!("the file is {hello_len} bytes, over this server's limit"),
+            1,
+        ),
+    ] {
+        let up = cache();
+        let dir = tempdir();
+        let setup = Setup::new(&up, vec![index.source()], dir.path()).config(Config {
+            max_file_size: 1000,
+            ..Config::default()
+        });
+        let server = Server::start(setup).await;
+        assert_error_script(&server.get("/hello").await, 422, &reason);
+        assert_eq!(up.hits(&narinfo_path(paths::HELLO)), downloads);
+        server.app.settled().await;
+        let kept = metric(&server, "binplz_disk_cache_entries").await;
+        assert_eq!(kept, 0.0, "a refused file is not kept");
+    }
 }
 
 #[tokio::test]
