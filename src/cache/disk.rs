@@ -16,7 +16,12 @@
 //! re-hashed the first time it is opened after start-up (its size is checked on every open).
 //! Each open also compares the file's ctime and inode with those it had when it was last
 //! hashed or written: a file changed in place since is hashed again before it is served.
-//! A bad entry is dropped with its keys and reported as a miss, so the caller fetches again.
+//! Small files read whole ([`DiskCache::read_all`]) are hashed on every read. A bad entry is
+//! dropped with its keys and reported as a miss, so the caller fetches again.
+//!
+//! Content files are never written once kept, not even their times: the order of use that
+//! a restart recovers is kept in the key files' mtimes, refreshed at most once a minute
+//! per key ([`DiskCache::key_used`]), or the content's own mtime (when it was written).
 //!
 //! One mutex guards the in-memory index *and* every change to names on disk (rename in,
 //! unlink), so the two always agree. The slow parts (fsync of file data, re-hashing,
@@ -29,7 +34,7 @@ use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -48,8 +53,9 @@ pub const DEFAULT_CAPACITY: u64 = 10 << 30;
 /// byte into six (`\u0000`). Anything larger on disk was not written by us.
 const KEY_FILE_MAX: u64 = 1024 + 6 * (MAX_DEPTH as u64) * (MAX_NAME_LEN + 1);
 
-/// An open refreshes the content file's mtime (the last use a restart recovers) only when it
-/// is older than this, so a hot file does not cost an inode write on every request.
+/// A use refreshes its key file's mtime (the last use a restart recovers) at most this often
+/// per key, so a hot file does not cost an inode write on every request. Content files are
+/// never written after they are kept: their state is what tells a change (see [`Stamp`]).
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
 
 /// Read size when re-hashing a content file.
@@ -175,6 +181,8 @@ struct Index {
     bytes: u64,
     /// Source of `last_use` and `generation` values.
     clock: u64,
+    /// When each key file's mtime was last set (by writing it, or marking a use).
+    marked: HashMap<Digest32, SystemTime>,
 }
 
 impl Index {
@@ -235,10 +243,29 @@ impl Index {
         self.bytes = self.bytes.saturating_sub(entry.size);
         for id in &entry.keys {
             self.keys.remove(id);
+            self.marked.remove(id);
             remove_quietly(&layout.key(id));
         }
         remove_quietly(&layout.content(sha));
         Some(entry)
+    }
+
+    /// Orders the entries by `last_use`, oldest (or unknown) first.
+    fn order_by(&mut self, last_use: &HashMap<Digest32, SystemTime>) {
+        let mut order: Vec<(SystemTime, Digest32)> = self
+            .entries
+            .keys()
+            .map(|sha| {
+                (
+                    last_use.get(sha).copied().unwrap_or(SystemTime::UNIX_EPOCH),
+                    *sha,
+                )
+            })
+            .collect();
+        order.sort_unstable();
+        for (_, sha) in order {
+            self.touch(&sha);
+        }
     }
 
     /// Evicts least recently used entries until `incoming` more bytes fit in `capacity`.
@@ -278,8 +305,10 @@ struct Ticket {
 
 /// One state of a content file. Writing to it, truncating it, or changing its mode or times
 /// through the file system moves its ctime (which no caller can set back); replacing it
-/// changes the inode. The file's own times are refreshed by this process too (see
-/// [`refresh_mtime`]), which records the new stamp when the old one was verified.
+/// changes the inode. This process does none of these to a content file once it is kept.
+/// On kernels with coarse timestamps (before 6.13), a write in the same clock tick as the
+/// state was read leaves the ctime as it was: only a writer racing this process could do
+/// that, and it could as well write while a response is being sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
     ino: u64,
@@ -296,14 +325,6 @@ impl Stamp {
             ctime_nsec: md.ctime_nsec(),
         }
     }
-}
-
-/// What an open found: the file's mtime (so marking the use needs no second `fstat`) and
-/// its state.
-#[derive(Clone, Copy)]
-struct Opened {
-    modified: Option<SystemTime>,
-    stamp: Stamp,
 }
 
 /// A content-addressed, size-bounded, LRU disk cache of verified files. See the module doc.
@@ -342,8 +363,9 @@ impl DiskCache {
         }
         let stale = clear_tmp(&layout.tmp)?;
         let mut index = Index::default();
-        scan_files(&layout, &mut index)?;
-        let dropped_keys = scan_keys(&layout, &mut index)?;
+        let mut last_use = scan_files(&layout, &mut index)?;
+        let dropped_keys = scan_keys(&layout, &mut index, &mut last_use)?;
+        index.order_by(&last_use);
         let evicted = index.make_room(&layout, 0, capacity);
         info!(
             dir = %dir.display(),
@@ -474,6 +496,7 @@ impl DiskCache {
             };
             tmp.persist(self.layout.key(&id)).map_err(|e| e.error)?;
             index.set_key(id, meta);
+            index.marked.insert(id, SystemTime::now());
             true
         };
         index.touch(&sha);
@@ -494,24 +517,25 @@ impl DiskCache {
     /// found corrupt (it is then dropped with its keys, so the caller fetches it again).
     /// Counts as a use.
     pub fn open_file(&self, sha: &[u8; 32]) -> io::Result<Option<File>> {
-        let Some((ticket, mut file, opened)) = self.open_sized(sha)? else {
+        let Some((ticket, mut file, stamp)) = self.open_sized(sha)? else {
             return Ok(None);
         };
-        if ticket.verified != Some(opened.stamp) {
+        if ticket.verified != Some(stamp) {
             let (got, len) = hash_reader(&mut file)?;
-            if !self.check_hash(sha, ticket, opened.stamp, got, len) {
+            if !self.check_hash(sha, ticket, stamp, got, len) {
                 return Ok(None);
             }
             file.seek(SeekFrom::Start(0))?;
         }
-        self.used(sha, ticket, &file, opened);
+        self.used(sha, ticket);
         Ok(Some(file))
     }
 
-    /// Reads the whole content of `sha`, with the same checks as [`DiskCache::open_file`].
-    /// Meant for files small enough to keep in memory.
+    /// Reads the whole content of `sha`, checked as [`DiskCache::open_file`] checks, and
+    /// hashed every time: meant for small files (the server's are at most 64 KiB), where
+    /// that costs little and also covers a change made while the bytes were read.
     pub fn read_all(&self, sha: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
-        let Some((ticket, file, opened)) = self.open_sized(sha)? else {
+        let Some((ticket, file, stamp)) = self.open_sized(sha)? else {
             return Ok(None);
         };
         let cap = usize::try_from(ticket.size).unwrap_or(0);
@@ -531,12 +555,10 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        if ticket.verified != Some(opened.stamp)
-            && !self.check_hash(sha, ticket, opened.stamp, Sha256::digest(&buf).into(), len)
-        {
+        if !self.check_hash(sha, ticket, stamp, Sha256::digest(&buf).into(), len) {
             return Ok(None);
         }
-        self.used(sha, ticket, &file, opened);
+        self.used(sha, ticket);
         Ok(Some(buf))
     }
 
@@ -553,7 +575,7 @@ impl DiskCache {
     }
 
     /// Opens the content file and checks its size against the index.
-    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File, Opened)>> {
+    fn open_sized(&self, sha: &Digest32) -> io::Result<Option<(Ticket, File, Stamp)>> {
         let ticket = {
             let index = self.lock();
             let Some(e) = index.entries.get(sha) else {
@@ -588,11 +610,7 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        let opened = Opened {
-            modified: md.modified().ok(),
-            stamp: Stamp::of(&md),
-        };
-        Ok(Some((ticket, file, opened)))
+        Ok(Some((ticket, file, Stamp::of(&md))))
     }
 
     /// Compares a re-hash of the file in state `stamp` with the name; marks the entry
@@ -666,64 +684,53 @@ impl DiskCache {
         current
     }
 
-    /// Marks a successful open as a use, in the index and (coarsely) in the file's mtime,
-    /// which is what a restart recovers the order from.
-    fn used(&self, sha: &Digest32, ticket: Ticket, file: &File, opened: Opened) {
+    /// Marks a successful open as a use.
+    fn used(&self, sha: &Digest32, ticket: Ticket) {
+        let mut index = self.lock();
+        if index
+            .entries
+            .get(sha)
+            .is_some_and(|e| e.generation == ticket.generation)
+        {
+            index.touch(sha);
+        }
+    }
+
+    /// Marks the content `sha` as used without opening it: for a copy served from elsewhere
+    /// (the memory tier), whose entry here would otherwise age while it is in use and be
+    /// the first evicted. Skipped while the lock is busy: the caller is serving a request,
+    /// and the order of use is kept only roughly anyway.
+    pub fn touch(&self, sha: &Digest32) {
+        let mut index = match self.index.try_lock() {
+            Ok(index) => index,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        index.touch(sha);
+    }
+
+    /// Records a use of the key `(store_path, path)` in its key file's mtime, which is what
+    /// a restart recovers the order of use from; at most once per [`MTIME_REFRESH`] per key.
+    pub fn key_used(&self, store_path: &str, path: &str) {
+        let id = key_id(store_path, path);
+        let now = SystemTime::now();
         {
             let mut index = self.lock();
-            if index
-                .entries
-                .get(sha)
-                .is_some_and(|e| e.generation == ticket.generation)
-            {
-                index.touch(sha);
+            if !index.keys.contains_key(&id) {
+                return;
             }
-        }
-        self.refresh_mtime(sha, file, opened);
-    }
-
-    /// Marks the content `sha` as used without opening it for a read: for a copy served from
-    /// elsewhere (the memory tier), whose entry here would otherwise age while it is in use
-    /// and be the first evicted.
-    pub fn touch(&self, sha: &Digest32) {
-        if !self.lock().touch(sha) {
-            return;
-        }
-        let Ok(file) = File::open(self.layout.content(sha)) else {
-            return;
-        };
-        if let Ok(md) = file.metadata() {
-            let opened = Opened {
-                modified: md.modified().ok(),
-                stamp: Stamp::of(&md),
-            };
-            self.refresh_mtime(sha, &file, opened);
-        }
-    }
-
-    /// Sets the mtime of `sha`'s `file` to now if it is older than [`MTIME_REFRESH`] (or
-    /// unknown). That moves the file's ctime: an entry verified in the state `opened` saw
-    /// is recorded as verified in the new one, so the next open does not hash it again.
-    fn refresh_mtime(&self, sha: &Digest32, file: &File, opened: Opened) {
-        let now = SystemTime::now();
-        let stale = opened
-            .modified
-            .is_none_or(|m| now.duration_since(m).is_ok_and(|d| d > MTIME_REFRESH));
-        if !stale {
-            return;
-        }
-        if let Err(e) = file.set_modified(now) {
-            debug!(sha256 = %hex(sha), err = %e, "could not refresh disk cache mtime");
-            return;
-        }
-        // Without the new state, the next open hashes the file again: slower, still right.
-        let Ok(md) = file.metadata() else {
-            return;
-        };
-        if let Some(e) = self.lock().entries.get_mut(sha) {
-            if e.verified == Some(opened.stamp) {
-                e.verified = Some(Stamp::of(&md));
+            let fresh = index
+                .marked
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t).is_ok_and(|d| d < MTIME_REFRESH));
+            if fresh {
+                return;
             }
+            index.marked.insert(id, now);
+        }
+        let key = self.layout.key(&id);
+        if let Err(e) = File::open(&key).and_then(|f| f.set_modified(now)) {
+            debug!(key = %key.display(), err = %e, "could not mark a disk cache key used");
         }
     }
 
@@ -840,8 +847,8 @@ fn clear_tmp(tmp: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// Indexes `files/<ab>/<abcdef…>`; the oldest mtime becomes the least recently used.
-fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<()> {
+/// Indexes `files/<ab>/<abcdef…>`. Returns each content's mtime (when it was written).
+fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<HashMap<Digest32, SystemTime>> {
     let mut found: Vec<(SystemTime, Digest32, u64)> = Vec::new();
     for shard in fs::read_dir(&layout.files)? {
         let shard = shard?;
@@ -873,16 +880,22 @@ fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<()> {
             found.push((mtime, sha, md.len()));
         }
     }
-    found.sort_unstable();
-    for (_, sha, size) in found {
+    let mut written = HashMap::with_capacity(found.len());
+    for (mtime, sha, size) in found {
         index.add(sha, size, None);
+        written.insert(sha, mtime);
     }
-    Ok(())
+    Ok(written)
 }
 
-/// Loads `keys/*`, deleting keys that are unreadable, misnamed, or name missing content.
-/// Returns how many were deleted.
-fn scan_keys(layout: &Layout, index: &mut Index) -> io::Result<usize> {
+/// Loads `keys/*`, deleting keys that are unreadable, misnamed, or name missing content, and
+/// moves each content's `last_use` up to its newest key's mtime (its last marked use).
+/// Returns how many keys were deleted.
+fn scan_keys(
+    layout: &Layout,
+    index: &mut Index,
+    last_use: &mut HashMap<Digest32, SystemTime>,
+) -> io::Result<usize> {
     let mut dropped = 0;
     for dent in fs::read_dir(&layout.keys)? {
         let dent = dent?;
@@ -899,6 +912,10 @@ fn scan_keys(layout: &Layout, index: &mut Index) -> io::Result<usize> {
             }
             Ok(meta) => match index.entries.get(&meta.sha256) {
                 Some(e) if e.size == meta.size => {
+                    if let Ok(t) = dent.metadata().and_then(|m| m.modified()) {
+                        let at = last_use.entry(meta.sha256).or_insert(t);
+                        *at = (*at).max(t);
+                    }
                     index.set_key(id, meta);
                     continue;
                 }
@@ -980,6 +997,13 @@ pub(crate) mod tests {
 
     fn content(cache: &DiskCache, m: &KeyMeta) -> PathBuf {
         cache.layout.content(&m.sha256)
+    }
+
+    /// Makes `m` look last used at `secs` to a restart: its content written then, and its
+    /// key last marked then.
+    fn set_last_use(cache: &DiskCache, m: &KeyMeta, secs: u64) {
+        set_mtime(&content(cache, m), secs);
+        set_mtime(&cache.layout.key(&key_id(&m.store_path, &m.path)), secs);
     }
 
     fn set_mtime(path: &Path, secs: u64) {
@@ -1163,41 +1187,15 @@ pub(crate) mod tests {
             };
             let good = read(&cache).unwrap();
             assert_eq!(read(&cache).unwrap(), good, "served again unchanged");
+            // A clock tick later: with coarse timestamps (before Linux 6.13), a write in the
+            // same tick as the check leaves the ctime as it was.
+            std::thread::sleep(Duration::from_millis(25));
             let mut bad = good.clone();
             bad[0] ^= 0x20;
             scribble(&cache, m, &bad);
             assert_eq!(read(&cache), None, "{} served changed", m.path);
             assert_eq!(cache.lookup(SP, &m.path), None, "{} kept", m.path);
         }
-    }
-
-    #[test]
-    fn refreshing_an_mtime_keeps_the_entry_verified_in_the_files_new_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
-        let (m, _) = put(&cache, "bin/a", b"alpha");
-        let path = content(&cache, &m);
-        // An old mtime (set from outside, so the next open hashes the file again), which that
-        // open refreshes.
-        set_mtime(&path, 1_000_000);
-        cache.read_all(&m.sha256).unwrap().unwrap();
-        let md = fs::metadata(&path).unwrap();
-        assert!(md.modified().unwrap() > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
-        let verified = cache.lock().entries[&m.sha256].verified;
-        assert_eq!(verified, Some(Stamp::of(&md)));
-        // The same through a use from memory.
-        set_mtime(&path, 1_000_000);
-        cache.read_all(&m.sha256).unwrap().unwrap();
-        set_mtime(&path, 1_000_000);
-        let before = Stamp::of(&fs::metadata(&path).unwrap());
-        cache.lock().entries.get_mut(&m.sha256).unwrap().verified = Some(before);
-        cache.touch(&m.sha256);
-        let md = fs::metadata(&path).unwrap();
-        assert_ne!(Stamp::of(&md), before, "the mtime was refreshed");
-        assert_eq!(
-            cache.lock().entries[&m.sha256].verified,
-            Some(Stamp::of(&md))
-        );
     }
 
     #[test]
@@ -1227,6 +1225,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn restart_takes_the_order_of_use_from_key_files_marked_since_the_content_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = {
+            let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+            let (a, _) = put(&cache, "a", &[1; 10]);
+            let (b, _) = put(&cache, "b", &[2; 10]);
+            let (c, _) = put(&cache, "c", &[3; 10]);
+            // `c` was written last; `a` was used last.
+            set_last_use(&cache, &a, 1_000);
+            set_last_use(&cache, &b, 2_000);
+            set_last_use(&cache, &c, 3_000);
+            set_mtime(&cache.layout.key(&key_id(SP, "a")), 4_000);
+            (a, b, c)
+        };
+        let cache = DiskCache::open(dir.path(), 20).unwrap();
+        assert_eq!(
+            cache.lookup(SP, &b.path),
+            None,
+            "the least recently used goes"
+        );
+        assert!(cache.lookup(SP, &a.path).is_some());
+        assert!(cache.lookup(SP, &c.path).is_some());
+    }
+
+    #[test]
     fn restart_recovers_use_order_from_mtimes() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b, c) = {
@@ -1234,9 +1257,9 @@ pub(crate) mod tests {
             let (a, _) = put(&cache, "a", &[1; 10]);
             let (b, _) = put(&cache, "b", &[2; 10]);
             let (c, _) = put(&cache, "c", &[3; 10]);
-            set_mtime(&content(&cache, &a), 3_000);
-            set_mtime(&content(&cache, &b), 1_000);
-            set_mtime(&content(&cache, &c), 2_000);
+            set_last_use(&cache, &a, 3_000);
+            set_last_use(&cache, &b, 1_000);
+            set_last_use(&cache, &c, 2_000);
             (a, b, c)
         };
         let cache = DiskCache::open(dir.path(), 30).unwrap();
@@ -1249,17 +1272,27 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn opening_refreshes_a_stale_mtime() {
+    fn a_use_refreshes_its_key_files_mtime_and_never_writes_the_content_file() {
         let dir = tempfile::tempdir().unwrap();
         let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
         let (a, _) = put(&cache, "a", b"aaa");
-        set_mtime(&content(&cache, &a), 1_000);
+        let (key, data) = (cache.layout.key(&key_id(SP, "a")), content(&cache, &a));
+        let state = Stamp::of(&fs::metadata(&data).unwrap());
+        let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
+        let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        // Written just now: a use marks nothing yet.
+        set_mtime(&key, 1_000);
+        cache.key_used(SP, "a");
+        assert_eq!(mtime(&key), old);
+        // A period later, the next use is marked.
+        cache.lock().marked.insert(key_id(SP, "a"), old);
+        cache.key_used(SP, "a");
+        assert!(mtime(&key) > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+        cache.key_used(SP, "b-is-not-a-key");
         assert!(cache.open_file(&a.sha256).unwrap().is_some());
-        let mtime = fs::metadata(content(&cache, &a))
-            .unwrap()
-            .modified()
-            .unwrap();
-        assert!(mtime > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
+        assert!(cache.read_all(&a.sha256).unwrap().is_some());
+        cache.touch(&a.sha256);
+        assert_eq!(Stamp::of(&fs::metadata(&data).unwrap()), state);
     }
 
     #[test]
@@ -1270,9 +1303,9 @@ pub(crate) mod tests {
             let (a, _) = put(&cache, "a", &[1; 10]);
             let (b, _) = put(&cache, "b", &[2; 10]);
             let (c, _) = put(&cache, "c", &[3; 10]);
-            set_mtime(&content(&cache, &a), 1_000);
-            set_mtime(&content(&cache, &b), 3_000);
-            set_mtime(&content(&cache, &c), 2_000);
+            set_last_use(&cache, &a, 1_000);
+            set_last_use(&cache, &b, 3_000);
+            set_last_use(&cache, &c, 2_000);
             (a, b, c)
         };
         let cache = DiskCache::open(dir.path(), 15).unwrap();
