@@ -16,8 +16,7 @@
 //! re-hashed the first time it is opened after start-up (its size is checked on every open).
 //! Each open also compares the file's ctime and inode with those it had when it was last
 //! hashed or written: a file changed in place since is hashed again before it is served.
-//! Small files read whole ([`DiskCache::read_all`]) are hashed on every read. A bad entry is
-//! dropped with its keys and reported as a miss, so the caller fetches again.
+//! A bad entry is dropped with its keys and reported as a miss, so the caller fetches again.
 //!
 //! Content files are never written once kept, not even their times: the order of use that
 //! a restart recovers is kept in the key files' mtimes, refreshed at most once a minute
@@ -531,9 +530,8 @@ impl DiskCache {
         Ok(Some(file))
     }
 
-    /// Reads the whole content of `sha`, checked as [`DiskCache::open_file`] checks, and
-    /// hashed every time: meant for small files (the server's are at most 64 KiB), where
-    /// that costs little and also covers a change made while the bytes were read.
+    /// Reads the whole content of `sha`, with the same checks as [`DiskCache::open_file`].
+    /// Meant for files small enough to keep in memory.
     pub fn read_all(&self, sha: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
         let Some((ticket, file, stamp)) = self.open_sized(sha)? else {
             return Ok(None);
@@ -555,7 +553,9 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        if !self.check_hash(sha, ticket, stamp, Sha256::digest(&buf).into(), len) {
+        if ticket.verified != Some(stamp)
+            && !self.check_hash(sha, ticket, stamp, Sha256::digest(&buf).into(), len)
+        {
             return Ok(None);
         }
         self.used(sha, ticket);

@@ -70,8 +70,8 @@ pub type Memo = Arc<OnceLock<Box<dyn Any + Send + Sync>>>;
 /// Files at most this large are read from the disk cache on the calling thread, in one
 /// read: from the page cache that costs a few microseconds, less than handing the work to a
 /// blocking thread and back (which cost two thirds of the disk tier's requests per second on
-/// 1 KB files). The disk cache hashes such a file on every read: well under a microsecond
-/// for 1 KB, about 35 µs at 64 KiB. Larger files are opened on a blocking thread.
+/// 1 KB files), and the re-hash of such a file after a restart is as short. Larger files are
+/// opened on a blocking thread.
 const INLINE_READ_MAX: u64 = 64 << 10;
 
 /// What a held file costs besides its bytes and key, counted against the memory budget: its
