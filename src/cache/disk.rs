@@ -20,7 +20,7 @@
 //!
 //! Content files are never written once kept, not even their times: the order of use that
 //! a restart recovers is kept in the key files' mtimes, refreshed at most once a minute
-//! per key ([`DiskCache::key_used`]), or the content's own mtime (when it was written).
+//! per key ([`DiskCache::mark_used`]), or the content's own mtime (when it was written).
 //!
 //! One mutex guards the in-memory index *and* every change to names on disk (rename in,
 //! unlink), so the two always agree. The slow parts (fsync of file data, re-hashing,
@@ -322,6 +322,33 @@ impl Stamp {
             ino: md.ino(),
             ctime: md.ctime(),
             ctime_nsec: md.ctime_nsec(),
+        }
+    }
+}
+
+/// What [`DiskCache::mark_used`] did.
+#[derive(Debug)]
+pub enum Marked {
+    /// Nothing: the lock was busy.
+    Busy,
+    /// Marked in the index (or there is no such key).
+    Done,
+    /// Marked in the index; the key file's mtime is due too. A metadata write, which can
+    /// wait on the file system's journal: [`KeyMark::write`] it off the serving thread.
+    KeyFile(KeyMark),
+}
+
+/// A key file's mtime to set, as a use.
+#[derive(Debug)]
+pub struct KeyMark {
+    path: PathBuf,
+    at: SystemTime,
+}
+
+impl KeyMark {
+    pub fn write(self) {
+        if let Err(e) = File::open(&self.path).and_then(|f| f.set_modified(self.at)) {
+            debug!(key = %self.path.display(), err = %e, "could not mark a disk cache key used");
         }
     }
 }
@@ -696,42 +723,35 @@ impl DiskCache {
         }
     }
 
-    /// Marks the content `sha` as used without opening it: for a copy served from elsewhere
-    /// (the memory tier), whose entry here would otherwise age while it is in use and be
-    /// the first evicted. Skipped while the lock is busy: the caller is serving a request,
-    /// and the order of use is kept only roughly anyway.
-    pub fn touch(&self, sha: &Digest32) {
+    /// Marks the key `(store_path, path)` and its content as used: in the index, and at most
+    /// once per [`MTIME_REFRESH`] per key in the key file's mtime, which is what a restart
+    /// recovers the order of use from. For uses the index does not see otherwise (hits on a
+    /// copy in memory) and for that mtime. Never waits: the caller is serving a request, and
+    /// the order of use is kept only roughly anyway.
+    pub fn mark_used(&self, store_path: &str, path: &str) -> Marked {
+        let id = key_id(store_path, path);
         let mut index = match self.index.try_lock() {
             Ok(index) => index,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return,
+            Err(TryLockError::WouldBlock) => return Marked::Busy,
         };
-        index.touch(sha);
-    }
-
-    /// Records a use of the key `(store_path, path)` in its key file's mtime, which is what
-    /// a restart recovers the order of use from; at most once per [`MTIME_REFRESH`] per key.
-    pub fn key_used(&self, store_path: &str, path: &str) {
-        let id = key_id(store_path, path);
+        let Some(sha) = index.keys.get(&id).map(|m| m.sha256) else {
+            return Marked::Done;
+        };
+        index.touch(&sha);
         let now = SystemTime::now();
-        {
-            let mut index = self.lock();
-            if !index.keys.contains_key(&id) {
-                return;
-            }
-            let fresh = index
-                .marked
-                .get(&id)
-                .is_some_and(|t| now.duration_since(*t).is_ok_and(|d| d < MTIME_REFRESH));
-            if fresh {
-                return;
-            }
-            index.marked.insert(id, now);
+        let fresh = index
+            .marked
+            .get(&id)
+            .is_some_and(|t| now.duration_since(*t).is_ok_and(|d| d < MTIME_REFRESH));
+        if fresh {
+            return Marked::Done;
         }
-        let key = self.layout.key(&id);
-        if let Err(e) = File::open(&key).and_then(|f| f.set_modified(now)) {
-            debug!(key = %key.display(), err = %e, "could not mark a disk cache key used");
-        }
+        index.marked.insert(id, now);
+        Marked::KeyFile(KeyMark {
+            path: self.layout.key(&id),
+            at: now,
+        })
     }
 
     /// Writes `meta`'s key file to a durable temp file, ready to be renamed into place.
@@ -1156,11 +1176,23 @@ pub(crate) mod tests {
     /// Overwrites the start of `m`'s content file in place, keeping its size.
     fn scribble(cache: &DiskCache, m: &KeyMeta, bytes: &[u8]) {
         use std::os::unix::fs::FileExt;
-        let f = OpenOptions::new()
-            .write(true)
-            .open(content(cache, m))
-            .unwrap();
-        f.write_all_at(bytes, 0).unwrap();
+        let path = content(cache, m);
+        let before = Stamp::of(&fs::metadata(&path).unwrap());
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // Until the write shows in the file's state: with coarse timestamps, a write in the
+        // same clock tick as the last check leaves the ctime as it was.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            f.write_all_at(bytes, 0).unwrap();
+            if Stamp::of(&fs::metadata(&path).unwrap()) != before {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ctime never moved"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     #[test]
@@ -1187,9 +1219,6 @@ pub(crate) mod tests {
             };
             let good = read(&cache).unwrap();
             assert_eq!(read(&cache).unwrap(), good, "served again unchanged");
-            // A clock tick later: with coarse timestamps (before Linux 6.13), a write in the
-            // same tick as the check leaves the ctime as it was.
-            std::thread::sleep(Duration::from_millis(25));
             let mut bad = good.clone();
             bad[0] ^= 0x20;
             scribble(&cache, m, &bad);
@@ -1277,21 +1306,33 @@ pub(crate) mod tests {
         let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
         let (a, _) = put(&cache, "a", b"aaa");
         let (key, data) = (cache.layout.key(&key_id(SP, "a")), content(&cache, &a));
+        // An old content mtime, as after a restart a day later: not something to refresh.
+        set_mtime(&data, 1_000);
         let state = Stamp::of(&fs::metadata(&data).unwrap());
         let mtime = |p: &Path| fs::metadata(p).unwrap().modified().unwrap();
         let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
-        // Written just now: a use marks nothing yet.
+        // The key was written just now: a use marks the index only.
         set_mtime(&key, 1_000);
-        cache.key_used(SP, "a");
+        assert!(matches!(cache.mark_used(SP, "a"), Marked::Done));
         assert_eq!(mtime(&key), old);
-        // A period later, the next use is marked.
+        // A period later, the key file is due too.
         cache.lock().marked.insert(key_id(SP, "a"), old);
-        cache.key_used(SP, "a");
+        let Marked::KeyFile(mark) = cache.mark_used(SP, "a") else {
+            panic!("the key file's mtime is due");
+        };
+        mark.write();
         assert!(mtime(&key) > SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000));
-        cache.key_used(SP, "b-is-not-a-key");
+        assert!(matches!(cache.mark_used(SP, "a"), Marked::Done));
+        assert!(matches!(cache.mark_used(SP, "no-such-key"), Marked::Done));
+        // Busy: nothing marked, nothing waited for.
+        let held = cache.lock();
+        assert!(matches!(cache.mark_used(SP, "a"), Marked::Busy));
+        drop(held);
+        // Opens (the first hashes the file again: its mtime was set from outside) and uses
+        // leave the content file as it was.
         assert!(cache.open_file(&a.sha256).unwrap().is_some());
         assert!(cache.read_all(&a.sha256).unwrap().is_some());
-        cache.touch(&a.sha256);
+        assert_eq!(mtime(&data), old);
         assert_eq!(Stamp::of(&fs::metadata(&data).unwrap()), state);
     }
 

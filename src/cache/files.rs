@@ -30,7 +30,7 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use sha2::{Digest, Sha256};
 use tempfile::TempPath;
 
-use super::disk::{DiskCache, KeyMeta, Stored};
+use super::disk::{DiskCache, KeyMeta, Marked, Stored};
 use super::flight::{Joined, SingleFlight, Tail};
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extracted};
@@ -104,20 +104,15 @@ impl Held {
         }
     }
 
-    /// Whether this hit should mark the disk entry as used (true for one caller per period).
+    /// Whether this hit should mark the disk entry as used.
     fn disk_use_due(&self) -> bool {
-        let now = uptime();
-        let next = self.next_disk_use.load(Ordering::Relaxed);
-        now >= next
-            && self
-                .next_disk_use
-                .compare_exchange(
-                    next,
-                    now + DISK_USE_EVERY.as_secs(),
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+        uptime() >= self.next_disk_use.load(Ordering::Relaxed)
+    }
+
+    /// The disk entry was marked as used: the next mark is a period away.
+    fn disk_used(&self) {
+        let next = uptime() + DISK_USE_EVERY.as_secs();
+        self.next_disk_use.store(next, Ordering::Relaxed);
     }
 }
 
@@ -235,12 +230,25 @@ impl Files {
         self.keep_errors.load(Ordering::Relaxed)
     }
 
+    /// Marks `(store_path, path)` as used on disk (see [`DiskCache::mark_used`]), writing a
+    /// key file's mtime on a blocking thread. False if the disk cache's lock was busy.
+    fn mark_used(&self, store_path: &str, path: &str) -> bool {
+        match self.disk.mark_used(store_path, path) {
+            Marked::Busy => false,
+            Marked::Done => true,
+            Marked::KeyFile(mark) => {
+                tokio::task::spawn_blocking(move || mark.write());
+                true
+            }
+        }
+    }
+
     /// The file for `(store_path, path)` if a tier holds it, without any upstream fetch.
     pub async fn cached(&self, store_path: &str, path: &str) -> std::io::Result<Option<Hit>> {
         let key = memory_key(store_path, path);
         if let Some(held) = self.memory.get(&key).await {
-            if held.disk_use_due() {
-                self.disk.touch(&held.meta.sha256);
+            if held.disk_use_due() && self.mark_used(store_path, path) {
+                held.disk_used();
             }
             return Ok(Some(Hit {
                 meta: held.meta.clone(),
@@ -287,7 +295,7 @@ impl Files {
         let Some((content, held)) = loaded else {
             return Ok(None); // dropped as corrupt: the caller fetches it again
         };
-        self.disk.key_used(store_path, path);
+        self.mark_used(store_path, path);
         let memo = held.then(Memo::default);
         if let Some(memo) = &memo {
             let held = Held::new(meta.clone(), content.clone(), memo.clone());
@@ -652,7 +660,10 @@ mod tests {
         assert!(files.disk().lookup(SP, "bin/a").is_some(), "a was evicted");
         assert!(files.disk().lookup(SP, "bin/b").is_none(), "b was kept");
         // Within the period, hits stay off the disk: `a` ages behind `c`.
-        files.disk().touch(&Sha256::digest(&c).into());
+        assert!(matches!(
+            files.disk().mark_used(SP, "bin/c"),
+            Marked::Done | Marked::KeyFile(_)
+        ));
         assert_eq!(
             files.cached(SP, "bin/a").await.unwrap().unwrap().tier,
             "memory"
