@@ -1545,8 +1545,19 @@ impl Running {
         self.signal("-TERM");
         assert!(self.child.wait().expect("waiting for binplz").success());
         // The rest of the log, flushed at exit at the latest.
-        self.seen.extend(self.lines.iter());
-        self.seen
+        let rest: Vec<String> = self.lines.iter().collect();
+        self.seen.extend(rest);
+        std::mem::take(&mut self.seen)
+    }
+}
+
+/// A test that fails before [`Running::stop`] leaves no server behind.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
