@@ -869,7 +869,7 @@ fn clear_tmp(tmp: &Path) -> io::Result<usize> {
 
 /// Indexes `files/<ab>/<abcdef…>`. Returns each content's mtime (when it was written).
 fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<HashMap<Digest32, SystemTime>> {
-    let mut found: Vec<(SystemTime, Digest32, u64)> = Vec::new();
+    let mut written = HashMap::new();
     for shard in fs::read_dir(&layout.files)? {
         let shard = shard?;
         let shard_path = shard.path();
@@ -897,13 +897,9 @@ fn scan_files(layout: &Layout, index: &mut Index) -> io::Result<HashMap<Digest32
             };
             let md = dent.metadata()?;
             let mtime = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            found.push((mtime, sha, md.len()));
+            index.add(sha, md.len(), None);
+            written.insert(sha, mtime);
         }
-    }
-    let mut written = HashMap::with_capacity(found.len());
-    for (mtime, sha, size) in found {
-        index.add(sha, size, None);
-        written.insert(sha, mtime);
     }
     Ok(written)
 }
