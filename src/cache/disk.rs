@@ -32,6 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
@@ -558,18 +559,35 @@ impl DiskCache {
     }
 
     /// Reads the whole content of `sha`, with the same checks as [`DiskCache::open_file`].
-    /// Meant for files small enough to keep in memory.
-    pub fn read_all(&self, sha: &[u8; 32]) -> io::Result<Option<Vec<u8>>> {
+    /// Meant for files small enough to keep in memory. Unless `may_wait`, a read that
+    /// would wait for the disk (the page cache not holding the file) fails with
+    /// [`io::ErrorKind::WouldBlock`] instead, and changes nothing.
+    pub fn read_all(&self, sha: &[u8; 32], may_wait: bool) -> io::Result<Option<Vec<u8>>> {
         let Some((ticket, file, stamp)) = self.open_sized(sha)? else {
             return Ok(None);
         };
-        let cap = usize::try_from(ticket.size).unwrap_or(0);
-        let mut buf = Vec::with_capacity(cap);
         // One byte more than expected, so growth after the size check is noticed too.
-        (&file)
-            .take(ticket.size.saturating_add(1))
-            .read_to_end(&mut buf)?;
-        let len = buf.len() as u64;
+        let want = usize::try_from(ticket.size.saturating_add(1))
+            .map_err(|_| io::Error::other("file too large to read whole"))?;
+        let mut buf = vec![0u8; want];
+        let mut len = 0;
+        while len < want {
+            let n = if may_wait {
+                match file.read_at(&mut buf[len..], len as u64) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    r => r?,
+                }
+            } else {
+                read_at_cached(&file, &mut buf[len..], len as u64)?
+                    .ok_or(io::ErrorKind::WouldBlock)?
+            };
+            if n == 0 {
+                break;
+            }
+            len += n;
+        }
+        buf.truncate(len);
+        let len = len as u64;
         if len != ticket.size {
             self.drop_bad(
                 sha,
@@ -978,6 +996,29 @@ fn is_lower_hex(b: u8) -> bool {
     b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
 }
 
+/// Reads into `buf` from `file` at `at` only what the page cache holds: `Ok(None)` if even
+/// the first byte is not there (a `preadv2` with `RWF_NOWAIT`, which also starts reading
+/// it in). A file that cannot tell (a memory file, or a file system without it) is read as
+/// by `pread`.
+pub fn read_at_cached(file: &File, buf: &mut [u8], at: u64) -> io::Result<Option<usize>> {
+    use rustix::io::{preadv2, Errno, ReadWriteFlags};
+    loop {
+        let mut bufs = [io::IoSliceMut::new(buf)];
+        return match preadv2(file, &mut bufs, at, ReadWriteFlags::NOWAIT) {
+            Ok(n) => Ok(Some(n)),
+            Err(Errno::AGAIN) => Ok(None),
+            Err(Errno::INTR) => continue,
+            Err(Errno::OPNOTSUPP | Errno::NOSYS) => loop {
+                match file.read_at(buf, at) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    r => return r.map(Some),
+                }
+            },
+            Err(e) => Err(e.into()),
+        };
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1051,7 +1092,10 @@ pub(crate) mod tests {
         let mut s = Vec::new();
         f.read_to_end(&mut s).unwrap();
         assert_eq!(s, b"hello world");
-        assert_eq!(cache.read_all(&m.sha256).unwrap().unwrap(), b"hello world");
+        assert_eq!(
+            cache.read_all(&m.sha256, true).unwrap().unwrap(),
+            b"hello world"
+        );
         assert_eq!(cache.stats(), (1, 11));
         let name = content(&cache, &m);
         assert_eq!(
@@ -1108,8 +1152,8 @@ pub(crate) mod tests {
         }
         assert_eq!(cache.stats(), (3, 30));
         // read_all counts as a use too: now `a` is the oldest use.
-        assert!(cache.read_all(&c.sha256).unwrap().is_some());
-        assert!(cache.read_all(&d.sha256).unwrap().is_some());
+        assert!(cache.read_all(&c.sha256, true).unwrap().is_some());
+        assert!(cache.read_all(&d.sha256, true).unwrap().is_some());
         let (_, stored) = put(&cache, "e", &[b'e'; 20]);
         assert_eq!(stored, Stored::Written { evicted: 2 });
         assert_eq!(cache.lookup(SP, "a"), None);
@@ -1162,7 +1206,7 @@ pub(crate) mod tests {
         let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(
             cache
-                .read_all(&cache.lookup(SP, "bin/x").unwrap().sha256)
+                .read_all(&cache.lookup(SP, "bin/x").unwrap().sha256, true)
                 .unwrap()
                 .unwrap(),
             b"new!"
@@ -1204,7 +1248,7 @@ pub(crate) mod tests {
         for (m, read_whole) in [(&written, true), (&fresh, false)] {
             let read = |cache: &DiskCache| {
                 if read_whole {
-                    cache.read_all(&m.sha256).unwrap()
+                    cache.read_all(&m.sha256, true).unwrap()
                 } else {
                     cache.open_file(&m.sha256).unwrap().map(|mut f| {
                         let mut v = Vec::new();
@@ -1236,7 +1280,7 @@ pub(crate) mod tests {
         assert_eq!(cache.stats(), (2, 11));
         assert_eq!(cache.lookup(SP, "bin/a"), Some(a.clone()));
         assert_eq!(cache.lookup(SP, "lib/b"), Some(b.clone()));
-        assert_eq!(cache.read_all(&a.sha256).unwrap().unwrap(), b"alpha");
+        assert_eq!(cache.read_all(&a.sha256, true).unwrap().unwrap(), b"alpha");
         let mut s = String::new();
         cache
             .open_file(&b.sha256)
@@ -1304,7 +1348,7 @@ pub(crate) mod tests {
         // Opens (the first hashes the file again: its mtime was set from outside) and uses
         // leave the content file as it was.
         assert!(cache.open_file(&a.sha256).unwrap().is_some());
-        assert!(cache.read_all(&a.sha256).unwrap().is_some());
+        assert!(cache.read_all(&a.sha256, true).unwrap().is_some());
         assert_eq!(mtime(&data), old);
         assert_eq!(Stamp::of(&fs::metadata(&data).unwrap()), state);
     }
@@ -1390,7 +1434,7 @@ pub(crate) mod tests {
             m
         };
         let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
-        assert!(cache.read_all(&m.sha256).unwrap().is_none());
+        assert!(cache.read_all(&m.sha256, true).unwrap().is_none());
         assert_eq!(cache.lookup(SP, "bin/a"), None);
         assert_eq!(cache.stats(), (0, 0));
     }
@@ -1436,7 +1480,7 @@ pub(crate) mod tests {
             .set_len(3)
             .unwrap();
         assert!(cache.open_file(&a.sha256).unwrap().is_none());
-        assert!(cache.read_all(&b.sha256).unwrap().is_none());
+        assert!(cache.read_all(&b.sha256, true).unwrap().is_none());
         assert_eq!(cache.lookup(SP, "bin/a"), None);
         assert_eq!(cache.lookup(SP, "bin/b"), None);
         assert_eq!(cache.stats(), (0, 0));
@@ -1528,7 +1572,10 @@ pub(crate) mod tests {
         assert_eq!(count_files(&wrong_shard), 0);
         assert!(!files.join("stray").exists());
         assert_eq!(cache.stats().0, 2, "good and bad content, nothing else");
-        assert_eq!(cache.read_all(&good.sha256).unwrap().unwrap(), b"good");
+        assert_eq!(
+            cache.read_all(&good.sha256, true).unwrap().unwrap(),
+            b"good"
+        );
     }
 
     #[test]

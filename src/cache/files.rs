@@ -68,10 +68,11 @@ pub struct Hit {
 pub type Memo = Arc<OnceLock<Box<dyn Any + Send + Sync>>>;
 
 /// Files at most this large are read from the disk cache on the calling thread, in one
-/// read: from the page cache that costs a few microseconds, less than handing the work to a
-/// blocking thread and back (which cost two thirds of the disk tier's requests per second on
-/// 1 KB files), and the re-hash of such a file after a restart is as short. Larger files are
-/// opened on a blocking thread.
+/// read, when the page cache holds them: that costs a few microseconds, less than handing
+/// the work to a blocking thread and back (which cost two thirds of the disk tier's requests
+/// per second on 1 KB files), and the re-hash of such a file after a restart is as short.
+/// One the page cache lacks is read on a blocking thread, as larger files are opened: the
+/// calling thread serves other connections, which would wait for the disk with it.
 const INLINE_READ_MAX: u64 = 64 << 10;
 
 /// What a held file costs besides its bytes and key, counted against the memory budget: its
@@ -131,11 +132,23 @@ fn memory_key(store_path: &str, path: &str) -> String {
     k
 }
 
-/// The content of `sha` from the disk cache: read `whole` into memory, or opened. `None`
-/// if it is not there (or was dropped as corrupt).
-fn load(disk: &DiskCache, sha: &[u8; 32], whole: bool) -> io::Result<Option<Content>> {
-    Ok(if whole {
-        disk.read_all(sha)?.map(|v| Content::Memory(Bytes::from(v)))
+/// How [`load`] takes a file from the disk cache.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Read whole into memory; unless `may_wait`, only from the page cache (see
+    /// [`DiskCache::read_all`]).
+    Whole {
+        may_wait: bool,
+    },
+    Open,
+}
+
+/// The content of `sha` from the disk cache. `None` if it is not there (or was dropped as
+/// corrupt).
+fn load(disk: &DiskCache, sha: &[u8; 32], how: Load) -> io::Result<Option<Content>> {
+    Ok(if let Load::Whole { may_wait } = how {
+        disk.read_all(sha, may_wait)?
+            .map(|v| Content::Memory(Bytes::from(v)))
     } else {
         disk.open_file(sha)?.map(|f| Content::File(Arc::new(f)))
     })
@@ -197,6 +210,7 @@ pub struct Files {
     flights: SingleFlight<String, FlightResult>,
     /// Extracted files that were served but could not be kept on disk.
     keep_errors: Arc<AtomicU64>,
+    disk_waits: AtomicU64,
 }
 
 impl Files {
@@ -214,6 +228,7 @@ impl Files {
             disk: Arc::new(disk),
             flights: SingleFlight::default(),
             keep_errors: Arc::default(),
+            disk_waits: AtomicU64::new(0),
         }
     }
 
@@ -223,6 +238,11 @@ impl Files {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory.weighted_size()
+    }
+
+    /// Small files read from disk on a blocking thread, the page cache not holding them.
+    pub fn disk_waits(&self) -> u64 {
+        self.disk_waits.load(Ordering::Relaxed)
     }
 
     /// Extracted files served but not kept on disk for an error (not for their size).
@@ -265,11 +285,24 @@ impl Files {
         let to_memory = meta.size <= self.memory_item_max;
         // The content, and whether it goes to the memory tier.
         let loaded = if meta.size <= INLINE_READ_MAX {
-            load(&self.disk, &sha, true)?.map(|c| (c, to_memory))
+            let here = load(&self.disk, &sha, Load::Whole { may_wait: false });
+            let content = match here {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.disk_waits.fetch_add(1, Ordering::Relaxed);
+                    let disk = self.disk.clone();
+                    tokio::task::spawn_blocking(move || {
+                        load(&disk, &sha, Load::Whole { may_wait: true })
+                    })
+                    .await
+                    .map_err(io::Error::other)??
+                }
+                r => r?,
+            };
+            content.map(|c| (c, to_memory))
         } else {
             let (disk, size) = (self.disk.clone(), meta.size);
             tokio::task::spawn_blocking(move || -> io::Result<_> {
-                let Some(Content::File(file)) = load(&disk, &sha, false)? else {
+                let Some(Content::File(file)) = load(&disk, &sha, Load::Open)? else {
                     return Ok(None);
                 };
                 if !to_memory {

@@ -21,6 +21,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
@@ -33,9 +34,11 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::body::{read_chunk, Body, Out};
+use super::body::{Body, Out};
 use super::io::EscapeTargets;
+use super::metrics::Metrics;
 use super::App;
+use crate::cache::disk::read_at_cached;
 
 /// Largest request head taken here. curl's and browsers' heads are well under 1 KiB; a
 /// larger one goes to hyper, whose own limit (about 400 KiB) answers it.
@@ -47,8 +50,10 @@ const READ_CHUNK: usize = 4096;
 /// Bodies up to this size are copied behind the head and sent in one write; larger ones
 /// are written from where they are held.
 const COALESCE_MAX: usize = 16 << 10;
-/// Most bytes handed to one `sendfile` call: the socket takes what fits its buffer anyway.
-const SENDFILE_MAX: usize = 1 << 30;
+/// Bytes of a file sent after one check that the page cache holds them (see [`send_file`]).
+const SEND_WINDOW: u64 = 2 << 20;
+/// Most bytes read from a file at a time where it is read rather than sent.
+const READ_MAX: usize = 128 << 10;
 
 /// How a connection's time here ended.
 pub enum Outcome {
@@ -171,8 +176,10 @@ pub async fn serve(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = Vec::with_capacity(1024);
-    let mut date = Date::default();
+    let mut scratch = Scratch {
+        out: Vec::with_capacity(1024),
+        date: Date::default(),
+    };
     loop {
         // Timed from when a request is awaited, as hyper does: an idle keep-alive
         // connection is closed after the same time as a slow head. Set by the first read
@@ -205,7 +212,16 @@ pub async fn serve(
                     };
                     let resp = app.malformed(head.method == Method::HEAD, peer);
                     let stream = io.get_ref();
-                    let _ = respond(stream, &head, resp, false, &mut out, &mut date, limits).await;
+                    let _ = respond(
+                        stream,
+                        &head,
+                        resp,
+                        false,
+                        &mut scratch,
+                        limits,
+                        app.metrics(),
+                    )
+                    .await;
                     let _ = io.shutdown().await;
                     return Outcome::Closed;
                 }
@@ -243,7 +259,17 @@ pub async fn serve(
             .await;
         let keep_alive = head.keep_alive && !stopping(shutdown);
         let stream = io.get_ref();
-        match respond(stream, &head, resp, keep_alive, &mut out, &mut date, limits).await {
+        match respond(
+            stream,
+            &head,
+            resp,
+            keep_alive,
+            &mut scratch,
+            limits,
+            app.metrics(),
+        )
+        .await
+        {
             Ok(()) if keep_alive => {}
             Ok(()) => {
                 let _ = io.shutdown().await;
@@ -272,10 +298,11 @@ async fn respond(
     head: &Head,
     resp: Response<Body>,
     keep_alive: bool,
-    out: &mut Vec<u8>,
-    date: &mut Date,
+    scratch: &mut Scratch,
     limits: &Limits,
+    metrics: &Metrics,
 ) -> io::Result<()> {
+    let Scratch { out, date } = scratch;
     let (parts, body) = resp.into_parts();
     let status = parts.status;
     // No body for HEAD, or with these statuses (RFC 9110, 6.4.1).
@@ -333,9 +360,15 @@ async fn respond(
             write_all(stream, &mut [IoSlice::new(out)], t).await
         }
         Out::Bytes(b) => write_all(stream, &mut [IoSlice::new(out), IoSlice::new(&b)], t).await,
+        Out::File { file, offset, len } if len <= COALESCE_MAX as u64 => {
+            let head_len = out.len();
+            out.resize(head_len + len as usize, 0);
+            read_without_waiting(&file, offset, &mut out[head_len..], metrics).await?;
+            write_all(stream, &mut [IoSlice::new(out)], t).await
+        }
         Out::File { file, offset, len } => {
             send_more(stream, out, t).await?;
-            send_file(stream, &file, offset, len, t).await
+            send_file(stream, &file, offset, len, t, metrics).await
         }
     }
 }
@@ -345,6 +378,13 @@ fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
+}
+
+/// What a connection reuses from one response to the next.
+struct Scratch {
+    /// The response head, and a small body behind it.
+    out: Vec<u8>,
+    date: Date,
 }
 
 /// The `Date` value, formatted once a second.
@@ -428,33 +468,40 @@ async fn send_more(stream: &TcpStream, head: &[u8], timeout: Duration) -> io::Re
 /// Sends `len` bytes of `file` from `offset` with `sendfile`, or by reading and writing
 /// where the file's system has no `sendfile`. A file that ends early is an error: the
 /// connection then closes short of its `Content-Length`, which clients take as a failure.
+///
+/// The file goes out a window at a time, each first made sure to be in the page cache
+/// ([`warm`]): `sendfile` from a file that is not would wait for the disk on this thread,
+/// and with it every connection the thread serves.
 async fn send_file(
     stream: &TcpStream,
     file: &File,
     offset: u64,
     len: u64,
     timeout: Duration,
+    metrics: &Metrics,
 ) -> io::Result<()> {
     let end = offset + len;
     let mut at = offset;
     while at < end {
-        let count = usize::try_from(end - at)
-            .unwrap_or(SENDFILE_MAX)
-            .min(SENDFILE_MAX);
-        let sent = retry(stream, timeout, || {
-            let mut pos = at;
-            let n = rustix::fs::sendfile(stream, file, Some(&mut pos), count)?;
-            Ok(n)
-        })
-        .await;
-        match sent {
-            Ok(0) => return Err(early_end()),
-            Ok(n) => at += n as u64,
-            // Nothing sent yet, and this file cannot be sent that way.
-            Err(e) if at == offset && unsupported(&e) => {
-                return copy_file(stream, file, offset, len, timeout).await;
+        let window_end = end.min(at.saturating_add(SEND_WINDOW));
+        warm(file, at, window_end - at, metrics).await?;
+        while at < window_end {
+            let count = usize::try_from(window_end - at).unwrap_or(usize::MAX);
+            let sent = retry(stream, timeout, || {
+                let mut pos = at;
+                let n = rustix::fs::sendfile(stream, file, Some(&mut pos), count)?;
+                Ok(n)
+            })
+            .await;
+            match sent {
+                Ok(0) => return Err(early_end()),
+                Ok(n) => at += n as u64,
+                // Nothing sent yet, and this file cannot be sent that way.
+                Err(e) if at == offset && unsupported(&e) => {
+                    return copy_file(stream, file, offset, len, timeout, metrics).await;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -481,15 +528,100 @@ async fn copy_file(
     offset: u64,
     len: u64,
     timeout: Duration,
+    metrics: &Metrics,
 ) -> io::Result<()> {
     let end = offset + len;
     let mut at = offset;
+    let mut buf = Vec::new();
     while at < end {
-        let chunk = read_chunk(file, at, end - at)?;
-        write_all(stream, &mut [IoSlice::new(&chunk)], timeout).await?;
-        at += chunk.len() as u64;
+        let n = usize::try_from(end - at).unwrap_or(READ_MAX).min(READ_MAX);
+        buf.resize(n, 0);
+        read_without_waiting(file, at, &mut buf, metrics).await?;
+        write_all(stream, &mut [IoSlice::new(&buf)], timeout).await?;
+        at += n as u64;
     }
     Ok(())
+}
+
+/// Whether the page cache holds the byte of `file` at `at` (see [`read_at_cached`]).
+fn cached(file: &File, at: u64) -> io::Result<bool> {
+    Ok(read_at_cached(file, &mut [0u8], at)?.is_some())
+}
+
+/// Makes sure the page cache holds `len` bytes of `file` from `at`, reading them on a
+/// blocking thread if its first or last byte is not there. A page between them that was
+/// dropped alone is not noticed, and `sendfile` then waits for it here.
+async fn warm(file: &File, at: u64, len: u64, metrics: &Metrics) -> io::Result<()> {
+    let last = at + len.saturating_sub(1);
+    if cached(file, at)? && cached(file, last)? {
+        return Ok(());
+    }
+    metrics.disk_wait();
+    let file = file.try_clone()?;
+    off_thread(move || {
+        let mut buf = vec![0u8; READ_MAX.min(usize::try_from(len).unwrap_or(READ_MAX))];
+        let mut done = 0;
+        while done < len {
+            let n = usize::try_from(len - done).map_or(buf.len(), |n| n.min(buf.len()));
+            match file.read_at(&mut buf[..n], at + done) {
+                Ok(0) => break, // short: `sendfile` tells
+                Ok(n) => done += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Fills `buf` from `file` at `offset`: what the page cache holds is read here, the rest
+/// on a blocking thread. A file shorter than that is an error.
+async fn read_without_waiting(
+    file: &File,
+    offset: u64,
+    buf: &mut [u8],
+    metrics: &Metrics,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        match read_at_cached(file, &mut buf[done..], at)? {
+            Some(0) => return Err(early_end()),
+            Some(n) => done += n,
+            None => {
+                metrics.disk_wait();
+                let file = file.try_clone()?;
+                let mut rest = vec![0u8; buf.len() - done];
+                let rest = off_thread(move || {
+                    file.read_exact_at(&mut rest, at)
+                        .map_err(eof_as_early_end)?;
+                    Ok(rest)
+                })
+                .await?;
+                buf[done..].copy_from_slice(&rest);
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn eof_as_early_end(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        early_end()
+    } else {
+        e
+    }
+}
+
+/// Runs `op` on a blocking thread of the runtime.
+async fn off_thread<R: Send + 'static>(
+    op: impl FnOnce() -> io::Result<R> + Send + 'static,
+) -> io::Result<R> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 #[cfg(test)]
@@ -629,17 +761,78 @@ mod tests {
     #[tokio::test]
     async fn file_ranges_are_sent_exactly_from_disk_and_memory_files() {
         let bytes = pattern(3 * (256 << 10) + 17);
+        let metrics = Arc::new(Metrics::default());
         for file in [file_with(&bytes), memory_file_with(&bytes)] {
             for (offset, len) in [(0, bytes.len()), (1, 100_000), (bytes.len() - 1, 1)] {
                 let f = file.clone();
+                let m = metrics.clone();
                 let (got, r) = received(|s| async move {
-                    send_file(&s, &f, offset as u64, len as u64, WAIT).await
+                    send_file(&s, &f, offset as u64, len as u64, WAIT, &m).await
                 })
                 .await;
                 r.unwrap();
                 assert!(got == bytes[offset..offset + len], "{offset}+{len}");
             }
         }
+        assert_eq!(metrics.disk_waits(), 0, "both were in memory");
+    }
+
+    /// A file on the disk the sources are on (not a memory file system), written out and
+    /// dropped from the page cache.
+    fn evicted_file_with(bytes: &[u8]) -> File {
+        use std::io::Write;
+        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.write_all(bytes).unwrap();
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        // Not checked here: a check that misses starts reading the file in. (A file system
+        // without a page cache, such as tmpfs, cannot run the tests that use this.)
+        file
+    }
+
+    #[tokio::test]
+    async fn only_files_the_page_cache_lacks_are_read_off_the_serving_thread() {
+        // Three windows.
+        let bytes = pattern(2 * SEND_WINDOW as usize + 1000);
+        let file = Arc::new(evicted_file_with(&bytes));
+        let len = bytes.len() as u64;
+        let metrics = Arc::new(Metrics::default());
+        for round in ["from disk", "from the page cache"] {
+            let (f, m) = (file.clone(), metrics.clone());
+            let before = metrics.disk_waits();
+            let (got, r) =
+                received(|s| async move { send_file(&s, &f, 0, len, WAIT, &m).await }).await;
+            r.unwrap();
+            assert!(got == bytes, "{round}");
+            let waits = metrics.disk_waits() - before;
+            if round == "from disk" {
+                assert!(waits >= 1, "{round}: {waits} reads off the serving thread");
+            } else {
+                assert_eq!(waits, 0, "{round}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn small_bodies_are_read_off_the_serving_thread_when_not_cached() {
+        let bytes = pattern(3000);
+        let file = evicted_file_with(&bytes);
+        let metrics = Metrics::default();
+        let mut got = vec![0u8; 1000];
+        read_without_waiting(&file, 5, &mut got, &metrics)
+            .await
+            .unwrap();
+        assert!(got == bytes[5..1005]);
+        assert_eq!(metrics.disk_waits(), 1);
+        read_without_waiting(&file, 5, &mut got, &metrics)
+            .await
+            .unwrap();
+        assert_eq!(metrics.disk_waits(), 1, "now cached");
+        let mut more = vec![0u8; 100];
+        let err = read_without_waiting(&file, 2950, &mut more, &metrics)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[tokio::test]
@@ -647,8 +840,9 @@ mod tests {
         // More than one read's chunk.
         let bytes = pattern(300_000);
         let file = file_with(&bytes);
+        let m = Metrics::default();
         let (got, r) =
-            received(|s| async move { copy_file(&s, &file, 3, 200_000, WAIT).await }).await;
+            received(|s| async move { copy_file(&s, &file, 3, 200_000, WAIT, &m).await }).await;
         r.unwrap();
         assert!(got == bytes[3..200_003]);
     }
@@ -657,8 +851,9 @@ mod tests {
     async fn a_file_shorter_than_promised_is_an_error_after_its_bytes() {
         let bytes = pattern(70_000);
         let file = file_with(&bytes);
+        let m = Metrics::default();
         let (got, r) =
-            received(|s| async move { send_file(&s, &file, 0, 80_000, WAIT).await }).await;
+            received(|s| async move { send_file(&s, &file, 0, 80_000, WAIT, &m).await }).await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         assert!(
             got == bytes,
@@ -672,7 +867,8 @@ mod tests {
         let file = tempfile::tempfile().unwrap();
         // Sparse: far more than loopback's socket buffers hold, and nothing on disk.
         file.set_len(1 << 30).unwrap();
-        let r = send_file(&server, &file, 0, 1 << 30, Duration::from_millis(100)).await;
+        let m = Metrics::default();
+        let r = send_file(&server, &file, 0, 1 << 30, Duration::from_millis(100), &m).await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 

@@ -35,6 +35,7 @@ pub struct Metrics {
     bytes_served: AtomicU64,
     in_progress: AtomicU64,
     verification_failures: AtomicU64,
+    disk_waits: AtomicU64,
     extraction: Mutex<Histogram>,
 }
 
@@ -103,6 +104,16 @@ impl Metrics {
 
     pub fn verification_failure(&self) {
         self.verification_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A file's bytes about to be sent read on a blocking thread, the page cache not
+    /// holding them.
+    pub fn disk_wait(&self) {
+        self.disk_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn disk_waits(&self) -> u64 {
+        self.disk_waits.load(Ordering::Relaxed)
     }
 
     pub fn extraction(&self, d: Duration) {

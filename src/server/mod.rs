@@ -452,6 +452,11 @@ impl App {
                 "Extracted files served but not kept in the disk cache, for an error.",
                 self.inner.files.keep_errors(),
             ),
+            (
+                "binplz_disk_waits_total",
+                "Reads of served files from disk, the page cache not holding them, done on a blocking thread rather than the serving thread.",
+                self.inner.metrics.disk_waits() + self.inner.files.disk_waits(),
+            ),
         ];
         text(
             StatusCode::OK,

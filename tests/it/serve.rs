@@ -1966,6 +1966,50 @@ async fn a_large_file_is_sent_exactly_whole_and_in_ranges(
     assert_eq!(up.total_hits(), 0);
 }
 
+/// Small files are read whole, large ones sent from the file: either way, a file the page
+/// cache lacks is read on a blocking thread, not on the thread serving its connection.
+#[rstest]
+#[case::small(false)]
+#[case::large(true)]
+#[tokio::test]
+async fn a_disk_file_not_in_the_page_cache_is_read_off_the_serving_thread(#[case] large: bool) {
+    let up = cache();
+    // On the disk the sources are on: a memory file system has no page cache to leave.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("creating a temp dir");
+    let bytes = if large {
+        keep_large_hello(dir.path())
+    } else {
+        prebuilt("hello")
+    };
+    let mut setup = Setup::fixture(&up, dir.path()).await;
+    setup.memory_bytes = 0;
+    let server = Server::start(setup).await;
+    let waits = || metric(&server, "binplz_disk_waits_total");
+    // Fetched and kept, or hashed again as the first open after the start: through the
+    // page cache. The second answer waits for the first's keeping, and is from the disk.
+    for _ in 0..2 {
+        let r = server.get("/hello").await;
+        assert!(r.body == bytes);
+    }
+    assert_eq!(waits().await, 0.0);
+    let fetches = up.total_hits();
+    for path in content_files(dir.path()) {
+        let file = std::fs::File::open(&path).expect("opening a content file");
+        // Only written-out pages leave the page cache.
+        file.sync_all().expect("fsync");
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+    }
+    let r = server.get("/hello").await;
+    assert!(r.body == bytes);
+    assert_eq!(r.header("x-binplz-cache"), Some("disk"));
+    // (A file system without a page cache, such as tmpfs, cannot run this test.)
+    assert_eq!(waits().await, 1.0, "reads off the serving thread");
+    let r = server.get("/hello").await;
+    assert!(r.body == bytes);
+    assert_eq!(waits().await, 1.0, "the file is in the page cache now");
+    assert_eq!(up.total_hits(), fetches);
+}
+
 #[tokio::test]
 async fn a_hostile_name_between_plain_requests_gets_the_400_script_and_the_connection_goes_on() {
     let up = cache();
