@@ -3,14 +3,18 @@
 //! ([`super::h1`]) takes it apart with [`Body::into_out`] and sends a file with `sendfile`.
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Frame, SizeHint};
+
+use crate::cache::disk::read_at_cached;
 
 /// Chunk read from disk per frame: large enough that a 1 MB file takes a few reads, small
 /// enough that a connection in flight holds little memory.
@@ -28,6 +32,10 @@ enum Kind {
         /// Where the next read starts.
         offset: u64,
         remaining: u64,
+        /// A read on a blocking thread, under way.
+        reading: Option<tokio::task::JoinHandle<io::Result<Bytes>>>,
+        /// Counts such reads.
+        waits: Arc<AtomicU64>,
     },
 }
 
@@ -51,17 +59,20 @@ impl Body {
     /// `len` bytes of `file` from `offset`, read chunk by chunk as the socket takes them.
     /// Reads are positioned (`pread`), so one open file can serve many bodies at once.
     ///
-    /// The reads run on the serving thread, as nginx's do: the disk cache's files are on
-    /// local storage and usually in the page cache, where a chunk costs a copy of a few
-    /// microseconds, while handing each chunk over from a blocking thread cost more than
-    /// the read (the disk tier served about half as many 1 MB files per second). A read
-    /// that does reach a slow disk holds up this thread's other connections meanwhile.
-    pub fn file(file: Arc<File>, offset: u64, len: u64) -> Body {
+    /// What the page cache holds is read on the serving thread, as nginx does: a chunk
+    /// costs a copy of a few microseconds there, while handing every chunk over from a
+    /// blocking thread cost more than the read (the disk tier served about half as many
+    /// 1 MB files per second). A chunk the page cache lacks is read on a blocking thread,
+    /// counted in `waits`, so that this thread's other connections do not wait for the
+    /// disk with it.
+    pub fn file(file: Arc<File>, offset: u64, len: u64, waits: Arc<AtomicU64>) -> Body {
         Body {
             kind: Kind::File {
                 file,
                 offset,
                 remaining: len,
+                reading: None,
+                waits,
             },
         }
     }
@@ -72,10 +83,12 @@ impl Body {
             Kind::Empty | Kind::Full(None) => Out::Empty,
             Kind::Full(Some(b)) => Out::Bytes(b),
             Kind::File { remaining: 0, .. } => Out::Empty,
+            // A read under way has not moved `offset`: its bytes go out again from there.
             Kind::File {
                 file,
                 offset,
                 remaining,
+                ..
             } => Out::File {
                 file,
                 offset,
@@ -87,7 +100,7 @@ impl Body {
 
 /// Reads exactly `n` bytes (at most [`FILE_CHUNK`]) at `offset`; a file that ends first is an
 /// error, never a short body.
-pub fn read_chunk(file: &File, offset: u64, n: u64) -> io::Result<Bytes> {
+fn read_chunk(file: &File, offset: u64, n: u64) -> io::Result<Bytes> {
     let n = usize::try_from(n).unwrap_or(FILE_CHUNK).min(FILE_CHUNK);
     let mut buf = vec![0u8; n];
     file.read_exact_at(&mut buf, offset)?;
@@ -114,7 +127,7 @@ impl hyper::body::Body for Body {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match &mut self.kind {
             Kind::Empty => Poll::Ready(None),
@@ -123,15 +136,58 @@ impl hyper::body::Body for Body {
                 file,
                 offset,
                 remaining,
+                reading,
+                waits,
             } => {
                 if *remaining == 0 {
                     return Poll::Ready(None);
                 }
                 let n = (*remaining).min(FILE_CHUNK as u64);
-                match read_chunk(file, *offset, n) {
+                let read = match reading {
+                    Some(task) => {
+                        let done = std::task::ready!(Pin::new(task).poll(cx));
+                        *reading = None;
+                        done.unwrap_or_else(|e| Err(io::Error::other(e)))
+                    }
+                    None => {
+                        // At most FILE_CHUNK.
+                        let mut buf = vec![0u8; n as usize];
+                        match read_at_cached(file, &mut buf, *offset) {
+                            Ok(Some(got)) => {
+                                buf.truncate(got);
+                                Ok(Bytes::from(buf))
+                            }
+                            Ok(None) => {
+                                waits.fetch_add(1, Ordering::Relaxed);
+                                let (file, at) = (file.clone(), *offset);
+                                let mut task =
+                                    tokio::task::spawn_blocking(move || read_chunk(&file, at, n));
+                                // Polled once, so that its end wakes this body.
+                                match Pin::new(&mut task).poll(cx) {
+                                    Poll::Pending => {
+                                        *reading = Some(task);
+                                        return Poll::Pending;
+                                    }
+                                    Poll::Ready(r) => {
+                                        r.unwrap_or_else(|e| Err(io::Error::other(e)))
+                                    }
+                                }
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                };
+                match read {
+                    Ok(b) if b.is_empty() => {
+                        *remaining = 0;
+                        Poll::Ready(Some(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file ended early",
+                        ))))
+                    }
                     Ok(b) => {
-                        *remaining -= n;
-                        *offset += n;
+                        *remaining -= b.len() as u64;
+                        *offset += b.len() as u64;
                         Poll::Ready(Some(Ok(Frame::data(b))))
                     }
                     Err(e) => {
@@ -179,6 +235,19 @@ pub(super) mod tests {
         Arc::new(f)
     }
 
+    /// A file on the disk the sources are on (not a memory file system), written out and
+    /// dropped from the page cache.
+    pub(in crate::server) fn evicted_file_with(bytes: &[u8]) -> File {
+        use std::io::Write;
+        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        file.write_all(bytes).unwrap();
+        file.sync_all().unwrap();
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        // Not checked here: a check that misses starts reading the file in. (A file system
+        // without a page cache, such as tmpfs, cannot run the tests that use this.)
+        file
+    }
+
     #[tokio::test]
     async fn a_file_range_is_streamed_in_chunks_and_exactly() {
         let bytes = pattern(3 * FILE_CHUNK + 1000);
@@ -189,7 +258,7 @@ pub(super) mod tests {
             (bytes.len() - 1, 1),
             (5, 0),
         ] {
-            let body = Body::file(file_with(&bytes), offset as u64, len as u64);
+            let body = Body::file(file_with(&bytes), offset as u64, len as u64, Arc::default());
             assert_eq!(
                 hyper::body::Body::size_hint(&body).exact(),
                 Some(len as u64)
@@ -200,9 +269,26 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
+    async fn chunks_the_page_cache_lacks_are_read_off_the_serving_thread() {
+        let bytes = pattern(3 * FILE_CHUNK + 1000);
+        let file = Arc::new(evicted_file_with(&bytes));
+        let waits = Arc::new(AtomicU64::new(0));
+        let len = bytes.len() as u64;
+        let body = Body::file(file.clone(), 0, len, waits.clone());
+        let got = body.collect().await.unwrap().to_bytes();
+        assert!(got == bytes);
+        let from_disk = waits.load(Ordering::Relaxed);
+        assert!(from_disk >= 1, "{from_disk} reads off the serving thread");
+        let body = Body::file(file, 0, len, waits.clone());
+        let got = body.collect().await.unwrap().to_bytes();
+        assert!(got == bytes);
+        assert_eq!(waits.load(Ordering::Relaxed), from_disk, "now cached");
+    }
+
+    #[tokio::test]
     async fn a_file_shorter_than_promised_is_an_error_not_a_short_body() {
         let bytes = pattern(FILE_CHUNK + 10);
-        let body = Body::file(file_with(&bytes), 0, bytes.len() as u64 + 1);
+        let body = Body::file(file_with(&bytes), 0, bytes.len() as u64 + 1, Arc::default());
         let err = body.collect().await.expect_err("must fail");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }

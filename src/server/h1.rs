@@ -629,7 +629,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::server::body::tests::{file_with, pattern};
+    use crate::server::body::tests::{evicted_file_with, file_with, pattern};
     use std::sync::Arc;
 
     fn parsed(raw: &str) -> Parsed {
@@ -775,19 +775,6 @@ mod tests {
             }
         }
         assert_eq!(metrics.disk_waits(), 0, "both were in memory");
-    }
-
-    /// A file on the disk the sources are on (not a memory file system), written out and
-    /// dropped from the page cache.
-    fn evicted_file_with(bytes: &[u8]) -> File {
-        use std::io::Write;
-        let mut file = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        file.write_all(bytes).unwrap();
-        file.sync_all().unwrap();
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-        // Not checked here: a check that misses starts reading the file in. (A file system
-        // without a page cache, such as tmpfs, cannot run the tests that use this.)
-        file
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the extraction latency histogram.
@@ -35,7 +35,7 @@ pub struct Metrics {
     bytes_served: AtomicU64,
     in_progress: AtomicU64,
     verification_failures: AtomicU64,
-    disk_waits: AtomicU64,
+    disk_waits: Arc<AtomicU64>,
     extraction: Mutex<Histogram>,
 }
 
@@ -110,6 +110,11 @@ impl Metrics {
     /// holding them.
     pub fn disk_wait(&self) {
         self.disk_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The counter of [`Metrics::disk_wait`], for a body to count its own.
+    pub fn disk_wait_counter(&self) -> Arc<AtomicU64> {
+        self.disk_waits.clone()
     }
 
     pub fn disk_waits(&self) -> u64 {

@@ -559,7 +559,7 @@ impl App {
             }
             resp
         } else {
-            file_response(&hit, &fixed, headers, head)
+            file_response(&hit, &fixed, headers, head, &self.inner.metrics)
         };
         let h = resp.headers_mut();
         let mut set = |name: HeaderName, value: &str| {
@@ -868,6 +868,7 @@ fn file_response(
     fixed: &FileHeaders,
     headers: &HeaderMap,
     head: bool,
+    metrics: &Metrics,
 ) -> Response<Body> {
     let size = hit.meta.size;
     let etag = fixed.etag.as_str();
@@ -920,7 +921,7 @@ fn file_response(
                 let (s, e) = (start as usize, (start + len) as usize);
                 Body::from(b.slice(s.min(b.len())..e.min(b.len())))
             }
-            Content::File(f) => Body::file(f.clone(), start, len),
+            Content::File(f) => Body::file(f.clone(), start, len, metrics.disk_wait_counter()),
         };
     }
     resp
