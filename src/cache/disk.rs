@@ -996,6 +996,23 @@ fn is_lower_hex(b: u8) -> bool {
     b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
 }
 
+/// Whether the page cache holds the byte of `file` at `at`, asked as [`read_at_cached`]
+/// does. A file that cannot tell counts as held: it is a memory file, or on a file system
+/// whose reads this cannot keep from waiting anyway.
+pub fn in_page_cache(file: &File, at: u64) -> io::Result<bool> {
+    use rustix::io::{preadv2, Errno, ReadWriteFlags};
+    let mut byte = [0u8];
+    loop {
+        let mut bufs = [io::IoSliceMut::new(&mut byte)];
+        return match preadv2(file, &mut bufs, at, ReadWriteFlags::NOWAIT) {
+            Ok(_) | Err(Errno::OPNOTSUPP | Errno::NOSYS) => Ok(true),
+            Err(Errno::AGAIN) => Ok(false),
+            Err(Errno::INTR) => continue,
+            Err(e) => Err(e.into()),
+        };
+    }
+}
+
 /// Reads into `buf` from `file` at `at` only what the page cache holds: `Ok(None)` if even
 /// the first byte is not there (a `preadv2` with `RWF_NOWAIT`, which also starts reading
 /// it in). A file that cannot tell (a memory file, or a file system without it) is read as

@@ -22,6 +22,7 @@ use std::future::Future;
 use std::io::{self, IoSlice, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
@@ -38,7 +39,7 @@ use super::body::{Body, Out};
 use super::io::EscapeTargets;
 use super::metrics::Metrics;
 use super::App;
-use crate::cache::disk::read_at_cached;
+use crate::cache::disk::{in_page_cache, read_at_cached};
 
 /// Largest request head taken here. curl's and browsers' heads are well under 1 KiB; a
 /// larger one goes to hyper, whose own limit (about 400 KiB) answers it.
@@ -474,7 +475,7 @@ async fn send_more(stream: &TcpStream, head: &[u8], timeout: Duration) -> io::Re
 /// and with it every connection the thread serves.
 async fn send_file(
     stream: &TcpStream,
-    file: &File,
+    file: &Arc<File>,
     offset: u64,
     len: u64,
     timeout: Duration,
@@ -524,7 +525,7 @@ fn early_end() -> io::Error {
 /// [`send_file`] by reading and writing.
 async fn copy_file(
     stream: &TcpStream,
-    file: &File,
+    file: &Arc<File>,
     offset: u64,
     len: u64,
     timeout: Duration,
@@ -543,33 +544,32 @@ async fn copy_file(
     Ok(())
 }
 
-/// Whether the page cache holds the byte of `file` at `at` (see [`read_at_cached`]).
-fn cached(file: &File, at: u64) -> io::Result<bool> {
-    Ok(read_at_cached(file, &mut [0u8], at)?.is_some())
-}
-
 /// Makes sure the page cache holds `len` bytes of `file` from `at`, reading them on a
-/// blocking thread if its first or last byte is not there. A page between them that was
-/// dropped alone is not noticed, and `sendfile` then waits for it here.
-async fn warm(file: &File, at: u64, len: u64, metrics: &Metrics) -> io::Result<()> {
+/// blocking thread if its first or last byte is not there, and asking the kernel to read
+/// the next window in meanwhile. A page between them that was dropped alone is not
+/// noticed, and `sendfile` then waits for it here.
+async fn warm(file: &Arc<File>, at: u64, len: u64, metrics: &Metrics) -> io::Result<()> {
     let last = at + len.saturating_sub(1);
-    if cached(file, at)? && cached(file, last)? {
+    if in_page_cache(file, at)? && in_page_cache(file, last)? {
         return Ok(());
     }
     metrics.disk_wait();
-    let file = file.try_clone()?;
+    let file = file.clone();
     off_thread(move || {
         let mut buf = vec![0u8; READ_MAX.min(usize::try_from(len).unwrap_or(READ_MAX))];
         let mut done = 0;
         while done < len {
             let n = usize::try_from(len - done).map_or(buf.len(), |n| n.min(buf.len()));
             match file.read_at(&mut buf[..n], at + done) {
-                Ok(0) => break, // short: `sendfile` tells
+                Ok(0) => return Ok(()), // short: `sendfile` tells
                 Ok(n) => done += n as u64,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
+        // Only advice: the window is read already.
+        let next = std::num::NonZeroU64::new(SEND_WINDOW);
+        let _ = rustix::fs::fadvise(&*file, at + len, next, rustix::fs::Advice::WillNeed);
         Ok(())
     })
     .await
@@ -578,7 +578,7 @@ async fn warm(file: &File, at: u64, len: u64, metrics: &Metrics) -> io::Result<(
 /// Fills `buf` from `file` at `offset`: what the page cache holds is read here, the rest
 /// on a blocking thread. A file shorter than that is an error.
 async fn read_without_waiting(
-    file: &File,
+    file: &Arc<File>,
     offset: u64,
     buf: &mut [u8],
     metrics: &Metrics,
@@ -591,7 +591,7 @@ async fn read_without_waiting(
             Some(n) => done += n,
             None => {
                 metrics.disk_wait();
-                let file = file.try_clone()?;
+                let file = file.clone();
                 let mut rest = vec![0u8; buf.len() - done];
                 let rest = off_thread(move || {
                     file.read_exact_at(&mut rest, at)
@@ -630,7 +630,6 @@ mod tests {
 
     use super::*;
     use crate::server::body::tests::{evicted_file_with, file_with, pattern};
-    use std::sync::Arc;
 
     fn parsed(raw: &str) -> Parsed {
         parse(&BytesMut::from(raw.as_bytes()))
@@ -781,7 +780,9 @@ mod tests {
     async fn only_files_the_page_cache_lacks_are_read_off_the_serving_thread() {
         // Three windows.
         let bytes = pattern(2 * SEND_WINDOW as usize + 1000);
-        let file = Arc::new(evicted_file_with(&bytes));
+        let Some(file) = evicted_file_with(&bytes) else {
+            return;
+        };
         let len = bytes.len() as u64;
         let metrics = Arc::new(Metrics::default());
         for round in ["from disk", "from the page cache"] {
@@ -803,7 +804,9 @@ mod tests {
     #[tokio::test]
     async fn small_bodies_are_read_off_the_serving_thread_when_not_cached() {
         let bytes = pattern(3000);
-        let file = evicted_file_with(&bytes);
+        let Some(file) = evicted_file_with(&bytes) else {
+            return;
+        };
         let metrics = Metrics::default();
         let mut got = vec![0u8; 1000];
         read_without_waiting(&file, 5, &mut got, &metrics)
@@ -851,7 +854,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_stops_reading_times_the_send_out() {
         let (server, _client) = pair().await;
-        let file = tempfile::tempfile().unwrap();
+        let file = Arc::new(tempfile::tempfile().unwrap());
         // Sparse: far more than loopback's socket buffers hold, and nothing on disk.
         file.set_len(1 << 30).unwrap();
         let m = Metrics::default();

@@ -454,7 +454,7 @@ impl App {
             ),
             (
                 "binplz_disk_waits_total",
-                "Reads of served files from disk, the page cache not holding them, done on a blocking thread rather than the serving thread.",
+                "Reads of served files that would have waited (for the disk, or a lock on the file), done on a blocking thread rather than the serving thread.",
                 self.inner.metrics.disk_waits() + self.inner.files.disk_waits(),
             ),
         ];

@@ -1966,6 +1966,25 @@ async fn a_large_file_is_sent_exactly_whole_and_in_ranges(
     assert_eq!(up.total_hits(), 0);
 }
 
+/// Drops the file at `path` from the page cache; false where its file system keeps it
+/// there (tmpfs) or cannot tell (no `RWF_NOWAIT`).
+fn evict(path: &Path) -> bool {
+    let file = std::fs::File::open(path).expect("opening a content file");
+    let evict = || {
+        // Only written-out pages leave the page cache.
+        file.sync_all().expect("fsync");
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+    };
+    evict();
+    if binplz::cache::disk::in_page_cache(&file, 0).expect("probing") {
+        return false;
+    }
+    // That check started reading the file in: read it all, then drop it again.
+    std::io::copy(&mut &file, &mut std::io::sink()).expect("reading");
+    evict();
+    true
+}
+
 /// Small files are read whole, large ones sent from the file: either way, a file the page
 /// cache lacks is read on a blocking thread, not on the thread serving its connection.
 #[rstest]
@@ -1994,15 +2013,14 @@ async fn a_disk_file_not_in_the_page_cache_is_read_off_the_serving_thread(#[case
     assert_eq!(waits().await, 0.0);
     let fetches = up.total_hits();
     for path in content_files(dir.path()) {
-        let file = std::fs::File::open(&path).expect("opening a content file");
-        // Only written-out pages leave the page cache.
-        file.sync_all().expect("fsync");
-        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed).expect("fadvise");
+        if !evict(&path) {
+            eprintln!("skipped: this file system keeps files in the page cache");
+            return;
+        }
     }
     let r = server.get("/hello").await;
     assert!(r.body == bytes);
     assert_eq!(r.header("x-binplz-cache"), Some("disk"));
-    // (A file system without a page cache, such as tmpfs, cannot run this test.)
     assert_eq!(waits().await, 1.0, "reads off the serving thread");
     let r = server.get("/hello").await;
     assert!(r.body == bytes);
