@@ -996,43 +996,53 @@ fn is_lower_hex(b: u8) -> bool {
     b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
 }
 
-/// Whether the page cache holds the byte of `file` at `at`, asked as [`read_at_cached`]
-/// does. A file that cannot tell counts as held: it is a memory file, or on a file system
-/// whose reads this cannot keep from waiting anyway.
-pub fn in_page_cache(file: &File, at: u64) -> io::Result<bool> {
+/// What a read that must not wait for the disk got.
+enum NoWait {
+    Read(usize),
+    /// The page cache lacks the first byte (or a lock on the file is held).
+    WouldWait,
+    /// The file cannot tell: a memory file, or a file system without `RWF_NOWAIT`.
+    CannotTell,
+}
+
+/// A `preadv2` with `RWF_NOWAIT`, which also starts reading in what it lacks.
+fn read_no_wait(file: &File, buf: &mut [u8], at: u64) -> io::Result<NoWait> {
     use rustix::io::{preadv2, Errno, ReadWriteFlags};
-    let mut byte = [0u8];
     loop {
-        let mut bufs = [io::IoSliceMut::new(&mut byte)];
+        let mut bufs = [io::IoSliceMut::new(&mut *buf)];
         return match preadv2(file, &mut bufs, at, ReadWriteFlags::NOWAIT) {
-            Ok(_) | Err(Errno::OPNOTSUPP | Errno::NOSYS) => Ok(true),
-            Err(Errno::AGAIN) => Ok(false),
+            Ok(n) => Ok(NoWait::Read(n)),
+            Err(Errno::AGAIN) => Ok(NoWait::WouldWait),
             Err(Errno::INTR) => continue,
+            Err(Errno::OPNOTSUPP | Errno::NOSYS) => Ok(NoWait::CannotTell),
             Err(e) => Err(e.into()),
         };
     }
 }
 
+/// Whether the page cache holds the byte of `file` at `at`. A file that cannot tell
+/// counts as held: it is a memory file, or on a file system whose reads this cannot keep
+/// from waiting anyway.
+pub fn in_page_cache(file: &File, at: u64) -> io::Result<bool> {
+    Ok(!matches!(
+        read_no_wait(file, &mut [0u8], at)?,
+        NoWait::WouldWait
+    ))
+}
+
 /// Reads into `buf` from `file` at `at` only what the page cache holds: `Ok(None)` if even
-/// the first byte is not there (a `preadv2` with `RWF_NOWAIT`, which also starts reading
-/// it in). A file that cannot tell (a memory file, or a file system without it) is read as
-/// by `pread`.
+/// the first byte is not there (and reading it in has started). A file that cannot tell
+/// is read as by `pread`.
 pub fn read_at_cached(file: &File, buf: &mut [u8], at: u64) -> io::Result<Option<usize>> {
-    use rustix::io::{preadv2, Errno, ReadWriteFlags};
-    loop {
-        let mut bufs = [io::IoSliceMut::new(buf)];
-        return match preadv2(file, &mut bufs, at, ReadWriteFlags::NOWAIT) {
-            Ok(n) => Ok(Some(n)),
-            Err(Errno::AGAIN) => Ok(None),
-            Err(Errno::INTR) => continue,
-            Err(Errno::OPNOTSUPP | Errno::NOSYS) => loop {
-                match file.read_at(buf, at) {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    r => return r.map(Some),
-                }
-            },
-            Err(e) => Err(e.into()),
-        };
+    match read_no_wait(file, buf, at)? {
+        NoWait::Read(n) => Ok(Some(n)),
+        NoWait::WouldWait => Ok(None),
+        NoWait::CannotTell => loop {
+            match file.read_at(buf, at) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return r.map(Some),
+            }
+        },
     }
 }
 
