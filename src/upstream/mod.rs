@@ -11,10 +11,13 @@ mod http;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+// tokio's clock is the monotonic one, and tests can pause and advance it.
+use tokio::time::Instant;
 
 pub use file::FileUpstream;
 pub use http::HttpUpstream;
@@ -200,19 +203,16 @@ pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, Upstr
 pub struct Cache {
     inner: Arc<dyn Upstream>,
     info_checked: Arc<tokio::sync::OnceCell<()>>,
-    /// Until when (ms since the epoch) this cache is asked last after failing, as Nix's
-    /// circuit breaker sets a failing substituter aside.
-    down_until: Arc<std::sync::atomic::AtomicU64>,
+    /// Until when (milliseconds since `origin`; 0: never failed) this cache is asked last
+    /// after failing, as Nix's circuit breaker sets a failing substituter aside.
+    down_until: Arc<AtomicU64>,
+    /// What `down_until` counts from. Monotonic: a wall clock stepped back would set the
+    /// cache aside for as long as the step.
+    origin: Instant,
 }
 
 /// How long a cache that failed (after its retries) is asked after the others.
 pub const CIRCUIT_BREAKER: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl Cache {
     pub fn new(inner: Arc<dyn Upstream>) -> Cache {
@@ -220,19 +220,26 @@ impl Cache {
             inner,
             info_checked: Arc::default(),
             down_until: Arc::default(),
+            origin: Instant::now(),
         }
+    }
+
+    /// Milliseconds from `origin` to `now`, plus one, so that 0 stays "never".
+    fn ms_at(&self, now: Instant) -> u64 {
+        let ms = now.saturating_duration_since(self.origin).as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1)
     }
 
     /// Whether this cache failed within the last [`CIRCUIT_BREAKER`].
     pub fn is_down(&self) -> bool {
-        self.down_until.load(std::sync::atomic::Ordering::Relaxed) > now_ms()
+        self.down_until.load(Ordering::Relaxed) > self.ms_at(Instant::now())
     }
 
     /// Records a transport failure (connection, timeout, 5xx after retries).
     pub fn mark_down(&self) {
-        let until = now_ms() + CIRCUIT_BREAKER.as_millis() as u64;
-        self.down_until
-            .store(until, std::sync::atomic::Ordering::Relaxed);
+        let breaker = u64::try_from(CIRCUIT_BREAKER.as_millis()).unwrap_or(u64::MAX);
+        let until = self.ms_at(Instant::now()).saturating_add(breaker);
+        self.down_until.store(until, Ordering::Relaxed);
     }
 
     pub fn url(&self) -> &str {
@@ -333,5 +340,32 @@ impl Cache {
             out.extend_from_slice(&chunk);
         }
         Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> Cache {
+        Cache::new(Arc::new(FileUpstream::new(
+            "file:///nonexistent",
+            "/nonexistent".into(),
+        )))
+    }
+
+    /// Paused, tokio's clock moves only when told, and the wall clock barely moves at all:
+    /// as after the wall clock was stepped back, only a monotonic clock says the minute
+    /// is over.
+    #[tokio::test(start_paused = true)]
+    async fn the_circuit_breaker_counts_monotonic_time_not_the_wall_clock() {
+        let cache = cache();
+        assert!(!cache.is_down());
+        cache.mark_down();
+        assert!(cache.is_down());
+        tokio::time::advance(CIRCUIT_BREAKER - Duration::from_millis(1)).await;
+        assert!(cache.is_down());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!cache.is_down());
     }
 }
