@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -125,39 +125,104 @@ struct Inner {
     /// Answers remembered for a short while: unknown names (with their suggestions) and
     /// store paths the upstream does not have. Upstream failures are never remembered.
     negative: moka::future::Cache<String, (ErrorKind, String)>,
-    /// Unix milliseconds of the last successful upstream fetch (0: none yet).
-    upstream_ok_at: AtomicU64,
-    /// Unix milliseconds of the last upstream failure or timeout (0: none yet).
-    upstream_err_at: AtomicU64,
-    /// Unix milliseconds of the last failure of a real fetch (not a probe; 0: none yet).
-    fetch_err_at: AtomicU64,
-    /// Unix milliseconds of the last readiness probe (0: none yet); the lock makes
-    /// concurrent `/-/readyz` requests share one probe.
-    probed_at: AtomicU64,
+    /// When the upstream last answered or failed, for `/-/readyz`.
+    readiness: Readiness,
     probe: tokio::sync::Mutex<()>,
 }
 
-/// How long (ms) an upstream failure with no success since keeps `/-/readyz` unready, and
-/// how long a success counts as the upstream being reachable without a probe.
-const UNREADY_AFTER_FAILURE_MS: u64 = 60_000;
-/// Whether `at` (Unix milliseconds) is less than [`UNREADY_AFTER_FAILURE_MS`] ago.
-fn within_a_minute(at: u64) -> bool {
-    unix_now().saturating_sub(at) < UNREADY_AFTER_FAILURE_MS
-}
-
-/// A failure at `err_at` in the last minute with no success (at `ok_at`) since.
-fn unanswered(err_at: u64, ok_at: u64) -> bool {
-    err_at > ok_at && within_a_minute(err_at)
-}
+/// How long an upstream failure with no success since keeps `/-/readyz` unready, and how
+/// long a success counts as the upstream being reachable without a probe.
+const UNREADY_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 /// Longest a readiness probe waits for the upstream.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Milliseconds since the Unix epoch.
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// When the upstream last answered and failed, as milliseconds since `origin` on the
+/// monotonic clock (0: not yet). Wall-clock times here would keep a node unready for as
+/// long as a step back of the clock.
+struct Readiness {
+    origin: tokio::time::Instant,
+    /// The last successful upstream fetch or probe.
+    ok_at: AtomicU64,
+    /// The last upstream failure or timeout, of a fetch or a probe.
+    err_at: AtomicU64,
+    /// The last failure of a real fetch (not a probe).
+    fetch_err_at: AtomicU64,
+    /// The start of the last readiness probe.
+    probed_at: AtomicU64,
+}
+
+impl Readiness {
+    fn new() -> Readiness {
+        Readiness {
+            origin: tokio::time::Instant::now(),
+            ok_at: AtomicU64::new(0),
+            err_at: AtomicU64::new(0),
+            fetch_err_at: AtomicU64::new(0),
+            probed_at: AtomicU64::new(0),
+        }
+    }
+
+    /// Now, as milliseconds since `origin`, plus one so that 0 stays "not yet".
+    fn now(&self) -> u64 {
+        let ms = self.origin.elapsed().as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    fn ok(&self) {
+        self.ok_at.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// A failure; `fetch` when a real fetch failed, not a probe.
+    fn failed(&self, fetch: bool) {
+        let now = self.now();
+        self.err_at.store(now, Ordering::Relaxed);
+        if fetch {
+            self.fetch_err_at.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// How long ago `at` was, when it was less than [`UNREADY_AFTER_FAILURE`] ago.
+    fn within(&self, at: u64) -> Option<Duration> {
+        let ago = Duration::from_millis(self.now().saturating_sub(at));
+        (at != 0 && ago < UNREADY_AFTER_FAILURE).then_some(ago)
+    }
+
+    /// A success in the last minute, with no failure since.
+    fn fresh_ok(&self) -> bool {
+        let ok_at = self.ok_at.load(Ordering::Relaxed);
+        ok_at >= self.err_at.load(Ordering::Relaxed) && self.within(ok_at).is_some()
+    }
+
+    /// How long ago a failure (of a fetch only, with `fetch_only`) was, when it was in the
+    /// last minute with no success since.
+    fn unanswered(&self, fetch_only: bool) -> Option<Duration> {
+        let err_at = if fetch_only {
+            &self.fetch_err_at
+        } else {
+            &self.err_at
+        };
+        let err_at = err_at.load(Ordering::Relaxed);
+        if err_at > self.ok_at.load(Ordering::Relaxed) {
+            self.within(err_at)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a probe may start now (none in the last `interval`); if so, counts it as
+    /// started, so that a check given up on by its caller mid-probe does not let the next
+    /// one probe at once.
+    fn start_probe(&self, interval: Duration) -> bool {
+        let now = self.now();
+        let last = self.probed_at.load(Ordering::Relaxed);
+        let since = Duration::from_millis(now.saturating_sub(last));
+        if last != 0 && since < interval {
+            return false;
+        }
+        self.probed_at.store(now, Ordering::Relaxed);
+        true
+    }
 }
 
 /// What went wrong with one request; `kind()` decides the status.
@@ -201,10 +266,7 @@ impl App {
                 clients: ClientSlots::new(),
                 connections,
                 negative,
-                upstream_ok_at: AtomicU64::new(0),
-                upstream_err_at: AtomicU64::new(0),
-                fetch_err_at: AtomicU64::new(0),
-                probed_at: AtomicU64::new(0),
+                readiness: Readiness::new(),
                 probe: tokio::sync::Mutex::new(()),
             }),
         })
@@ -379,47 +441,40 @@ impl App {
                 head,
             );
         }
-        let ok_at = || inner.upstream_ok_at.load(Ordering::Relaxed);
-        let err_at = || inner.upstream_err_at.load(Ordering::Relaxed);
-        let fresh_ok = || ok_at() >= err_at() && within_a_minute(ok_at());
-        if !fresh_ok() {
+        let readiness = &inner.readiness;
+        if !readiness.fresh_ok() {
             let _probing = inner.probe.lock().await;
-            let interval = inner.config.ready_probe_interval.as_millis() as u64;
-            let since = unix_now().saturating_sub(inner.probed_at.load(Ordering::Relaxed));
             // A real fetch that failed in the last minute, with no success since, is not
             // overruled by a probe: the upstream may answer for nix-cache-info and still
             // fail for NARs.
-            let fetch_failing = unanswered(inner.fetch_err_at.load(Ordering::Relaxed), ok_at());
-            if !fresh_ok() && !fetch_failing && since >= interval {
-                // Counted from the start: a check given up on by its caller mid-probe must
-                // not let the next one probe at once.
-                inner.probed_at.store(unix_now(), Ordering::Relaxed);
+            let fetch_failing = readiness.unanswered(true).is_some();
+            if !readiness.fresh_ok()
+                && !fetch_failing
+                && readiness.start_probe(inner.config.ready_probe_interval)
+            {
                 let result = tokio::time::timeout(PROBE_TIMEOUT, inner.extractor.probe()).await;
-                let now = unix_now();
                 match result {
-                    Ok(Ok(())) => inner.upstream_ok_at.store(now, Ordering::Relaxed),
+                    Ok(Ok(())) => readiness.ok(),
                     Ok(Err(e)) => {
                         tracing::warn!(err = %e, "readiness probe: the upstream failed");
-                        inner.upstream_err_at.store(now, Ordering::Relaxed);
+                        readiness.failed(false);
                     }
                     Err(_) => {
                         tracing::warn!("readiness probe: the upstream timed out");
-                        inner.upstream_err_at.store(now, Ordering::Relaxed);
+                        readiness.failed(false);
                     }
                 }
             }
         }
-        let (ok_at, err_at) = (ok_at(), err_at());
-        let (status, msg) = if unanswered(err_at, ok_at) {
-            (
+        let (status, msg) = match readiness.unanswered(false) {
+            Some(ago) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "not ready: the upstream failed {}s ago and has not answered since\n",
-                    unix_now().saturating_sub(err_at) / 1000
+                    ago.as_secs()
                 ),
-            )
-        } else {
-            (StatusCode::OK, "ready\n".to_owned())
+            ),
+            None => (StatusCode::OK, "ready\n".to_owned()),
         };
         text(status, TEXT_PLAIN, msg, head)
     }
@@ -632,13 +687,11 @@ impl App {
                     Ok((e, _)) if e.size > inner.config.max_file_size => {
                         return Err(ExtractError::Local(std::io::Error::other(TooLarge(e.size))));
                     }
-                    Ok(_) => inner.upstream_ok_at.store(unix_now(), Ordering::Relaxed),
+                    Ok(_) => inner.readiness.ok(),
                     Err(e)
                         if matches!(e.kind(), ErrorKind::UpstreamBroken | ErrorKind::TimedOut) =>
                     {
-                        let now = unix_now();
-                        inner.upstream_err_at.store(now, Ordering::Relaxed);
-                        inner.fetch_err_at.store(now, Ordering::Relaxed);
+                        inner.readiness.failed(true)
                     }
                     Err(e) if e.kind() == ErrorKind::VerificationFailed => {
                         inner.metrics.verification_failure()
@@ -1213,6 +1266,44 @@ impl Connections {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Paused, tokio's clock moves only when told, and the wall clock barely moves: as
+    /// after the wall clock was stepped back, only the monotonic clock says a minute passed.
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_failure_makes_the_node_unready_for_a_minute_of_monotonic_time() {
+        let r = Readiness::new();
+        assert_eq!(r.unanswered(false), None);
+        r.failed(true);
+        assert_eq!(r.unanswered(false), Some(Duration::ZERO));
+        assert_eq!(r.unanswered(true), Some(Duration::ZERO));
+        tokio::time::advance(UNREADY_AFTER_FAILURE - Duration::from_millis(1)).await;
+        assert!(r.unanswered(false).is_some());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(r.unanswered(false), None);
+        assert_eq!(r.unanswered(true), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_counts_for_a_minute_of_monotonic_time_and_ends_unreadiness() {
+        let r = Readiness::new();
+        r.failed(false);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        r.ok();
+        assert_eq!(r.unanswered(false), None);
+        assert!(r.fresh_ok());
+        tokio::time::advance(UNREADY_AFTER_FAILURE).await;
+        assert!(!r.fresh_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readiness_probes_are_spaced_by_the_interval_on_the_monotonic_clock() {
+        let r = Readiness::new();
+        let interval = Duration::from_secs(5);
+        assert!(r.start_probe(interval));
+        assert!(!r.start_probe(interval));
+        tokio::time::advance(interval).await;
+        assert!(r.start_probe(interval));
+    }
 
     #[test]
     fn a_client_gets_at_most_its_limit_of_slots_and_them_back_when_released() {
