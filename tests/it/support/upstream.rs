@@ -17,12 +17,14 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -48,6 +50,11 @@ pub enum Fault {
     ResetAfter(usize),
     /// Headers (full `Content-Length`), then nothing, ever.
     StallAfterHeaders,
+    /// Headers (full `Content-Length`), then `bytes` bytes of the body every `every`: no
+    /// pause long enough for a read timeout, yet a body that takes practically forever.
+    Drip { bytes: usize, every: Duration },
+    /// The request is read and never answered: no status line, no headers, ever.
+    NoAnswer,
     /// Only the first `n` bytes, with a `Content-Length` that matches them.
     Truncate(usize),
     /// The file with the byte at this offset inverted.
@@ -312,6 +319,8 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<FakeBody> {
         }
     };
     let contents = match &fault {
+        // Dropped with the connection when the server stops.
+        Some(Fault::NoAnswer) => std::future::pending().await,
         Some(Fault::NotFound) => return empty(StatusCode::NOT_FOUND),
         Some(Fault::Status {
             code, retry_after, ..
@@ -344,7 +353,15 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<FakeBody> {
             FakeBody::ThenReset(ResetState::Data(contents.slice(..n.min(full_len))))
         }
         Some(Fault::StallAfterHeaders) => FakeBody::Stall,
-        Some(Fault::NotFound | Fault::Status { .. }) => unreachable!("answered above"),
+        Some(Fault::Drip { bytes, every }) => FakeBody::Drip {
+            rest: contents,
+            bytes: bytes.max(1),
+            every,
+            next: Box::pin(tokio::time::sleep(every)),
+        },
+        Some(Fault::NotFound | Fault::NoAnswer | Fault::Status { .. }) => {
+            unreachable!("answered above")
+        }
     };
     let len = match &body {
         FakeBody::Full(Some(b)) => b.len(),
@@ -388,10 +405,17 @@ fn empty(status: StatusCode) -> Response<FakeBody> {
     resp
 }
 
-/// The one body type of the fake: all at once, cut short, or never.
+/// The one body type of the fake: all at once, cut short, a drip, or never.
 #[derive(Debug)]
 enum FakeBody {
     Full(Option<Bytes>),
+    /// `bytes` bytes of `rest` each time `next` fires, then `next` again `every` later.
+    Drip {
+        rest: Bytes,
+        bytes: usize,
+        every: Duration,
+        next: Pin<Box<tokio::time::Sleep>>,
+    },
     /// Sends these bytes, then fails, which makes hyper drop the connection.
     ThenReset(ResetState),
     Stall,
@@ -417,6 +441,23 @@ impl Body for FakeBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             FakeBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            FakeBody::Drip {
+                rest,
+                bytes,
+                every,
+                next,
+            } => {
+                if rest.is_empty() {
+                    return Poll::Ready(None);
+                }
+                if next.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let deadline = next.deadline() + *every;
+                next.as_mut().reset(deadline);
+                let chunk = rest.split_to((*bytes).min(rest.len()));
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
             FakeBody::ThenReset(state) => match std::mem::replace(state, ResetState::Fail) {
                 ResetState::Data(b) => {
                     *state = ResetState::Flush;
@@ -442,7 +483,11 @@ impl Body for FakeBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, FakeBody::Full(None))
+        match self {
+            FakeBody::Full(b) => b.is_none(),
+            FakeBody::Drip { rest, .. } => rest.is_empty(),
+            _ => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
