@@ -415,7 +415,7 @@ impl Extractor {
         tmp_dir: &Path,
     ) -> Result<PassResult, ExtractError> {
         let store_path = info.store_path().to_absolute_path();
-        let Some(mut fetched) = cache.nar(info.url()).await? else {
+        let Some(mut fetched) = cache.nar(info.url(), info.nar_size).await? else {
             return Err(ExtractError::NarMissing {
                 cache: cache.url().to_owned(),
                 store_path,

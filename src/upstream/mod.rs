@@ -5,6 +5,7 @@
 //! extraction. [`Cache`] adds what every transport shares: the `nix-cache-info` check,
 //! the size-capped narinfo fetch, and confining a narinfo's unsigned `URL` to the cache.
 
+mod deadline;
 mod file;
 mod http;
 
@@ -19,6 +20,7 @@ use bytes::Bytes;
 // tokio's clock is the monotonic one, and tests can pause and advance it.
 use tokio::time::Instant;
 
+pub use deadline::{Deadlines, DeadlinesError};
 pub use file::FileUpstream;
 pub use http::HttpUpstream;
 
@@ -106,6 +108,19 @@ pub enum UpstreamError {
     Connect { url: String, err: String },
     #[error("{url}: timed out waiting for the {phase}")]
     Timeout { url: String, phase: &'static str },
+    #[error("{url}: the {what} was not fetched within {limit:?}")]
+    Deadline {
+        url: String,
+        what: &'static str,
+        limit: Duration,
+    },
+    #[error("{url}: {bytes} bytes in {window:?}, under the minimum of {min_rate} bytes/s")]
+    TooSlow {
+        url: String,
+        bytes: u64,
+        window: Duration,
+        min_rate: u64,
+    },
     #[error("{url}: HTTP status {status}")]
     Status { url: String, status: u16 },
     #[error("{url}: the transfer failed: {err}")]
@@ -120,7 +135,12 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
-        matches!(self, UpstreamError::Timeout { .. })
+        matches!(
+            self,
+            UpstreamError::Timeout { .. }
+                | UpstreamError::Deadline { .. }
+                | UpstreamError::TooSlow { .. }
+        )
     }
 }
 
@@ -209,18 +229,25 @@ pub struct Cache {
     /// What `down_until` counts from. Monotonic: a wall clock stepped back would set the
     /// cache aside for as long as the step.
     origin: Instant,
+    deadlines: Deadlines,
 }
 
 /// How long a cache that failed (after its retries) is asked after the others.
 pub const CIRCUIT_BREAKER: Duration = Duration::from_secs(60);
 
 impl Cache {
+    /// A cache with the default [`Deadlines`].
     pub fn new(inner: Arc<dyn Upstream>) -> Cache {
+        Cache::with_deadlines(inner, Deadlines::default())
+    }
+
+    pub fn with_deadlines(inner: Arc<dyn Upstream>, deadlines: Deadlines) -> Cache {
         Cache {
             inner,
             info_checked: Arc::default(),
             down_until: Arc::default(),
             origin: Instant::now(),
+            deadlines,
         }
     }
 
@@ -277,25 +304,82 @@ impl Cache {
     /// again): `Ok` if the cache answered, with the file or a 404.
     pub async fn probe(&self) -> Result<(), UpstreamError> {
         let path = CachePath::parse("nix-cache-info")?;
-        self.get_small(&path, MAX_CACHE_INFO_SIZE).await.map(|_| ())
+        let fetch = self.get_small(&path, MAX_CACHE_INFO_SIZE);
+        self.within_narinfo_deadline(&path, fetch).await.map(|_| ())
     }
 
-    /// Fetches `<hash>.narinfo`; `None` when the cache does not have it.
+    /// Fetches `<hash>.narinfo`; `None` when the cache does not have it. The narinfo
+    /// deadline covers it all: the `nix-cache-info` check the first time, every attempt
+    /// and backoff, headers and body.
     pub async fn narinfo(&self, hash_part: &str) -> Result<Option<Vec<u8>>, UpstreamError> {
-        self.check_info().await?;
         let path = CachePath::parse(&format!("{hash_part}.narinfo"))?;
-        self.get_small(&path, MAX_NARINFO_SIZE).await
+        let fetch = async {
+            self.check_info().await?;
+            self.get_small(&path, MAX_NARINFO_SIZE).await
+        };
+        self.within_narinfo_deadline(&path, fetch).await
     }
 
-    /// Opens a NAR named by a narinfo's unsigned `URL`, confined to this cache.
-    pub async fn nar(&self, url: &str) -> Result<Option<Fetched>, UpstreamError> {
+    async fn within_narinfo_deadline<T>(
+        &self,
+        path: &CachePath,
+        fetch: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let limit = self.deadlines.narinfo();
+        tokio::time::timeout(limit, fetch)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Deadline {
+                    url: format!("{}/{path}", self.url()),
+                    what: "narinfo",
+                    limit,
+                })
+            })
+    }
+
+    /// Opens a NAR named by a narinfo's unsigned `URL`, confined to this cache. The whole
+    /// fetch, opening and body, must end within the NAR deadline for `nar_size` bytes, and
+    /// the body keep to the minimum rate.
+    pub async fn nar(&self, url: &str, nar_size: u64) -> Result<Option<Fetched>, UpstreamError> {
         let path = self.confine(url)?;
-        self.inner.get(&path).await
+        let limit = self.deadlines.nar(nar_size);
+        let end = Instant::now() + limit;
+        let full_url = format!("{}/{path}", self.url());
+        let Ok(opened) = tokio::time::timeout_at(end, self.inner.get(&path)).await else {
+            return Err(UpstreamError::Deadline {
+                url: full_url,
+                what: "NAR",
+                limit,
+            });
+        };
+        Ok(opened?.map(|f| self.paced(f, full_url, Some((end, limit)))))
     }
 
-    /// Fetches any path relative to the cache root.
+    /// Fetches any path relative to the cache root: its response headers within the
+    /// narinfo deadline, its body at the minimum rate.
     pub async fn get(&self, path: &CachePath) -> Result<Option<Fetched>, UpstreamError> {
-        self.inner.get(path).await
+        let opened = self
+            .within_narinfo_deadline(path, self.inner.get(path))
+            .await?;
+        Ok(opened.map(|f| self.paced(f, format!("{}/{path}", self.url()), None)))
+    }
+
+    fn paced(
+        &self,
+        fetched: Fetched,
+        url: String,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Fetched {
+        Fetched {
+            len: fetched.len,
+            body: Box::new(deadline::Paced {
+                inner: fetched.body,
+                url,
+                floor: self.deadlines.floor(),
+                min_rate: self.deadlines.min_rate(),
+                deadline,
+            }),
+        }
     }
 
     /// Turns a narinfo `URL` into a path in this cache. Relative URLs are relative to the

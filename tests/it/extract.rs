@@ -12,7 +12,7 @@ use binplz::nar::writer::{write_nar, Entry};
 use binplz::narinfo::{NarInfoError, Trust};
 use binplz::pipeline::PipelineError;
 use binplz::resolve::{RelPath, ResolveError};
-use binplz::upstream::{self, Cache, ClientConfig, UpstreamError};
+use binplz::upstream::{self, Cache, ClientConfig, Deadlines, UpstreamError};
 use binplz::verdict::Linkage;
 use rstest::rstest;
 use tempfile::TempDir;
@@ -1016,6 +1016,171 @@ async fn narinfo_stalling_after_its_headers_times_out() {
         ErrorKind::TimedOut,
     )
     .await;
+}
+
+/// Transport timeouts far longer than any test waits, so only the deadlines can end a
+/// fetch: what these tests show.
+fn patient_config() -> ClientConfig {
+    ClientConfig {
+        first_byte_timeout: Duration::from_secs(600),
+        read_timeout: Duration::from_secs(600),
+        ..client_config()
+    }
+}
+
+/// A narinfo deadline of 300 ms, a NAR deadline of 300 ms plus NarSize at `min_rate`
+/// bytes per second, which a NAR body must keep over each 200 ms.
+fn short_deadlines(min_rate: u64) -> Deadlines {
+    Deadlines::new(
+        Duration::from_millis(300),
+        min_rate,
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+    )
+    .expect("valid deadlines")
+}
+
+fn extractor_with_deadlines(up: &FakeUpstream, deadlines: Deadlines) -> Extractor {
+    let cache = upstream::open(&up.url(), &patient_config())
+        .map(|u| Cache::with_deadlines(u, deadlines))
+        .expect("the fake upstream's URL opens");
+    Extractor::new(vec![cache], trust(), false)
+}
+
+/// Fails the test instead of hanging it when a fetch is never ended.
+async fn within_a_while<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .expect("the fetch was never ended")
+}
+
+#[tokio::test]
+async fn narinfo_that_never_answers_ends_at_the_narinfo_deadline() {
+    let up = cache();
+    up.set_fault(&narinfo_path(paths::HELLO), Fault::NoAnswer);
+    let ex = extractor_with_deadlines(&up, short_deadlines(1));
+    let err = within_a_while(extract_err(
+        &ex,
+        paths::HELLO,
+        "bin/hello",
+        ErrorKind::TimedOut,
+    ))
+    .await;
+    assert!(
+        matches!(
+            err,
+            ExtractError::Upstream(UpstreamError::Deadline {
+                what: "narinfo",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn narinfo_retries_end_at_the_narinfo_deadline() {
+    let up = cache();
+    up.set_fault(&narinfo_path(paths::HELLO), Fault::status(503));
+    // Retries alone would go on for minutes.
+    let config = ClientConfig {
+        retries: 10_000,
+        backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(20),
+        ..patient_config()
+    };
+    let cache = upstream::open(&up.url(), &config)
+        .map(|u| Cache::with_deadlines(u, short_deadlines(1)))
+        .expect("the fake upstream's URL opens");
+    let ex = Extractor::new(vec![cache], trust(), false);
+    let err = within_a_while(extract_err(
+        &ex,
+        paths::HELLO,
+        "bin/hello",
+        ErrorKind::TimedOut,
+    ))
+    .await;
+    assert!(
+        matches!(
+            err,
+            ExtractError::Upstream(UpstreamError::Deadline {
+                what: "narinfo",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(
+        up.hits(&narinfo_path(paths::HELLO)) > 1,
+        "no retry was made"
+    );
+}
+
+#[tokio::test]
+async fn nar_that_never_answers_ends_at_the_nar_deadline() {
+    let up = cache();
+    up.set_fault(&fixture_nar_path("cache", paths::HELLO), Fault::NoAnswer);
+    // NarSize at a byte a second would be minutes: a rate this high leaves the base alone.
+    let ex = extractor_with_deadlines(&up, short_deadlines(1 << 30));
+    let err = within_a_while(extract_err(
+        &ex,
+        paths::HELLO,
+        "bin/hello",
+        ErrorKind::TimedOut,
+    ))
+    .await;
+    assert!(
+        matches!(
+            err,
+            ExtractError::Upstream(UpstreamError::Deadline { what: "NAR", .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn nar_dripping_under_the_minimum_rate_times_out() {
+    let up = cache();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    // 20 bytes a second: no pause trips a read timeout, and the 2 KiB NAR would take
+    // minutes.
+    up.set_fault(
+        &nar,
+        Fault::Drip {
+            bytes: 1,
+            every: Duration::from_millis(50),
+        },
+    );
+    let ex = extractor_with_deadlines(&up, short_deadlines(1000));
+    let err = within_a_while(extract_err(
+        &ex,
+        paths::HELLO,
+        "bin/hello",
+        ErrorKind::TimedOut,
+    ))
+    .await;
+    assert!(
+        matches!(err, ExtractError::Upstream(UpstreamError::TooSlow { .. })),
+        "{err:?}"
+    );
+    assert_eq!(up.hits(&nar), 1);
+}
+
+#[tokio::test]
+async fn nar_dripping_above_the_minimum_rate_is_extracted() {
+    let up = cache();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    up.set_fault(
+        &nar,
+        Fault::Drip {
+            bytes: 512,
+            every: Duration::from_millis(1),
+        },
+    );
+    let ex = extractor_with_deadlines(&up, short_deadlines(1000));
+    let dir = tempdir();
+    let x = within_a_while(extract_ok(&ex, paths::HELLO, "bin/hello", dir.path())).await;
+    assert_eq!(contents(&x), prebuilt("hello"));
 }
 
 #[rstest]
