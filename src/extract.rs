@@ -84,6 +84,10 @@ pub enum ExtractError {
     },
     #[error("cannot read {}: {err}", path.display())]
     NarFile { path: PathBuf, err: io::Error },
+    #[error("{queued} upstream fetches are already waiting for a slot")]
+    QueueFull { queued: usize },
+    #[error("no upstream fetch slot came free within {waited:?}")]
+    SlotWait { waited: std::time::Duration },
     #[error("{0}")]
     Local(#[from] io::Error),
 }
@@ -138,6 +142,7 @@ impl ExtractError {
             }
             ExtractError::NeedsNixStore { .. } => ErrorKind::Refused,
             ExtractError::NarFile { .. } => ErrorKind::BadRequest,
+            ExtractError::QueueFull { .. } | ExtractError::SlotWait { .. } => ErrorKind::Overloaded,
             ExtractError::Local(_) => ErrorKind::Internal,
         }
     }

@@ -70,6 +70,9 @@ pub struct Config {
     /// Upstream extractions running at once; more wait, and past `max_queued` get a 503.
     pub max_upstream_fetches: usize,
     pub max_queued_fetches: usize,
+    /// Longest an extraction waits for one of the `max_upstream_fetches` slots before its
+    /// requests get a 503 with `Retry-After`.
+    pub upstream_queue_timeout: Duration,
     /// Requests in progress per client address.
     pub max_per_client: usize,
     pub max_connections: usize,
@@ -93,6 +96,7 @@ impl Default for Config {
             max_file_size: 1 << 30,
             max_upstream_fetches: 16,
             max_queued_fetches: 256,
+            upstream_queue_timeout: Duration::from_secs(10),
             max_per_client: 32,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
@@ -663,14 +667,25 @@ impl App {
             let (app, sp, rel) = (app.clone(), sp.clone(), rel.clone());
             async move {
                 let inner = &app.inner;
-                if inner.queued.load(Ordering::Relaxed) >= inner.config.max_queued_fetches as u64 {
-                    return Err(ExtractError::Local(std::io::Error::other(Overloaded)));
+                let max_queued = inner.config.max_queued_fetches;
+                if inner.queued.load(Ordering::Relaxed) >= max_queued as u64 {
+                    return Err(ExtractError::QueueFull { queued: max_queued });
                 }
+                // Bounded, so that a request behind fetches that take long gets a 503 it
+                // can retry, not a wait with no end in sight.
+                let waiting = Instant::now();
                 inner.queued.fetch_add(1, Ordering::Relaxed);
-                let permit = inner.upstream_permits.acquire().await;
+                let permit = tokio::time::timeout(
+                    inner.config.upstream_queue_timeout,
+                    inner.upstream_permits.acquire(),
+                )
+                .await;
                 inner.queued.fetch_sub(1, Ordering::Relaxed);
-                let _permit =
-                    permit.map_err(|_| ExtractError::Local(std::io::Error::other(Overloaded)))?;
+                let Ok(Ok(_permit)) = permit else {
+                    return Err(ExtractError::SlotWait {
+                        waited: waiting.elapsed(),
+                    });
+                };
                 let started = Instant::now();
                 let siblings = Siblings {
                     dir: b"bin".to_vec(),
@@ -719,15 +734,6 @@ impl App {
 }
 
 #[derive(Debug)]
-struct Overloaded;
-impl std::fmt::Display for Overloaded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("too many upstream fetches waiting")
-    }
-}
-impl std::error::Error for Overloaded {}
-
-#[derive(Debug)]
 struct TooLarge(u64);
 impl std::fmt::Display for TooLarge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -741,12 +747,6 @@ impl std::error::Error for TooLarge {}
 fn failure_of(e: &ExtractError, store_path: &str) -> Failure {
     if let ExtractError::Local(io) = e {
         if let Some(inner) = io.get_ref() {
-            if inner.is::<Overloaded>() {
-                return Failure::new(
-                    ErrorKind::Overloaded,
-                    "too many downloads in progress; try again shortly",
-                );
-            }
             if let Some(t) = inner.downcast_ref::<TooLarge>() {
                 return Failure::new(ErrorKind::Refused, t.to_string());
             }
@@ -775,7 +775,7 @@ fn failure_of(e: &ExtractError, store_path: &str) -> Failure {
             format!("{store_path} failed verification against its signed hash; nothing was served")
         }
         ErrorKind::TimedOut => "the upstream binary cache timed out; try again later".to_owned(),
-        ErrorKind::Overloaded => "overloaded; try again shortly".to_owned(),
+        ErrorKind::Overloaded => "too many downloads in progress; try again shortly".to_owned(),
         ErrorKind::UnknownProgram => format!("the file is not in {store_path}"),
         ErrorKind::BadRequest | ErrorKind::NotBuilt | ErrorKind::Internal => {
             "internal error".to_owned()

@@ -1096,6 +1096,37 @@ async fn a_full_upstream_queue_is_503_with_retry_after_and_not_remembered() {
 }
 
 #[tokio::test]
+async fn a_request_waiting_too_long_for_an_upstream_slot_is_503_and_not_remembered() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    // One fetch at a time, held at the gate; another waits at most 200 ms for its slot.
+    let setup = gated_setup(&up, dir.path(), &nar, &gate)
+        .await
+        .config(Config {
+            max_upstream_fetches: 1,
+            upstream_queue_timeout: Duration::from_millis(200),
+            ..Config::default()
+        });
+    let server = Server::start(setup).await;
+    let running = server
+        .client
+        .send("GET", "/hello", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let r = tokio::time::timeout(Duration::from_secs(60), server.get("/goodbye"))
+        .await
+        .expect("the request waiting for a slot was never answered");
+    assert_error_script(&r, 503, "too many downloads in progress; try again shortly");
+    assert_eq!(r.header("retry-after"), Some("60"));
+    gate.open();
+    assert_serves(&running.reply().await.expect("a reply"), "hello");
+    assert_serves(&server.get("/goodbye").await, "goodbye");
+}
+
+#[tokio::test]
 async fn not_built_program_is_503_with_retry_after() {
     let up = cache();
     let dir = tempdir();
