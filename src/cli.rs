@@ -5,6 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -14,7 +15,7 @@ use crate::index::build::{self, BuildOptions};
 use crate::index::{format, Index, Lookup};
 use crate::narinfo::{Trust, CACHE_NIXOS_ORG_KEY};
 use crate::resolve::RelPath;
-use crate::upstream::{self, Cache, ClientConfig};
+use crate::upstream::{self, Cache, ClientConfig, Deadlines};
 
 /// Serve any program in a Nix binary cache as a verified, curl-able binary.
 #[derive(Debug, Parser)]
@@ -97,6 +98,11 @@ struct ServeArgs {
     )]
     max_upstream_fetches: usize,
 
+    /// Longest a request waits for one of the --max-upstream-fetches slots before it is
+    /// answered 503 with Retry-After (e.g. 10s, 500ms).
+    #[arg(long, value_name = "DURATION", env = "BINPLZ_UPSTREAM_QUEUE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    upstream_queue_timeout: Duration,
+
     /// Requests in progress per client address.
     #[arg(
         long,
@@ -169,6 +175,41 @@ struct UpstreamArgs {
     /// Accept narinfos without a valid trusted signature (NarHash is still checked).
     #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
     no_require_sigs: bool,
+
+    /// Longest a narinfo fetch may take, every retry included (e.g. 10s, 500ms).
+    #[arg(long, value_name = "DURATION", env = "BINPLZ_UPSTREAM_NARINFO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    upstream_narinfo_timeout: Duration,
+
+    /// Least average rate of a NAR download (bytes per second; K, M, G suffixes), over
+    /// each --upstream-rate-window of waiting on the upstream.
+    #[arg(long, value_name = "BYTES", env = "BINPLZ_UPSTREAM_MIN_RATE", default_value = "32K", value_parser = parse_bytes)]
+    upstream_min_rate: u64,
+
+    /// The window over which --upstream-min-rate is averaged.
+    #[arg(long, value_name = "DURATION", env = "BINPLZ_UPSTREAM_RATE_WINDOW", default_value = "30s", value_parser = parse_duration)]
+    upstream_rate_window: Duration,
+
+    /// Longest a NAR download may take, retries included, besides its NarSize at
+    /// --upstream-min-rate.
+    #[arg(long, value_name = "DURATION", env = "BINPLZ_UPSTREAM_NAR_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    upstream_nar_timeout: Duration,
+}
+
+/// Parses `500ms`, `10s`, `2m` or a number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n = digits.parse::<u64>().ok();
+    let d = match (n, unit.trim()) {
+        (Some(n), "ms") => Some(Duration::from_millis(n)),
+        (Some(n), "s") => Some(Duration::from_secs(n)),
+        (Some(n), "m") => n.checked_mul(60).map(Duration::from_secs),
+        _ => None,
+    };
+    d.ok_or_else(|| format!("invalid duration {s:?}: expected a number with ms, s or m"))
 }
 
 #[derive(Debug, Args)]
@@ -384,10 +425,19 @@ impl UpstreamArgs {
         };
         let trust = Trust::new(&keys, !self.no_require_sigs).map_err(|e| bad(e.to_string()))?;
         let config = ClientConfig::default();
+        let deadlines = Deadlines::new(
+            self.upstream_narinfo_timeout,
+            self.upstream_min_rate,
+            self.upstream_rate_window,
+            self.upstream_nar_timeout,
+        )
+        .map_err(|e| bad(e.to_string()))?;
         let caches = self
             .urls()
             .iter()
-            .map(|u| upstream::open(u, &config).map(Cache::new))
+            .map(|u| {
+                upstream::open(u, &config).map(|u| Cache::with_deadlines(u, deadlines.clone()))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(e.to_string()))?;
         Ok(Extractor::new(caches, trust, allow_nix_store_deps))
@@ -650,6 +700,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         max_file_size: args.max_file_size,
         max_upstream_fetches: args.max_upstream_fetches.max(1),
         max_per_client: args.max_per_client.max(1),
+        upstream_queue_timeout: args.upstream_queue_timeout,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         ..Config::default()
     };
@@ -760,6 +811,17 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse_with_their_unit_or_as_seconds() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        for bad in ["", "s", "1h", "-1s", "1.5s", "ms", "18446744073709551615m"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_default_cache_dir_ignores_empty_or_relative_variables() {

@@ -210,11 +210,12 @@ fn local_nar_hash_may_be_given_in_sri_form() {
 
 /// Runs `cmd -o DIR/out` in a fresh directory and checks the failure left it empty.
 #[track_caller]
-fn assert_fails_leaving_nothing(cmd: &mut Command, kind: ErrorKind) {
+fn assert_fails_leaving_nothing(cmd: &mut Command, kind: ErrorKind) -> String {
     let dir = tempdir();
     let out = run(cmd.arg("-o").arg(dir.path().join("out")));
-    assert_failure(&out, kind);
+    let line = assert_failure(&out, kind);
     assert_dir_empty(dir.path());
+    line
 }
 
 #[rstest]
@@ -377,6 +378,55 @@ fn upstream_answering_wrongly_exits_upstream_broken() {
         &mut extract_from(&up.url(), paths::HELLO, "bin/hello"),
         ErrorKind::UpstreamBroken,
     );
+}
+
+#[test]
+fn narinfo_that_never_comes_exits_timed_out_at_the_narinfo_deadline() {
+    let up = cache();
+    up.set_fault(&narinfo_path(paths::HELLO), Fault::NoAnswer);
+    let line = assert_fails_leaving_nothing(
+        extract_from(&up.url(), paths::HELLO, "bin/hello")
+            .args(["--upstream-narinfo-timeout", "300ms"]),
+        ErrorKind::TimedOut,
+    );
+    assert!(
+        line.contains("narinfo was not fetched within 300ms"),
+        "{line}"
+    );
+}
+
+#[test]
+fn nar_dripping_under_the_minimum_rate_exits_timed_out() {
+    let up = cache();
+    up.set_fault(
+        &fixture_nar_path("cache", paths::HELLO),
+        Fault::Drip {
+            bytes: 1,
+            every: std::time::Duration::from_millis(50),
+        },
+    );
+    let line = assert_fails_leaving_nothing(
+        extract_from(&up.url(), paths::HELLO, "bin/hello").args([
+            "--upstream-min-rate",
+            "1K",
+            "--upstream-rate-window",
+            "200ms",
+        ]),
+        ErrorKind::TimedOut,
+    );
+    assert!(line.contains("under the minimum of 1024 bytes/s"), "{line}");
+}
+
+#[rstest]
+#[case::zero_rate(&["--upstream-min-rate", "0"])]
+#[case::zero_window(&["--upstream-rate-window", "0s"])]
+#[case::zero_narinfo_timeout(&["--upstream-narinfo-timeout", "0ms"])]
+#[case::no_unit(&["--upstream-nar-timeout", "1h"])]
+fn unusable_upstream_deadlines_are_refused_before_any_request(#[case] args: &[&str]) {
+    let up = cache();
+    let out = run(extract_from(&up.url(), paths::HELLO, "bin/hello").args(args));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_eq!(up.total_hits(), 0);
 }
 
 #[rstest]

@@ -1095,6 +1095,37 @@ fn cli_index_build_writes_the_index_and_prints_a_summary() {
 }
 
 #[test]
+fn cli_index_build_gives_up_on_a_narinfo_that_never_comes_at_its_deadline() {
+    let up = FakeUpstream::serve(support::cache_dir("cache"));
+    up.set_fault(&narinfo_path(paths::HELLO), Fault::NoAnswer);
+    let dir = tempdir();
+    let idx = dir.path().join("idx");
+    let mut cmd = binplz();
+    cmd.args(["index", "build", "--eval"])
+        .arg(jobs_fixture())
+        .args(["--upstream", &up.url()])
+        .args(["--trusted-public-key", &Key::test().public()])
+        .args(["--upstream-narinfo-timeout", "1s", "-o"])
+        .arg(&idx);
+    let out = run(&mut cmd);
+    assert_success(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("hello-1.0 reason=") && err.contains("narinfo was not fetched within 1s"),
+        "{err}"
+    );
+    let index = Index::load(&idx).expect("the written index loads");
+    assert!(
+        !matches!(index.resolve(SYSTEM, "hello", None), Lookup::Found(c) if c.chosen().store_path == paths::HELLO),
+        "hello was indexed without its narinfo"
+    );
+    assert!(
+        matches!(index.resolve(SYSTEM, "goodbye", None), Lookup::Found(_)),
+        "the other outputs are indexed"
+    );
+}
+
+#[test]
 fn cli_index_show_json_prints_the_choice_and_every_candidate() {
     let (_dir, idx) = cli_index();
     let out = run(&mut index_cmd(&["show", "hello", "--json"], &idx));
