@@ -305,7 +305,9 @@ impl Cache {
     pub async fn probe(&self) -> Result<(), UpstreamError> {
         let path = CachePath::parse("nix-cache-info")?;
         let fetch = self.get_small(&path, MAX_CACHE_INFO_SIZE);
-        self.within_narinfo_deadline(&path, fetch).await.map(|_| ())
+        self.within_narinfo_deadline(&path, "nix-cache-info", fetch)
+            .await
+            .map(|_| ())
     }
 
     /// Fetches `<hash>.narinfo`; `None` when the cache does not have it. The narinfo
@@ -317,12 +319,13 @@ impl Cache {
             self.check_info().await?;
             self.get_small(&path, MAX_NARINFO_SIZE).await
         };
-        self.within_narinfo_deadline(&path, fetch).await
+        self.within_narinfo_deadline(&path, "narinfo", fetch).await
     }
 
     async fn within_narinfo_deadline<T>(
         &self,
         path: &CachePath,
+        what: &'static str,
         fetch: impl Future<Output = Result<T, UpstreamError>>,
     ) -> Result<T, UpstreamError> {
         let limit = self.deadlines.narinfo();
@@ -331,7 +334,7 @@ impl Cache {
             .unwrap_or_else(|_| {
                 Err(UpstreamError::Deadline {
                     url: format!("{}/{path}", self.url()),
-                    what: "narinfo",
+                    what,
                     limit,
                 })
             })
@@ -359,7 +362,7 @@ impl Cache {
     /// narinfo deadline, its body at the minimum rate.
     pub async fn get(&self, path: &CachePath) -> Result<Option<Fetched>, UpstreamError> {
         let opened = self
-            .within_narinfo_deadline(path, self.inner.get(path))
+            .within_narinfo_deadline(path, "response", self.inner.get(path))
             .await?;
         Ok(opened.map(|f| self.paced(f, format!("{}/{path}", self.url()), None)))
     }
