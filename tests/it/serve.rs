@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use binplz::server::{Config, IndexSource};
-use binplz::upstream::ClientConfig;
+use binplz::upstream::{ClientConfig, Deadlines};
 use rstest::rstest;
 use tempfile::TempDir;
 
@@ -1212,6 +1212,75 @@ async fn stalled_upstream_is_504_and_not_remembered() {
     assert_error_script(&r, 504, "timed out");
     up.clear_fault(&nar);
     assert_serves(&server.get("/hello").await, "hello");
+}
+
+/// Transport timeouts far longer than any test waits, and deadlines of 300 ms (narinfo;
+/// NAR besides its size at 1000 bytes a second, averaged over 200 ms): only the deadlines
+/// can end a fetch.
+async fn patient_with_short_deadlines(up: &FakeUpstream, dir: &Path, config: Config) -> Server {
+    let patient = ClientConfig {
+        first_byte_timeout: Duration::from_secs(600),
+        read_timeout: Duration::from_secs(600),
+        ..client_config()
+    };
+    let mut setup = Setup::fixture(up, dir)
+        .await
+        .upstream(http_upstream(up, &patient))
+        .config(config);
+    setup.deadlines = Deadlines::new(
+        Duration::from_millis(300),
+        1000,
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+    )
+    .expect("valid deadlines");
+    Server::start(setup).await
+}
+
+#[tokio::test]
+async fn narinfo_that_never_comes_is_504_at_its_deadline() {
+    let up = cache();
+    let dir = tempdir();
+    let server = patient_with_short_deadlines(&up, dir.path(), Config::default()).await;
+    up.set_fault(&narinfo_path(paths::HELLO), Fault::NoAnswer);
+    let r = tokio::time::timeout(Duration::from_secs(60), server.get("/hello"))
+        .await
+        .expect("the request was never answered");
+    assert_error_script(&r, 504, "timed out");
+    up.clear_fault(&narinfo_path(paths::HELLO));
+    assert_serves(&server.get("/hello").await, "hello");
+}
+
+#[tokio::test]
+async fn dripping_nars_are_504_and_free_their_slots_for_other_requests() {
+    let up = cache();
+    let dir = tempdir();
+    // Two slots, both taken by NARs that drip 20 bytes a second.
+    let server = patient_with_short_deadlines(
+        &up,
+        dir.path(),
+        Config {
+            max_upstream_fetches: 2,
+            ..Config::default()
+        },
+    )
+    .await;
+    let drip = Fault::Drip {
+        bytes: 1,
+        every: Duration::from_millis(50),
+    };
+    for path in [paths::HELLO, paths::GOODBYE] {
+        up.set_fault(&fixture_nar_path("cache", path), drip.clone());
+    }
+    let (hello, goodbye) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(server.get("/hello"), server.get("/goodbye"))
+    })
+    .await
+    .expect("the dripping downloads were never ended");
+    assert_error_script(&hello, 504, "timed out");
+    assert_error_script(&goodbye, 504, "timed out");
+    let r = server.get("/portable-script").await;
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 // ---------------------------------------------------------------------------------------

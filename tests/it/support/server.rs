@@ -24,7 +24,7 @@ use binplz::index::{EvalFailure, Metadata, NotBuilt};
 use binplz::narinfo::Trust;
 use binplz::server::{App, Config, IndexSource};
 use binplz::upstream::{
-    self, BoxFuture, Cache, CachePath, ClientConfig, Fetched, Upstream, UpstreamError,
+    self, BoxFuture, Cache, CachePath, ClientConfig, Deadlines, Fetched, Upstream, UpstreamError,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{oneshot, watch};
@@ -151,6 +151,8 @@ pub fn http_upstream(up: &FakeUpstream, config: &ClientConfig) -> Arc<dyn Upstre
 pub struct Setup {
     pub config: Config,
     pub upstreams: Vec<Arc<dyn Upstream>>,
+    /// Applied to every upstream.
+    pub deadlines: Deadlines,
     pub indexes: Vec<IndexSource>,
     pub cache_dir: PathBuf,
     pub disk_bytes: u64,
@@ -166,6 +168,7 @@ impl Setup {
         Setup {
             config: Config::default(),
             upstreams: vec![http_upstream(up, &client_config())],
+            deadlines: Deadlines::default(),
             indexes,
             cache_dir: cache_dir.to_owned(),
             disk_bytes: 64 << 20,
@@ -204,7 +207,11 @@ impl Server {
     /// Starts `run` on the current runtime; the port is bound when this returns.
     pub async fn start(setup: Setup) -> Server {
         let extractor = Extractor::new(
-            setup.upstreams.into_iter().map(Cache::new).collect(),
+            setup
+                .upstreams
+                .into_iter()
+                .map(|u| Cache::with_deadlines(u, setup.deadlines.clone()))
+                .collect(),
             trust(),
             false,
         );
