@@ -3,7 +3,8 @@
 //! Every transport sits behind one small trait, [`Upstream`] (`get(path)` → a byte stream,
 //! or `None` when the cache does not have it), so S3 can be added later without touching
 //! extraction. [`Cache`] adds what every transport shares: the `nix-cache-info` check,
-//! the size-capped narinfo fetch, and confining a narinfo's unsigned `URL` to the cache.
+//! the size-capped narinfo fetch, confining a narinfo's unsigned `URL` to the cache, and
+//! the [`Deadlines`] that bound whole fetches (see `deadline`).
 
 mod deadline;
 mod file;
