@@ -158,7 +158,9 @@ impl RateFloor {
         if self.waited < self.window {
             return Ok(());
         }
-        let wanted = u128::from(self.min_rate) * self.waited.as_millis() / 1000;
+        // Rounded up: a window too short for one byte at the minimum rate still needs
+        // one, so that a silent window always fails.
+        let wanted = (u128::from(self.min_rate) * self.waited.as_nanos()).div_ceil(1_000_000_000);
         if u128::from(self.bytes) < wanted {
             return Err(TooSlow {
                 bytes: self.bytes,
@@ -270,6 +272,57 @@ mod tests {
     fn silence_through_a_whole_window_fails() {
         let mut f = floor(1, 1000);
         assert!(f.record(Duration::from_secs(1), 0).is_err());
+        // Even when the window is too short for one byte at the minimum rate.
+        let mut f = floor(1, 200);
+        assert!(f.record(Duration::from_millis(200), 0).is_err());
+        let mut f = floor(1, 200);
+        assert_eq!(f.record(Duration::from_millis(200), 1), Ok(()));
+    }
+
+    /// A body that sends `chunk` bytes every `every`, for ever.
+    struct Steady {
+        chunk: usize,
+        every: Duration,
+    }
+
+    impl Body for Steady {
+        fn next_chunk(&mut self) -> BoxFuture<'_, Result<Option<Bytes>, UpstreamError>> {
+            Box::pin(async move {
+                tokio::time::sleep(self.every).await;
+                Ok(Some(Bytes::from(vec![0u8; self.chunk])))
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_keeps_the_rate_still_ends_at_the_whole_fetch_deadline() {
+        // 1000 bytes a second, well over the floor of 100, for ever; the fetch may take 5 s.
+        let limit = Duration::from_secs(5);
+        let start = Instant::now();
+        let mut body = Paced {
+            inner: Box::new(Steady {
+                chunk: 100,
+                every: Duration::from_millis(100),
+            }),
+            url: "http://cache/nar/x".into(),
+            floor: floor(100, 1000),
+            min_rate: 100,
+            deadline: Some((start + limit, limit)),
+        };
+        let mut received = 0;
+        let err = loop {
+            match body.next_chunk().await {
+                Ok(Some(chunk)) => received += chunk.len(),
+                Ok(None) => panic!("the body ended"),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, UpstreamError::Deadline { what: "NAR", .. }),
+            "{err:?}"
+        );
+        assert_eq!(start.elapsed(), limit);
+        assert!(received >= 4900, "{received} bytes before the deadline");
     }
 
     #[test]

@@ -1167,6 +1167,31 @@ async fn nar_dripping_under_the_minimum_rate_times_out() {
 }
 
 #[tokio::test]
+async fn nar_silent_after_its_headers_ends_when_its_rate_window_closes() {
+    let up = cache();
+    up.set_fault(
+        &fixture_nar_path("cache", paths::HELLO),
+        Fault::StallAfterHeaders,
+    );
+    // The read timeout is ten minutes; a whole window without a byte is under any rate.
+    let ex = extractor_with_deadlines(&up, short_deadlines(1));
+    let err = within_a_while(extract_err(
+        &ex,
+        paths::HELLO,
+        "bin/hello",
+        ErrorKind::TimedOut,
+    ))
+    .await;
+    assert!(
+        matches!(
+            err,
+            ExtractError::Upstream(UpstreamError::TooSlow { bytes: 0, .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
 async fn nar_dripping_above_the_minimum_rate_is_extracted() {
     let up = cache();
     let nar = fixture_nar_path("cache", paths::HELLO);
