@@ -225,3 +225,24 @@ fn fake_upstream_reset_sends_the_head_and_part_of_the_body_then_closes() {
     );
     assert_eq!(r.body, full[..300]);
 }
+
+#[test]
+fn fake_upstream_drip_sends_the_whole_file_in_small_pieces() {
+    let up = FakeUpstream::serve(support::cache_dir("cache"));
+    let nar = support::fixture_nar_path("cache", paths::HELLO);
+    let full = support::fixture_nar("cache", paths::HELLO);
+    up.set_fault(
+        &nar,
+        Fault::Drip {
+            bytes: 256,
+            every: std::time::Duration::from_millis(1),
+        },
+    );
+    let r = raw_request(&up, "GET", &format!("/{nar}"));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-length"),
+        Some(full.len().to_string().as_str())
+    );
+    assert_eq!(r.body, full);
+}
