@@ -131,6 +131,7 @@ struct Inner {
     negative: moka::future::Cache<String, (ErrorKind, String)>,
     /// When the upstream last answered or failed, for `/-/readyz`.
     readiness: Readiness,
+    /// Makes concurrent `/-/readyz` requests share one probe.
     probe: tokio::sync::Mutex<()>,
 }
 
