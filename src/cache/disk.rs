@@ -42,6 +42,7 @@ use sha2::{Digest, Sha256};
 use tempfile::{NamedTempFile, TempPath};
 use tracing::{debug, info, warn};
 
+use super::health::{Health, WriteFailure};
 use crate::hash::hex;
 use crate::nar::wire::{MAX_DEPTH, MAX_NAME_LEN};
 
@@ -57,6 +58,12 @@ const KEY_FILE_MAX: u64 = 1024 + 6 * (MAX_DEPTH as u64) * (MAX_NAME_LEN + 1);
 /// per key, so a hot file does not cost an inode write on every request. Content files are
 /// never written after they are kept: their state is what tells a change (see [`Stamp`]).
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
+
+/// On a full file system, a keep evicts at least this share of the capacity (1/64: 160 MiB
+/// of the default 10 GiB) before it tries again: enough room for several files of a
+/// usual size, so that the next misses do not each evict and fail once, while a disk
+/// filled by something else costs the cache little of what it holds.
+pub const FULL_EVICT_SHARE: u64 = 64;
 
 /// Read size when re-hashing a content file.
 const HASH_CHUNK: usize = 64 * 1024;
@@ -360,6 +367,7 @@ pub struct DiskCache {
     layout: Layout,
     capacity: u64,
     index: Mutex<Index>,
+    health: Health,
 }
 
 impl fmt::Debug for DiskCache {
@@ -410,6 +418,7 @@ impl DiskCache {
             layout,
             capacity,
             index: Mutex::new(index),
+            health: Health::default(),
         })
     }
 
@@ -456,7 +465,110 @@ impl DiskCache {
     /// [`DiskCache::insert`] for a temp file split into its open file and its path, so that
     /// the caller can keep reading the open file (the same file, under its new name) while
     /// and after it is kept.
+    ///
+    /// A write that fails is counted by cause in [`DiskCache::health`]. On a full file
+    /// system, least recently used entries are evicted to free the file's size (at least
+    /// [`FULL_EVICT_SHARE`] of the capacity) and the keep is tried once more. The
+    /// directories the cache writes to are created again if they were removed.
     pub fn insert_parts(&self, file: &File, path: TempPath, meta: KeyMeta) -> io::Result<Stored> {
+        let mut path = Some(path);
+        let mut retried = false;
+        loop {
+            match self.try_insert(file, &mut path, &meta) {
+                Ok(stored) => {
+                    if stored.is_stored() {
+                        self.health.ok();
+                    }
+                    return Ok(stored);
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Err(e),
+                Err(e) => {
+                    let cause = self.health.failed("keeping a file", &e);
+                    if cause != WriteFailure::Full || retried || self.free_space(meta.size) == 0 {
+                        return Err(e);
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Copies `src` (`meta.size` bytes, hashing to `meta.sha256`) into a temp file in the
+    /// cache's own temp directory and keeps it: for files extracted elsewhere while the
+    /// cache could not take them (see `cache::files`).
+    pub fn insert_copy(&self, src: &File, meta: KeyMeta) -> io::Result<Stored> {
+        if meta.size > self.capacity {
+            return Ok(Stored::TooLarge);
+        }
+        let copy = (|| {
+            self.ensure_dirs()?;
+            let mut tmp = NamedTempFile::new_in(&self.layout.tmp)?;
+            let mut reader = src.try_clone()?;
+            reader.seek(SeekFrom::Start(0))?;
+            let copied = io::copy(&mut reader.take(meta.size), tmp.as_file_mut())?;
+            if copied != meta.size {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("copied {copied} of {} bytes", meta.size),
+                ));
+            }
+            Ok(tmp)
+        })();
+        let tmp = match copy {
+            Ok(tmp) => tmp,
+            Err(e) => {
+                let cause = self.health.failed("copying a file into the disk cache", &e);
+                if cause == WriteFailure::Full {
+                    self.free_space(meta.size);
+                }
+                return Err(e);
+            }
+        };
+        let (file, path) = tmp.into_parts();
+        self.insert_parts(&file, path, meta)
+    }
+
+    /// Whether writes work, and what failed (see [`Health`]).
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Makes sure the temp directory exists (creating the cache directory again if it was
+    /// removed), so that extractions can be written there.
+    pub fn ensure_dirs(&self) -> io::Result<()> {
+        for d in [&self.layout.tmp, &self.layout.keys, &self.layout.files] {
+            fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+
+    /// Evicts least recently used entries to free at least `bytes` (and at least
+    /// [`FULL_EVICT_SHARE`] of the capacity) on a full file system. Returns the bytes freed.
+    pub fn free_space(&self, bytes: u64) -> u64 {
+        let want = bytes.max(self.capacity / FULL_EVICT_SHARE).max(1);
+        let mut index = self.lock();
+        let before = index.bytes;
+        let target = before.saturating_sub(want);
+        let evicted = index.make_room(&self.layout, 0, target);
+        let freed = before - index.bytes;
+        drop(index);
+        if evicted > 0 {
+            info!(
+                evicted,
+                freed, "the disk cache's file system is full: evicted to make room"
+            );
+        }
+        freed
+    }
+
+    /// One try of [`DiskCache::insert_parts`]. `path` is taken once the content is renamed
+    /// into place (or found there already); a failure before that leaves it for a retry.
+    fn try_insert(
+        &self,
+        file: &File,
+        path: &mut Option<TempPath>,
+        meta: &KeyMeta,
+    ) -> io::Result<Stored> {
         let sha = meta.sha256;
         if meta.size > self.capacity {
             debug!(
@@ -467,6 +579,7 @@ impl DiskCache {
             );
             return Ok(Stored::TooLarge);
         }
+        self.ensure_dirs()?;
         let len = file.metadata()?.len();
         if len != meta.size {
             return Err(io::Error::new(
@@ -479,7 +592,7 @@ impl DiskCache {
             let index = self.lock();
             (
                 index.entries.contains_key(&sha),
-                index.keys.get(&id) == Some(&meta),
+                index.keys.get(&id) == Some(meta),
             )
         };
         // Flush data before the rename makes it visible under its hash: otherwise a power
@@ -492,37 +605,49 @@ impl DiskCache {
         let key_tmp = if key_current {
             None
         } else {
-            Some(self.key_temp(&meta)?)
+            Some(self.key_temp(meta)?)
         };
 
         let mut index = self.lock();
         let stored = if index.entries.contains_key(&sha) {
-            drop(path);
+            drop(path.take());
             Stored::Shared
         } else {
+            let Some(temp) = path.take() else {
+                // Renamed into place by an earlier try, and evicted since.
+                return Err(io::Error::other("the file was evicted while it was kept"));
+            };
             if had_content {
                 // Evicted since we looked: rare enough to flush under the lock.
-                file.sync_all()?;
+                if let Err(e) = file.sync_all() {
+                    *path = Some(temp);
+                    return Err(e);
+                }
             }
             let evicted = index.make_room(&self.layout, meta.size, self.capacity);
-            fs::create_dir_all(self.layout.shard(&sha))?;
-            path.persist(self.layout.content(&sha))
-                .map_err(|e| e.error)?;
+            if let Err(e) = fs::create_dir_all(self.layout.shard(&sha)) {
+                *path = Some(temp);
+                return Err(e);
+            }
+            if let Err(e) = temp.persist(self.layout.content(&sha)) {
+                *path = Some(e.path);
+                return Err(e.error);
+            }
             // After the rename, which moves the ctime.
             let stamp = file.metadata().map(|md| Stamp::of(&md)).ok();
             index.add(sha, meta.size, stamp);
             Stored::Written { evicted }
         };
-        let key_written = if index.keys.get(&id) == Some(&meta) {
+        let key_written = if index.keys.get(&id) == Some(meta) {
             false
         } else {
             let tmp = match key_tmp {
                 Some(t) => t,
                 // Dropped since we looked: rare enough to write under the lock.
-                None => self.key_temp(&meta)?,
+                None => self.key_temp(meta)?,
             };
             tmp.persist(self.layout.key(&id)).map_err(|e| e.error)?;
-            index.set_key(id, meta);
+            index.set_key(id, meta.clone());
             index.marked.insert(id, SystemTime::now());
             true
         };

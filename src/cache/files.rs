@@ -32,8 +32,10 @@ use tempfile::TempPath;
 
 use super::disk::{DiskCache, KeyMeta, Marked, Stored};
 use super::flight::{Joined, SingleFlight, Tail};
+use super::health::WriteFailure;
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extracted};
+use crate::pipeline::PipelineError;
 
 /// Calls `fetch` (a cloneable `Fn`) for one attempt.
 fn fetch_once<F, Fut>(fetch: &F, tmp: PathBuf) -> Fut
@@ -210,6 +212,8 @@ pub struct Files {
     flights: SingleFlight<String, FlightResult>,
     /// Extracted files that were served but could not be kept on disk.
     keep_errors: Arc<AtomicU64>,
+    /// Where extractions are written while the disk cache cannot take them.
+    spill_dir: PathBuf,
     disk_waits: AtomicU64,
 }
 
@@ -228,8 +232,16 @@ impl Files {
             disk: Arc::new(disk),
             flights: SingleFlight::default(),
             keep_errors: Arc::default(),
+            spill_dir: std::env::temp_dir(),
             disk_waits: AtomicU64::new(0),
         }
+    }
+
+    /// Extracts into `dir` while the disk cache cannot write (the default is the system's
+    /// temp directory, `$TMPDIR`). Best on another file system than the cache's.
+    pub fn with_spill_dir(mut self, dir: PathBuf) -> Files {
+        self.spill_dir = dir;
+        self
     }
 
     pub fn disk(&self) -> &DiskCache {
@@ -365,17 +377,35 @@ impl Files {
         Fut: Future<Output = Result<(Extracted, Vec<Extracted>), ExtractError>> + Send + 'static,
     {
         let local = |e: std::io::Error| Arc::new(ExtractError::Local(e));
-        if let Some(hit) = self.cached(store_path, path).await.map_err(local)? {
-            return Ok(hit);
+        match self.cached(store_path, path).await {
+            Ok(Some(hit)) => return Ok(hit),
+            Ok(None) => {}
+            // A disk entry that cannot be read is fetched again rather than failing every
+            // request for it.
+            Err(e) => {
+                tracing::warn!(store_path, path, err = %e, "cannot read a cached file; fetching it again")
+            }
         }
         let (mut flights, mut waits) = (0, 0);
         while flights < MAX_FLIGHTS && waits < MAX_FLIGHTS {
-            let work = fetch_once(&fetch, self.disk.tmp_dir().to_owned());
-            let keeper = Keeper {
+            // Extractions go to the disk cache's temp directory, so that keeping a file is a
+            // rename; while the cache cannot write (or that directory cannot be made), to
+            // the spill directory, from which the tail copies files in once it can again.
+            let spill_first =
+                self.disk.health().degraded().is_some() || self.disk.ensure_dirs().is_err();
+            let work = if spill_first {
+                fetch_once(&fetch, self.spill_dir.clone())
+            } else {
+                fetch_once(&fetch, self.disk.tmp_dir().to_owned())
+            };
+            // Not started unless the first try cannot write its temp files.
+            let retry = (!spill_first).then(|| fetch_once(&fetch, self.spill_dir.clone()));
+            let mut keeper = Keeper {
                 disk: self.disk.clone(),
                 memory: self.memory.clone(),
                 memory_item_max: self.memory_item_max,
                 errors: self.keep_errors.clone(),
+                spilled: spill_first,
             };
             let (sp, p) = (store_path.to_owned(), path.to_owned());
             let flight = async move {
@@ -387,7 +417,24 @@ impl Files {
                 let failed = |e: ExtractError| (p.clone(), Arc::new(e));
                 let (wanted, extras) = match work.await {
                     Ok(x) => x,
-                    Err(e) => return (Err(failed(e)), None),
+                    Err(e) => {
+                        let (Some(err), Some(retry)) = (temp_file_error(&e), retry) else {
+                            return (Err(failed(e)), None);
+                        };
+                        // The verified file could not be written where the cache keeps
+                        // files: make room if it is full, and extract into the spill
+                        // directory instead. This downloads the NAR again, once: later
+                        // flights go there first until the cache writes again.
+                        let cause = keeper.disk.health().failed("extracting a file", err);
+                        if cause == WriteFailure::Full {
+                            keeper.disk.free_space(0);
+                        }
+                        keeper.spilled = true;
+                        match retry.await {
+                            Ok(x) => x,
+                            Err(e) => return (Err(failed(e)), None),
+                        }
+                    }
                 };
                 let asked = p.clone();
                 let landings = match tokio::task::spawn_blocking(move || {
@@ -466,6 +513,17 @@ impl Files {
     }
 }
 
+/// The temp-file error of a failed extraction, if that is why it failed.
+fn temp_file_error(e: &ExtractError) -> Option<&io::Error> {
+    match e {
+        ExtractError::Pipeline {
+            err: PipelineError::TempFile { err, .. },
+            ..
+        } => Some(err),
+        _ => None,
+    }
+}
+
 /// A file a flight extracted and verified, kept by the flight's tail.
 struct Landing {
     meta: Arc<KeyMeta>,
@@ -523,6 +581,9 @@ struct Keeper {
     memory: moka::future::Cache<String, Arc<Held>>,
     memory_item_max: u64,
     errors: Arc<AtomicU64>,
+    /// The files were extracted into the spill directory: they are copied into the disk
+    /// cache, not renamed.
+    spilled: bool,
 }
 
 impl Keeper {
@@ -557,12 +618,17 @@ impl Keeper {
                 Err(e) => tracing::error!(err = %e, "holding an extracted file in memory failed"),
             }
         }
-        let (disk, errors) = (self.disk, self.errors);
+        let (disk, errors, spilled) = (self.disk, self.errors, self.spilled);
         let counted = errors.clone();
         let kept = tokio::task::spawn_blocking(move || {
             for l in landings {
                 let meta = KeyMeta::clone(&l.meta);
-                match disk.insert_parts(&l.file, l.temp, meta) {
+                let stored = if spilled {
+                    disk.insert_copy(&l.file, meta)
+                } else {
+                    disk.insert_parts(&l.file, l.temp, meta)
+                };
+                match stored {
                     Ok(Stored::TooLarge) => tracing::info!(
                         store_path = %l.meta.store_path,
                         path = %l.meta.path,
@@ -570,8 +636,9 @@ impl Keeper {
                         "larger than the disk cache: served, not kept"
                     ),
                     Ok(_) => {}
+                    // Logged by the disk cache's health, once per cause.
                     Err(e) => {
-                        tracing::error!(
+                        tracing::debug!(
                             store_path = %l.meta.store_path,
                             path = %l.meta.path,
                             err = %e,

@@ -4,3 +4,4 @@
 pub mod disk;
 pub mod files;
 pub mod flight;
+pub mod health;

@@ -39,6 +39,7 @@ use self::metrics::Metrics;
 use self::respond::*;
 use self::routes::{ProgramRequest, Route, RouteError};
 use crate::cache::files::{Content, Files, Hit};
+use crate::cache::health::WriteFailure;
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extractor, Siblings};
 
@@ -418,6 +419,19 @@ impl App {
                     unix_now().saturating_sub(err_at) / 1000
                 ),
             )
+        } else if let Some(d) = inner.files.disk().health().degraded() {
+            // Still ready: every verified file is served (from memory or its temp file),
+            // only the disk tier is lost. A load balancer keeps the node; the body says why
+            // an operator should look.
+            (
+                StatusCode::OK,
+                format!(
+                    "ready, degraded: the disk cache cannot keep files ({}, for {}s): {}\n",
+                    d.cause.describe(),
+                    d.since.as_secs(),
+                    d.error
+                ),
+            )
         } else {
             (StatusCode::OK, "ready\n".to_owned())
         };
@@ -458,12 +472,26 @@ impl App {
                 self.inner.metrics.disk_waits() + self.inner.files.disk_waits(),
             ),
         ];
-        text(
-            StatusCode::OK,
-            PROMETHEUS,
-            self.inner.metrics.render(&extra),
-            head,
-        )
+        let mut body = self.inner.metrics.render(&extra);
+        let health = self.inner.files.disk().health();
+        metrics::render_labelled(
+            &mut body,
+            "binplz_disk_cache_write_failures_total",
+            "Writes to the disk cache that failed, by cause.",
+            "cause",
+            WriteFailure::ALL.map(|c| (c.label(), health.failures(c))),
+        );
+        metrics::render_labelled(
+            &mut body,
+            "binplz_disk_cache_degraded",
+            "1 while the disk cache cannot write (see /-/readyz), by cause.",
+            "cause",
+            WriteFailure::ALL.map(|c| {
+                let now = health.degraded().is_some_and(|d| d.cause == c);
+                (c.label(), u64::from(now))
+            }),
+        );
+        text(StatusCode::OK, PROMETHEUS, body, head)
     }
 
     /// Counts a request against its client's limit; `None` when the client is at it.
