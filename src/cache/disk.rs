@@ -17,6 +17,12 @@
 //! Each open also compares the file's ctime and inode with those it had when it was last
 //! hashed or written: a file changed in place since is hashed again before it is served.
 //! A bad entry is dropped with its keys and reported as a miss, so the caller fetches again.
+//! Bit rot changes bytes and leaves that state alone: [`DiskCache::scrub_next`] re-hashes
+//! files whatever their state says, a file at a time, for the scrubber (`cache::scrub`).
+//!
+//! Writes that fail are counted by cause in [`Health`]; a full file system evicts least
+//! recently used entries and the keep is tried again, and directories removed under a
+//! running cache are made again.
 //!
 //! Content files are never written once kept, not even their times: the order of use that
 //! a restart recovers is kept in the key files' mtimes, refreshed at most once a minute
@@ -32,8 +38,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
 
@@ -181,7 +189,8 @@ struct Entry {
 /// `bytes` is the sum of entry sizes, and every key names an entry that lists it.
 #[derive(Debug, Default)]
 struct Index {
-    entries: HashMap<Digest32, Entry>,
+    /// In hash order, which is the order a scrub pass visits them in.
+    entries: BTreeMap<Digest32, Entry>,
     /// Least recently used first.
     lru: BTreeMap<u64, Digest32>,
     keys: HashMap<Digest32, KeyMeta>,
@@ -368,6 +377,43 @@ pub struct DiskCache {
     capacity: u64,
     index: Mutex<Index>,
     health: Health,
+    scrub: ScrubCounters,
+}
+
+/// What scrubbing found, and what reads found (see [`DiskCache::scrub_next`]).
+#[derive(Debug, Default)]
+struct ScrubCounters {
+    files: AtomicU64,
+    bytes: AtomicU64,
+    /// Content dropped by a scrub: changed since it was kept, or unreadable.
+    corrupt_scrub: AtomicU64,
+    /// Content dropped by a read that re-hashed it.
+    corrupt_read: AtomicU64,
+}
+
+/// Totals since start-up of [`DiskCache::scrub_next`] and of the checks made by reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrubStats {
+    /// Files and bytes scrubbed.
+    pub files: u64,
+    pub bytes: u64,
+    /// Files dropped by a scrub: their content no longer hashed to their name, or could
+    /// not be read.
+    pub corrupt_scrub: u64,
+    /// Files dropped by a read (after a restart, a change of state, or on their way into
+    /// memory) whose content no longer hashed to their name.
+    pub corrupt_read: u64,
+}
+
+/// One file checked by [`DiskCache::scrub_next`].
+#[derive(Debug, Clone, Copy)]
+pub struct Scrubbed {
+    /// Its name: the next call goes on after it.
+    pub sha256: [u8; 32],
+    /// Bytes read to check it.
+    pub bytes: u64,
+    /// Whether it was kept (it still hashes to its name) or dropped.
+    pub ok: bool,
 }
 
 impl fmt::Debug for DiskCache {
@@ -419,6 +465,7 @@ impl DiskCache {
             capacity,
             index: Mutex::new(index),
             health: Health::default(),
+            scrub: ScrubCounters::default(),
         })
     }
 
@@ -688,6 +735,18 @@ impl DiskCache {
     /// would wait for the disk (the page cache not holding the file) fails with
     /// [`io::ErrorKind::WouldBlock`] instead, and changes nothing.
     pub fn read_all(&self, sha: &[u8; 32], may_wait: bool) -> io::Result<Option<Vec<u8>>> {
+        self.read_all_checked(sha, may_wait, false)
+    }
+
+    /// [`DiskCache::read_all`], hashing the bytes read even when the file's state says it
+    /// was checked already: for a copy that outlives the file (held in memory), which a
+    /// later scrub of the file would not reach.
+    pub fn read_all_checked(
+        &self,
+        sha: &[u8; 32],
+        may_wait: bool,
+        rehash: bool,
+    ) -> io::Result<Option<Vec<u8>>> {
         let Some((ticket, file, stamp)) = self.open_sized(sha)? else {
             return Ok(None);
         };
@@ -723,13 +782,84 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        if ticket.verified != Some(stamp)
+        if (rehash || ticket.verified != Some(stamp))
             && !self.check_hash(sha, ticket, stamp, Sha256::digest(&buf).into(), len)
         {
             return Ok(None);
         }
         self.used(sha, ticket);
         Ok(Some(buf))
+    }
+
+    /// Re-hashes the first content file in hash order after `after` (the first of all if
+    /// `None`), whatever its recorded state says, and drops it with its keys if it no
+    /// longer hashes to its name or cannot be read: bit rot leaves a file's ctime and
+    /// inode as they were, so only reading it again finds it. `None` when no file
+    /// follows: the pass is done. Visiting in hash order, a pass reaches every file held
+    /// from its start to its end once, whatever is kept or evicted meanwhile. Blocking.
+    pub fn scrub_next(&self, after: Option<&[u8; 32]>) -> Option<Scrubbed> {
+        let (sha, ticket) = {
+            let index = self.lock();
+            let from: Bound<&Digest32> = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let (sha, e) = index
+                .entries
+                .range::<Digest32, _>((from, Bound::Unbounded))
+                .next()?;
+            let ticket = Ticket {
+                size: e.size,
+                generation: e.generation,
+                verified: e.verified,
+            };
+            (*sha, ticket)
+        };
+        let checked = (|| -> io::Result<Option<(u64, bool)>> {
+            let Some((ticket, mut file, stamp)) = self.open_sized(&sha)? else {
+                return Ok(None); // dropped already: missing, or resized
+            };
+            let (got, len) = hash_reader(&mut file)?;
+            if got != sha && len == ticket.size {
+                // Counted here, not as a read's finding.
+                warn!(
+                    sha256 = %hex(&sha),
+                    got = %hex(&got),
+                    "scrub: disk cache content does not match its hash; dropped"
+                );
+                if self.drop_if_current(&sha, ticket) {
+                    self.scrub.corrupt_scrub.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(Some((len, false)));
+            }
+            Ok(Some((len, self.check_hash(&sha, ticket, stamp, got, len))))
+        })();
+        let (bytes, ok) = match checked {
+            Ok(Some(c)) => c,
+            Ok(None) => (0, false),
+            Err(e) => {
+                warn!(sha256 = %hex(&sha), err = %e, "scrub: disk cache content unreadable; dropped");
+                if self.drop_if_current(&sha, ticket) {
+                    self.scrub.corrupt_scrub.fetch_add(1, Ordering::Relaxed);
+                }
+                (0, false)
+            }
+        };
+        self.scrub.files.fetch_add(1, Ordering::Relaxed);
+        self.scrub.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Some(Scrubbed {
+            sha256: sha,
+            bytes,
+            ok,
+        })
+    }
+
+    /// See [`ScrubStats`].
+    pub fn scrub_stats(&self) -> ScrubStats {
+        let c = &self.scrub;
+        ScrubStats {
+            files: c.files.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            corrupt_scrub: c.corrupt_scrub.load(Ordering::Relaxed),
+            corrupt_read: c.corrupt_read.load(Ordering::Relaxed),
+        }
     }
 
     /// Drops the content of `sha` and its keys. Returns whether it was cached.
@@ -809,7 +939,9 @@ impl DiskCache {
                 got = %hex(&got),
                 "disk cache content does not match its hash; dropped"
             );
-            self.drop_if_current(sha, ticket);
+            if self.drop_if_current(sha, ticket) {
+                self.scrub.corrupt_read.fetch_add(1, Ordering::Relaxed);
+            }
             return false;
         }
         if let Some(e) = self.lock().entries.get_mut(sha) {
@@ -1385,6 +1517,68 @@ pub(crate) mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Bit rot: flips a bit of `m`'s content and makes the recorded state the file's new
+    /// one, as a disk changing bytes under the file system leaves it (no ctime moved).
+    pub(crate) fn rot(cache: &DiskCache, m: &KeyMeta) {
+        let path = content(cache, m);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0x04;
+        scribble(cache, m, &bytes);
+        let stamp = Stamp::of(&fs::metadata(&path).unwrap());
+        cache.lock().entries.get_mut(&m.sha256).unwrap().verified = Some(stamp);
+    }
+
+    #[test]
+    fn a_scrub_pass_finds_bit_rot_that_reads_do_not_see_and_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "bin/a", b"alpha");
+        let (b, _) = put(&cache, "bin/b", b"bravo!");
+        let (c, _) = put(&cache, "bin/c", b"charlie");
+        rot(&cache, &b);
+        // What a read trusts: the state is as checked, so the bytes are served unchecked.
+        let mut served = Vec::new();
+        cache
+            .open_file(&b.sha256)
+            .unwrap()
+            .unwrap()
+            .read_to_end(&mut served)
+            .unwrap();
+        assert_ne!(served, b"bravo!");
+
+        let mut after = None;
+        let mut seen = Vec::new();
+        while let Some(s) = cache.scrub_next(after.as_ref()) {
+            seen.push((s.sha256, s.ok));
+            after = Some(s.sha256);
+        }
+        let mut expected = vec![(a.sha256, true), (b.sha256, false), (c.sha256, true)];
+        expected.sort();
+        assert_eq!(seen, expected, "each file once, in hash order");
+        assert!(cache.open_file(&b.sha256).unwrap().is_none());
+        assert_eq!(cache.lookup(SP, "bin/b"), None, "its key went with it");
+        assert!(!content(&cache, &b).exists());
+        assert!(cache.lookup(SP, "bin/a").is_some() && cache.lookup(SP, "bin/c").is_some());
+        let stats = cache.scrub_stats();
+        assert_eq!((stats.files, stats.bytes), (3, 18));
+        assert_eq!((stats.corrupt_scrub, stats.corrupt_read), (1, 0));
+    }
+
+    #[test]
+    fn content_that_cannot_be_read_is_dropped_by_a_scrub() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "bin/a", b"alpha");
+        // A directory where the file was: it opens, and reading it fails.
+        let path = content(&cache, &a);
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let s = cache.scrub_next(None).unwrap();
+        assert!(!s.ok);
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert!(cache.scrub_next(Some(&s.sha256)).is_none());
     }
 
     #[test]

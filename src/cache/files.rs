@@ -10,6 +10,10 @@
 //!                                                      file into memory, all into the disk cache
 //! ```
 //!
+//! Extractions are written to the disk cache's temp directory, so that keeping a file is a
+//! rename. While the cache cannot write there (full, read-only, removed), they go to a
+//! spill directory instead, and the flight's tail copies them in once it can again.
+//!
 //! The memory tier holds a small file as bytes and a larger one as a sealed memory file
 //! (`memfd`): bytes go out with the response head in one write, while a memory file can be
 //! handed to the socket with `sendfile`, without a copy through this process. Its seals
@@ -138,9 +142,10 @@ fn memory_key(store_path: &str, path: &str) -> String {
 #[derive(Clone, Copy)]
 enum Load {
     /// Read whole into memory; unless `may_wait`, only from the page cache (see
-    /// [`DiskCache::read_all`]).
+    /// [`DiskCache::read_all`]); hashed whatever the file's state says if `rehash`.
     Whole {
         may_wait: bool,
+        rehash: bool,
     },
     Open,
 }
@@ -148,8 +153,8 @@ enum Load {
 /// The content of `sha` from the disk cache. `None` if it is not there (or was dropped as
 /// corrupt).
 fn load(disk: &DiskCache, sha: &[u8; 32], how: Load) -> io::Result<Option<Content>> {
-    Ok(if let Load::Whole { may_wait } = how {
-        disk.read_all(sha, may_wait)?
+    Ok(if let Load::Whole { may_wait, rehash } = how {
+        disk.read_all_checked(sha, may_wait, rehash)?
             .map(|v| Content::Memory(Bytes::from(v)))
     } else {
         disk.open_file(sha)?.map(|f| Content::File(Arc::new(f)))
@@ -248,6 +253,11 @@ impl Files {
         &self.disk
     }
 
+    /// The disk cache, for a task that outlives a borrow (the scrubber).
+    pub fn disk_handle(&self) -> Arc<DiskCache> {
+        self.disk.clone()
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory.weighted_size()
     }
@@ -297,16 +307,21 @@ impl Files {
         let to_memory = meta.size <= self.memory_item_max;
         // The content, and whether it goes to the memory tier.
         let loaded = if meta.size <= INLINE_READ_MAX {
-            let here = load(&self.disk, &sha, Load::Whole { may_wait: false });
+            // A copy held in memory is served for as long as it is held, and a scrub of
+            // the disk file cannot reach it: it is hashed on its way in, as larger files
+            // are when copied into a memory file.
+            let whole = move |may_wait| Load::Whole {
+                may_wait,
+                rehash: to_memory,
+            };
+            let here = load(&self.disk, &sha, whole(false));
             let content = match here {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.disk_waits.fetch_add(1, Ordering::Relaxed);
                     let disk = self.disk.clone();
-                    tokio::task::spawn_blocking(move || {
-                        load(&disk, &sha, Load::Whole { may_wait: true })
-                    })
-                    .await
-                    .map_err(io::Error::other)??
+                    tokio::task::spawn_blocking(move || load(&disk, &sha, whole(true)))
+                        .await
+                        .map_err(io::Error::other)??
                 }
                 r => r?,
             };
@@ -786,6 +801,22 @@ mod tests {
         let files = Files::new(DiskCache::open(dir.path(), 64 << 20).unwrap(), 0);
         assert!(files.cached(SP, "bin/small").await.unwrap().is_none());
         assert!(files.disk().lookup(SP, "bin/small").is_none(), "dropped");
+    }
+
+    #[tokio::test]
+    async fn a_small_file_is_checked_as_it_moves_from_disk_into_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path(), 64 << 20).unwrap();
+        let good = keep(&disk, "bin/good", &[1u8; 500]);
+        let meta = keep(&disk, "bin/small", &[2u8; 500]);
+        crate::cache::disk::tests::rot(&disk, &meta);
+        let files = Files::new(disk, 16 << 20);
+        assert!(files.cached(SP, "bin/small").await.unwrap().is_none());
+        assert!(files.disk().lookup(SP, "bin/small").is_none(), "dropped");
+        assert_eq!(files.disk().scrub_stats().corrupt_read, 1);
+        let hit = files.cached(SP, "bin/good").await.unwrap().unwrap();
+        assert_eq!((hit.tier, content(&hit)), ("disk", vec![1u8; 500]));
+        assert_eq!(*hit.meta, good);
     }
 
     #[tokio::test]

@@ -40,6 +40,7 @@ use self::respond::*;
 use self::routes::{ProgramRequest, Route, RouteError};
 use crate::cache::files::{Content, Files, Hit};
 use crate::cache::health::WriteFailure;
+use crate::cache::scrub;
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extractor, Siblings};
 
@@ -85,6 +86,8 @@ pub struct Config {
     pub index_poll: Duration,
     /// Least time between two readiness probes of the upstream (see `/-/readyz`).
     pub ready_probe_interval: Duration,
+    /// How long the scrubber takes to re-hash the whole disk cache; `None`: no scrubber.
+    pub disk_scrub_period: Option<Duration>,
 }
 
 impl Default for Config {
@@ -102,6 +105,7 @@ impl Default for Config {
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
             ready_probe_interval: Duration::from_secs(5),
+            disk_scrub_period: Some(crate::cache::scrub::DEFAULT_PERIOD),
         }
     }
 }
@@ -467,6 +471,11 @@ impl App {
                 self.inner.files.keep_errors(),
             ),
             (
+                "binplz_disk_cache_scrubbed_bytes_total",
+                "Bytes of disk cache files the scrubber re-hashed.",
+                self.inner.files.disk().scrub_stats().bytes,
+            ),
+            (
                 "binplz_disk_waits_total",
                 "Reads of served files that would have waited (for the disk, or a lock on the file), done on a blocking thread rather than the serving thread.",
                 self.inner.metrics.disk_waits() + self.inner.files.disk_waits(),
@@ -480,6 +489,14 @@ impl App {
             "Writes to the disk cache that failed, by cause.",
             "cause",
             WriteFailure::ALL.map(|c| (c.label(), health.failures(c))),
+        );
+        let scrubbed = self.inner.files.disk().scrub_stats();
+        metrics::render_labelled(
+            &mut body,
+            "binplz_disk_cache_corrupt_total",
+            "Disk cache files dropped because their content no longer hashed to their name, by the check that found it: the scrubber, or a read.",
+            "found_by",
+            [("scrub", scrubbed.corrupt_scrub), ("read", scrubbed.corrupt_read)],
         );
         metrics::render_labelled(
             &mut body,
@@ -1079,6 +1096,11 @@ pub async fn run_threads(
             }
         })
     };
+    let scrubber = app
+        .inner
+        .config
+        .disk_scrub_period
+        .map(|period| tokio::spawn(scrub::run(app.inner.files.disk_handle(), period)));
     tokio::pin!(shutdown);
     let mut turn = 0usize;
     loop {
@@ -1119,6 +1141,9 @@ pub async fn run_threads(
     }
     let stopping = tokio::time::Instant::now();
     poller.abort();
+    if let Some(s) = scrubber {
+        s.abort();
+    }
     drop(listener);
     drop(workers);
     tracing::info!("shutting down: finishing responses in progress");
