@@ -1581,6 +1581,69 @@ pub(crate) mod tests {
         assert!(cache.scrub_next(Some(&s.sha256)).is_none());
     }
 
+    /// A tmpfs of `size` mounted on a temp dir while this lives (root only).
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            if !rustix::process::geteuid().is_root() {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status();
+            match status {
+                Ok(s) if s.success() => Some(Tmpfs(dir)),
+                other => {
+                    eprintln!("skipped: cannot mount a tmpfs: {other:?}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_keep_on_a_full_file_system_evicts_the_oldest_and_tries_again() {
+        let Some(fs) = Tmpfs::mount("1m") else {
+            return;
+        };
+        // 1/64 of the capacity is less than the file: its size is what is freed.
+        let cache = DiskCache::open(fs.0.path().join("cache"), 4 << 20).unwrap();
+        let (old, _) = put(&cache, "bin/old", &[1u8; 100_000]);
+        let (kept, _) = put(&cache, "bin/kept", &[2u8; 100_000]);
+        // The new file is written; then something else fills the file system, so that
+        // its key file cannot be.
+        let bytes = vec![3u8; 100_000];
+        let mut tmp = NamedTempFile::new_in(cache.tmp_dir()).unwrap();
+        tmp.write_all(&bytes).unwrap();
+        let mut filler = File::create(fs.0.path().join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let m = meta(SP, "bin/new", &bytes);
+        let stored = cache.insert(tmp, m.clone()).unwrap();
+        assert!(stored.is_stored(), "{stored:?}");
+        assert_eq!(cache.lookup(SP, "bin/new"), Some(m));
+        assert_eq!(cache.lookup(SP, "bin/old"), None, "the oldest was evicted");
+        assert!(!content(&cache, &old).exists());
+        assert!(
+            cache.lookup(SP, &kept.path).is_some(),
+            "only as much as needed"
+        );
+        assert_eq!(cache.health().failures(WriteFailure::Full), 1);
+        assert!(cache.health().degraded().is_none(), "the retry worked");
+    }
+
     #[test]
     fn a_file_changed_in_place_after_its_check_is_dropped_at_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
