@@ -426,14 +426,14 @@ impl App {
         } else if let Some(d) = inner.files.disk().health().degraded() {
             // Still ready: every verified file is served (from memory or its temp file),
             // only the disk tier is lost. A load balancer keeps the node; the body says why
-            // an operator should look.
+            // an operator should look. The error itself (it names local paths) goes to the
+            // log only: this route is as public as the others.
             (
                 StatusCode::OK,
                 format!(
-                    "ready, degraded: the disk cache cannot keep files ({}, for {}s): {}\n",
+                    "ready, degraded: the disk cache cannot keep files: {} (for {}s)\n",
                     d.cause.describe(),
                     d.since.as_secs(),
-                    d.error
                 ),
             )
         } else {
