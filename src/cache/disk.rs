@@ -816,7 +816,14 @@ impl DiskCache {
             let Some((ticket, mut file, stamp)) = self.open_sized(&sha)? else {
                 return Ok(None); // dropped already: missing, or resized
             };
-            let (got, len) = hash_reader(&mut file)?;
+            // A file nobody read lately is read in for this only: the page cache is told
+            // to let it go again, rather than evict what requests use for it.
+            let cold = ticket.size > 0 && !in_page_cache(&file, 0).unwrap_or(true);
+            let hashed = hash_reader(&mut file);
+            if cold {
+                let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+            }
+            let (got, len) = hashed?;
             if got != sha && len == ticket.size {
                 // Counted here, not as a read's finding.
                 warn!(
