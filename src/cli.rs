@@ -126,6 +126,16 @@ struct ServeArgs {
     #[arg(long, value_name = "N", env = "BINPLZ_THREADS")]
     threads: Option<usize>,
 
+    /// Seconds the disk cache's scrubber takes to re-hash every file once, dropping those
+    /// whose content changed (bit rot); at most 32 MiB/s whatever this says. 0: no scrubber.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "BINPLZ_DISK_SCRUB_PERIOD",
+        default_value_t = crate::cache::scrub::DEFAULT_PERIOD.as_secs()
+    )]
+    disk_scrub_period: u64,
+
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", env = "BINPLZ_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -702,6 +712,8 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         max_per_client: args.max_per_client.max(1),
         upstream_queue_timeout: args.upstream_queue_timeout,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+        disk_scrub_period: (args.disk_scrub_period > 0)
+            .then(|| std::time::Duration::from_secs(args.disk_scrub_period)),
         ..Config::default()
     };
     let extractor = if demo {

@@ -116,7 +116,7 @@ impl ExtractError {
                     Some(_) => ErrorKind::VerificationFailed,
                     None => ErrorKind::UpstreamBroken,
                 },
-                PipelineError::Local(_) => ErrorKind::Internal,
+                PipelineError::Local(_) | PipelineError::TempFile { .. } => ErrorKind::Internal,
                 PipelineError::TooManyEntries(_) => ErrorKind::Refused,
                 PipelineError::Decode { .. }
                 | PipelineError::TooLong { .. }

@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, BufRead, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use sha2::{Digest, Sha256};
@@ -105,6 +105,39 @@ pub enum PipelineError {
     /// Writing the output or keeping the listing failed.
     #[error("{0}")]
     Local(io::Error),
+    /// A temp file for a wanted file could not be created or written in `dir`: the local
+    /// disk's fault, not the NAR's. Told apart so that a server can write elsewhere.
+    #[error("cannot write a temp file in {}: {err}", dir.display())]
+    TempFile { dir: PathBuf, err: io::Error },
+}
+
+/// Marks an error of a temp file being written, so it survives the trip through the NAR
+/// reader as an `io::Error` (of the same kind) and becomes [`PipelineError::TempFile`].
+#[derive(Debug)]
+struct TempFileError {
+    dir: PathBuf,
+    err: io::Error,
+}
+impl std::fmt::Display for TempFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.err.fmt(f)
+    }
+}
+impl std::error::Error for TempFileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.err)
+    }
+}
+
+fn temp_file_error(dir: &Path, err: io::Error) -> io::Error {
+    let kind = err.kind();
+    io::Error::new(
+        kind,
+        TempFileError {
+            dir: dir.to_owned(),
+            err,
+        },
+    )
 }
 
 /// Marks an error as coming from the input source, so it survives the trip through a
@@ -287,6 +320,15 @@ fn classify(e: NarError, codec: Codec, expected: Expected) -> PipelineError {
         return match src {
             Some(s) => PipelineError::Source(s.0),
             None => PipelineError::Local(io::Error::other("source error")),
+        };
+    }
+    if inner.is::<TempFileError>() {
+        return match io.into_inner().map(|b| b.downcast::<TempFileError>()) {
+            Some(Ok(t)) => PipelineError::TempFile {
+                dir: t.dir,
+                err: t.err,
+            },
+            _ => PipelineError::Local(io::Error::other("temp file error")),
         };
     }
     if let Some(t) = inner.downcast_ref::<TooManyEntries>() {
@@ -474,7 +516,8 @@ fn capture(
     let mut file = tempfile::Builder::new()
         .prefix(".binplz-")
         .suffix(".tmp")
-        .tempfile_in(dir)?;
+        .tempfile_in(dir)
+        .map_err(|e| temp_file_error(dir, e))?;
     loop {
         let buf = contents.fill_buf()?;
         if buf.is_empty() {
@@ -483,7 +526,7 @@ fn capture(
         if let Some(h) = &mut hasher {
             h.update(buf);
         }
-        file.write_all(buf)?;
+        file.write_all(buf).map_err(|e| temp_file_error(dir, e))?;
         let n = buf.len();
         contents.consume(n);
     }
@@ -644,6 +687,31 @@ mod tests {
             assert_eq!(bytes, vec![42u8; 100_000]);
             assert_eq!(pass.nar_size, nar.len() as u64);
         }
+    }
+
+    #[test]
+    fn a_temp_file_that_cannot_be_made_is_a_temp_file_error_naming_its_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let gone = dir.path().join("gone");
+        let nar = nar();
+        let err = run_pass(
+            io::Cursor::new(nar.clone()),
+            Codec::None,
+            expected(&nar),
+            &RelPath::parse(b"bin/tool"),
+            &gone,
+        )
+        .expect_err("no directory to write in");
+        assert!(
+            matches!(&err, PipelineError::TempFile { dir, err }
+                if *dir == gone && err.kind() == io::ErrorKind::NotFound),
+            "{err:?}"
+        );
+        let e = crate::extract::ExtractError::Pipeline {
+            store_path: "/nix/store/x".into(),
+            err,
+        };
+        assert_eq!(e.kind(), crate::error::ErrorKind::Internal);
     }
 
     #[test]

@@ -17,6 +17,12 @@
 //! Each open also compares the file's ctime and inode with those it had when it was last
 //! hashed or written: a file changed in place since is hashed again before it is served.
 //! A bad entry is dropped with its keys and reported as a miss, so the caller fetches again.
+//! Bit rot changes bytes and leaves that state alone: [`DiskCache::scrub_next`] re-hashes
+//! files whatever their state says, a file at a time, for the scrubber (`cache::scrub`).
+//!
+//! Writes that fail are counted by cause in [`Health`]; a full file system evicts least
+//! recently used entries and the keep is tried again, and directories removed under a
+//! running cache are made again.
 //!
 //! Content files are never written once kept, not even their times: the order of use that
 //! a restart recovers is kept in the key files' mtimes, refreshed at most once a minute
@@ -32,8 +38,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +50,7 @@ use sha2::{Digest, Sha256};
 use tempfile::{NamedTempFile, TempPath};
 use tracing::{debug, info, warn};
 
+use super::health::{Health, WriteFailure};
 use crate::hash::hex;
 use crate::nar::wire::{MAX_DEPTH, MAX_NAME_LEN};
 
@@ -57,6 +66,12 @@ const KEY_FILE_MAX: u64 = 1024 + 6 * (MAX_DEPTH as u64) * (MAX_NAME_LEN + 1);
 /// per key, so a hot file does not cost an inode write on every request. Content files are
 /// never written after they are kept: their state is what tells a change (see [`Stamp`]).
 const MTIME_REFRESH: Duration = Duration::from_secs(60);
+
+/// On a full file system, a keep evicts at least this share of the capacity (1/64: 160 MiB
+/// of the default 10 GiB) before it tries again: enough room for several files of a
+/// usual size, so that the next misses do not each evict and fail once, while a disk
+/// filled by something else costs the cache little of what it holds.
+pub const FULL_EVICT_SHARE: u64 = 64;
 
 /// Read size when re-hashing a content file.
 const HASH_CHUNK: usize = 64 * 1024;
@@ -174,7 +189,8 @@ struct Entry {
 /// `bytes` is the sum of entry sizes, and every key names an entry that lists it.
 #[derive(Debug, Default)]
 struct Index {
-    entries: HashMap<Digest32, Entry>,
+    /// In hash order, which is the order a scrub pass visits them in.
+    entries: BTreeMap<Digest32, Entry>,
     /// Least recently used first.
     lru: BTreeMap<u64, Digest32>,
     keys: HashMap<Digest32, KeyMeta>,
@@ -360,6 +376,44 @@ pub struct DiskCache {
     layout: Layout,
     capacity: u64,
     index: Mutex<Index>,
+    health: Health,
+    scrub: ScrubCounters,
+}
+
+/// What scrubbing found, and what reads found (see [`DiskCache::scrub_next`]).
+#[derive(Debug, Default)]
+struct ScrubCounters {
+    files: AtomicU64,
+    bytes: AtomicU64,
+    /// Content dropped by a scrub: changed since it was kept, or unreadable.
+    corrupt_scrub: AtomicU64,
+    /// Content dropped by a read that re-hashed it.
+    corrupt_read: AtomicU64,
+}
+
+/// Totals since start-up of [`DiskCache::scrub_next`] and of the checks made by reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScrubStats {
+    /// Files and bytes scrubbed.
+    pub files: u64,
+    pub bytes: u64,
+    /// Files dropped by a scrub: their content no longer hashed to their name, or could
+    /// not be read.
+    pub corrupt_scrub: u64,
+    /// Files dropped by a read (after a restart, a change of state, or on their way into
+    /// memory) whose content no longer hashed to their name.
+    pub corrupt_read: u64,
+}
+
+/// One file checked by [`DiskCache::scrub_next`].
+#[derive(Debug, Clone, Copy)]
+pub struct Scrubbed {
+    /// Its name: the next call goes on after it.
+    pub sha256: [u8; 32],
+    /// Bytes read to check it.
+    pub bytes: u64,
+    /// Whether it was kept (it still hashes to its name) or dropped.
+    pub ok: bool,
 }
 
 impl fmt::Debug for DiskCache {
@@ -410,6 +464,8 @@ impl DiskCache {
             layout,
             capacity,
             index: Mutex::new(index),
+            health: Health::default(),
+            scrub: ScrubCounters::default(),
         })
     }
 
@@ -456,7 +512,110 @@ impl DiskCache {
     /// [`DiskCache::insert`] for a temp file split into its open file and its path, so that
     /// the caller can keep reading the open file (the same file, under its new name) while
     /// and after it is kept.
+    ///
+    /// A write that fails is counted by cause in [`DiskCache::health`]. On a full file
+    /// system, least recently used entries are evicted to free the file's size (at least
+    /// [`FULL_EVICT_SHARE`] of the capacity) and the keep is tried once more. The
+    /// directories the cache writes to are created again if they were removed.
     pub fn insert_parts(&self, file: &File, path: TempPath, meta: KeyMeta) -> io::Result<Stored> {
+        let mut path = Some(path);
+        let mut retried = false;
+        loop {
+            match self.try_insert(file, &mut path, &meta) {
+                Ok(stored) => {
+                    if stored.is_stored() {
+                        self.health.ok();
+                    }
+                    return Ok(stored);
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => return Err(e),
+                Err(e) => {
+                    let cause = self.health.failed("keeping a file", &e);
+                    if cause != WriteFailure::Full || retried || self.free_space(meta.size) == 0 {
+                        return Err(e);
+                    }
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Copies `src` (`meta.size` bytes, hashing to `meta.sha256`) into a temp file in the
+    /// cache's own temp directory and keeps it: for files extracted elsewhere while the
+    /// cache could not take them (see `cache::files`).
+    pub fn insert_copy(&self, src: &File, meta: KeyMeta) -> io::Result<Stored> {
+        if meta.size > self.capacity {
+            return Ok(Stored::TooLarge);
+        }
+        let copy = (|| {
+            self.ensure_dirs()?;
+            let mut tmp = NamedTempFile::new_in(&self.layout.tmp)?;
+            let mut reader = src.try_clone()?;
+            reader.seek(SeekFrom::Start(0))?;
+            let copied = io::copy(&mut reader.take(meta.size), tmp.as_file_mut())?;
+            if copied != meta.size {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("copied {copied} of {} bytes", meta.size),
+                ));
+            }
+            Ok(tmp)
+        })();
+        let tmp = match copy {
+            Ok(tmp) => tmp,
+            Err(e) => {
+                let cause = self.health.failed("copying a file into the disk cache", &e);
+                if cause == WriteFailure::Full {
+                    self.free_space(meta.size);
+                }
+                return Err(e);
+            }
+        };
+        let (file, path) = tmp.into_parts();
+        self.insert_parts(&file, path, meta)
+    }
+
+    /// Whether writes work, and what failed (see [`Health`]).
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Makes sure the temp directory exists (creating the cache directory again if it was
+    /// removed), so that extractions can be written there.
+    pub fn ensure_dirs(&self) -> io::Result<()> {
+        for d in [&self.layout.tmp, &self.layout.keys, &self.layout.files] {
+            fs::create_dir_all(d)?;
+        }
+        Ok(())
+    }
+
+    /// Evicts least recently used entries to free at least `bytes` (and at least
+    /// [`FULL_EVICT_SHARE`] of the capacity) on a full file system. Returns the bytes freed.
+    pub fn free_space(&self, bytes: u64) -> u64 {
+        let want = bytes.max(self.capacity / FULL_EVICT_SHARE).max(1);
+        let mut index = self.lock();
+        let before = index.bytes;
+        let target = before.saturating_sub(want);
+        let evicted = index.make_room(&self.layout, 0, target);
+        let freed = before - index.bytes;
+        drop(index);
+        if evicted > 0 {
+            info!(
+                evicted,
+                freed, "the disk cache's file system is full: evicted to make room"
+            );
+        }
+        freed
+    }
+
+    /// One try of [`DiskCache::insert_parts`]. `path` is taken once the content is renamed
+    /// into place (or found there already); a failure before that leaves it for a retry.
+    fn try_insert(
+        &self,
+        file: &File,
+        path: &mut Option<TempPath>,
+        meta: &KeyMeta,
+    ) -> io::Result<Stored> {
         let sha = meta.sha256;
         if meta.size > self.capacity {
             debug!(
@@ -467,6 +626,7 @@ impl DiskCache {
             );
             return Ok(Stored::TooLarge);
         }
+        self.ensure_dirs()?;
         let len = file.metadata()?.len();
         if len != meta.size {
             return Err(io::Error::new(
@@ -479,7 +639,7 @@ impl DiskCache {
             let index = self.lock();
             (
                 index.entries.contains_key(&sha),
-                index.keys.get(&id) == Some(&meta),
+                index.keys.get(&id) == Some(meta),
             )
         };
         // Flush data before the rename makes it visible under its hash: otherwise a power
@@ -492,37 +652,49 @@ impl DiskCache {
         let key_tmp = if key_current {
             None
         } else {
-            Some(self.key_temp(&meta)?)
+            Some(self.key_temp(meta)?)
         };
 
         let mut index = self.lock();
         let stored = if index.entries.contains_key(&sha) {
-            drop(path);
+            drop(path.take());
             Stored::Shared
         } else {
+            let Some(temp) = path.take() else {
+                // Renamed into place by an earlier try, and evicted since.
+                return Err(io::Error::other("the file was evicted while it was kept"));
+            };
             if had_content {
                 // Evicted since we looked: rare enough to flush under the lock.
-                file.sync_all()?;
+                if let Err(e) = file.sync_all() {
+                    *path = Some(temp);
+                    return Err(e);
+                }
             }
             let evicted = index.make_room(&self.layout, meta.size, self.capacity);
-            fs::create_dir_all(self.layout.shard(&sha))?;
-            path.persist(self.layout.content(&sha))
-                .map_err(|e| e.error)?;
+            if let Err(e) = fs::create_dir_all(self.layout.shard(&sha)) {
+                *path = Some(temp);
+                return Err(e);
+            }
+            if let Err(e) = temp.persist(self.layout.content(&sha)) {
+                *path = Some(e.path);
+                return Err(e.error);
+            }
             // After the rename, which moves the ctime.
             let stamp = file.metadata().map(|md| Stamp::of(&md)).ok();
             index.add(sha, meta.size, stamp);
             Stored::Written { evicted }
         };
-        let key_written = if index.keys.get(&id) == Some(&meta) {
+        let key_written = if index.keys.get(&id) == Some(meta) {
             false
         } else {
             let tmp = match key_tmp {
                 Some(t) => t,
                 // Dropped since we looked: rare enough to write under the lock.
-                None => self.key_temp(&meta)?,
+                None => self.key_temp(meta)?,
             };
             tmp.persist(self.layout.key(&id)).map_err(|e| e.error)?;
-            index.set_key(id, meta);
+            index.set_key(id, meta.clone());
             index.marked.insert(id, SystemTime::now());
             true
         };
@@ -563,6 +735,18 @@ impl DiskCache {
     /// would wait for the disk (the page cache not holding the file) fails with
     /// [`io::ErrorKind::WouldBlock`] instead, and changes nothing.
     pub fn read_all(&self, sha: &[u8; 32], may_wait: bool) -> io::Result<Option<Vec<u8>>> {
+        self.read_all_checked(sha, may_wait, false)
+    }
+
+    /// [`DiskCache::read_all`], hashing the bytes read even when the file's state says it
+    /// was checked already: for a copy that outlives the file (held in memory), which a
+    /// later scrub of the file would not reach.
+    pub fn read_all_checked(
+        &self,
+        sha: &[u8; 32],
+        may_wait: bool,
+        rehash: bool,
+    ) -> io::Result<Option<Vec<u8>>> {
         let Some((ticket, file, stamp)) = self.open_sized(sha)? else {
             return Ok(None);
         };
@@ -598,13 +782,91 @@ impl DiskCache {
             );
             return Ok(None);
         }
-        if ticket.verified != Some(stamp)
+        if (rehash || ticket.verified != Some(stamp))
             && !self.check_hash(sha, ticket, stamp, Sha256::digest(&buf).into(), len)
         {
             return Ok(None);
         }
         self.used(sha, ticket);
         Ok(Some(buf))
+    }
+
+    /// Re-hashes the first content file in hash order after `after` (the first of all if
+    /// `None`), whatever its recorded state says, and drops it with its keys if it no
+    /// longer hashes to its name or cannot be read: bit rot leaves a file's ctime and
+    /// inode as they were, so only reading it again finds it. `None` when no file
+    /// follows: the pass is done. Visiting in hash order, a pass reaches every file held
+    /// from its start to its end once, whatever is kept or evicted meanwhile. Blocking.
+    pub fn scrub_next(&self, after: Option<&[u8; 32]>) -> Option<Scrubbed> {
+        let (sha, ticket) = {
+            let index = self.lock();
+            let from: Bound<&Digest32> = after.map_or(Bound::Unbounded, Bound::Excluded);
+            let (sha, e) = index
+                .entries
+                .range::<Digest32, _>((from, Bound::Unbounded))
+                .next()?;
+            let ticket = Ticket {
+                size: e.size,
+                generation: e.generation,
+                verified: e.verified,
+            };
+            (*sha, ticket)
+        };
+        let checked = (|| -> io::Result<Option<(u64, bool)>> {
+            let Some((ticket, mut file, stamp)) = self.open_sized(&sha)? else {
+                return Ok(None); // dropped already: missing, or resized
+            };
+            // A file nobody read lately is read in for this only: the page cache is told
+            // to let it go again, rather than evict what requests use for it.
+            let cold = ticket.size > 0 && !in_page_cache(&file, 0).unwrap_or(true);
+            let hashed = hash_reader(&mut file);
+            if cold {
+                let _ = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed);
+            }
+            let (got, len) = hashed?;
+            if got != sha && len == ticket.size {
+                // Counted here, not as a read's finding.
+                warn!(
+                    sha256 = %hex(&sha),
+                    got = %hex(&got),
+                    "scrub: disk cache content does not match its hash; dropped"
+                );
+                if self.drop_if_current(&sha, ticket) {
+                    self.scrub.corrupt_scrub.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(Some((len, false)));
+            }
+            Ok(Some((len, self.check_hash(&sha, ticket, stamp, got, len))))
+        })();
+        let (bytes, ok) = match checked {
+            Ok(Some(c)) => c,
+            Ok(None) => (0, false),
+            Err(e) => {
+                warn!(sha256 = %hex(&sha), err = %e, "scrub: disk cache content unreadable; dropped");
+                if self.drop_if_current(&sha, ticket) {
+                    self.scrub.corrupt_scrub.fetch_add(1, Ordering::Relaxed);
+                }
+                (0, false)
+            }
+        };
+        self.scrub.files.fetch_add(1, Ordering::Relaxed);
+        self.scrub.bytes.fetch_add(bytes, Ordering::Relaxed);
+        Some(Scrubbed {
+            sha256: sha,
+            bytes,
+            ok,
+        })
+    }
+
+    /// See [`ScrubStats`].
+    pub fn scrub_stats(&self) -> ScrubStats {
+        let c = &self.scrub;
+        ScrubStats {
+            files: c.files.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+            corrupt_scrub: c.corrupt_scrub.load(Ordering::Relaxed),
+            corrupt_read: c.corrupt_read.load(Ordering::Relaxed),
+        }
     }
 
     /// Drops the content of `sha` and its keys. Returns whether it was cached.
@@ -684,7 +946,9 @@ impl DiskCache {
                 got = %hex(&got),
                 "disk cache content does not match its hash; dropped"
             );
-            self.drop_if_current(sha, ticket);
+            if self.drop_if_current(sha, ticket) {
+                self.scrub.corrupt_read.fetch_add(1, Ordering::Relaxed);
+            }
             return false;
         }
         if let Some(e) = self.lock().entries.get_mut(sha) {
@@ -1260,6 +1524,131 @@ pub(crate) mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Bit rot: flips a bit of `m`'s content and makes the recorded state the file's new
+    /// one, as a disk changing bytes under the file system leaves it (no ctime moved).
+    pub(crate) fn rot(cache: &DiskCache, m: &KeyMeta) {
+        let path = content(cache, m);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] ^= 0x04;
+        scribble(cache, m, &bytes);
+        let stamp = Stamp::of(&fs::metadata(&path).unwrap());
+        cache.lock().entries.get_mut(&m.sha256).unwrap().verified = Some(stamp);
+    }
+
+    #[test]
+    fn a_scrub_pass_finds_bit_rot_that_reads_do_not_see_and_drops_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "bin/a", b"alpha");
+        let (b, _) = put(&cache, "bin/b", b"bravo!");
+        let (c, _) = put(&cache, "bin/c", b"charlie");
+        rot(&cache, &b);
+        // What a read trusts: the state is as checked, so the bytes are served unchecked.
+        let mut served = Vec::new();
+        cache
+            .open_file(&b.sha256)
+            .unwrap()
+            .unwrap()
+            .read_to_end(&mut served)
+            .unwrap();
+        assert_ne!(served, b"bravo!");
+
+        let mut after = None;
+        let mut seen = Vec::new();
+        while let Some(s) = cache.scrub_next(after.as_ref()) {
+            seen.push((s.sha256, s.ok));
+            after = Some(s.sha256);
+        }
+        let mut expected = vec![(a.sha256, true), (b.sha256, false), (c.sha256, true)];
+        expected.sort();
+        assert_eq!(seen, expected, "each file once, in hash order");
+        assert!(cache.open_file(&b.sha256).unwrap().is_none());
+        assert_eq!(cache.lookup(SP, "bin/b"), None, "its key went with it");
+        assert!(!content(&cache, &b).exists());
+        assert!(cache.lookup(SP, "bin/a").is_some() && cache.lookup(SP, "bin/c").is_some());
+        let stats = cache.scrub_stats();
+        assert_eq!((stats.files, stats.bytes), (3, 18));
+        assert_eq!((stats.corrupt_scrub, stats.corrupt_read), (1, 0));
+    }
+
+    #[test]
+    fn content_that_cannot_be_read_is_dropped_by_a_scrub() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(dir.path(), 1 << 20).unwrap();
+        let (a, _) = put(&cache, "bin/a", b"alpha");
+        // A directory where the file was: it opens, and reading it fails.
+        let path = content(&cache, &a);
+        fs::remove_file(&path).unwrap();
+        fs::create_dir(&path).unwrap();
+        let s = cache.scrub_next(None).unwrap();
+        assert!(!s.ok);
+        assert_eq!(cache.lookup(SP, "bin/a"), None);
+        assert!(cache.scrub_next(Some(&s.sha256)).is_none());
+    }
+
+    /// A tmpfs of `size` mounted on a temp dir while this lives (root only).
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Option<Tmpfs> {
+            if !rustix::process::geteuid().is_root() {
+                eprintln!("skipped: mounting a tmpfs needs root");
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status();
+            match status {
+                Ok(s) if s.success() => Some(Tmpfs(dir)),
+                other => {
+                    eprintln!("skipped: cannot mount a tmpfs: {other:?}");
+                    None
+                }
+            }
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_keep_on_a_full_file_system_evicts_the_oldest_and_tries_again() {
+        let Some(fs) = Tmpfs::mount("1m") else {
+            return;
+        };
+        // 1/64 of the capacity is less than the file: its size is what is freed.
+        let cache = DiskCache::open(fs.0.path().join("cache"), 4 << 20).unwrap();
+        let (old, _) = put(&cache, "bin/old", &[1u8; 100_000]);
+        let (kept, _) = put(&cache, "bin/kept", &[2u8; 100_000]);
+        // The new file is written; then something else fills the file system, so that
+        // its key file cannot be.
+        let bytes = vec![3u8; 100_000];
+        let mut tmp = NamedTempFile::new_in(cache.tmp_dir()).unwrap();
+        tmp.write_all(&bytes).unwrap();
+        let mut filler = File::create(fs.0.path().join("filler")).unwrap();
+        while filler.write_all(&[0u8; 4096]).is_ok() {}
+        let m = meta(SP, "bin/new", &bytes);
+        let stored = cache.insert(tmp, m.clone()).unwrap();
+        assert!(stored.is_stored(), "{stored:?}");
+        assert_eq!(cache.lookup(SP, "bin/new"), Some(m));
+        assert_eq!(cache.lookup(SP, "bin/old"), None, "the oldest was evicted");
+        assert!(!content(&cache, &old).exists());
+        assert!(
+            cache.lookup(SP, &kept.path).is_some(),
+            "only as much as needed"
+        );
+        assert_eq!(cache.health().failures(WriteFailure::Full), 1);
+        assert!(cache.health().degraded().is_none(), "the retry worked");
     }
 
     #[test]

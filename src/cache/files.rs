@@ -10,6 +10,10 @@
 //!                                                      file into memory, all into the disk cache
 //! ```
 //!
+//! Extractions are written to the disk cache's temp directory, so that keeping a file is a
+//! rename. While the cache cannot write there (full, read-only, removed), they go to a
+//! spill directory instead, and the flight's tail copies them in once it can again.
+//!
 //! The memory tier holds a small file as bytes and a larger one as a sealed memory file
 //! (`memfd`): bytes go out with the response head in one write, while a memory file can be
 //! handed to the socket with `sendfile`, without a copy through this process. Its seals
@@ -32,8 +36,10 @@ use tempfile::TempPath;
 
 use super::disk::{DiskCache, KeyMeta, Marked, Stored};
 use super::flight::{Joined, SingleFlight, Tail};
+use super::health::WriteFailure;
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extracted};
+use crate::pipeline::PipelineError;
 
 /// Calls `fetch` (a cloneable `Fn`) for one attempt.
 fn fetch_once<F, Fut>(fetch: &F, tmp: PathBuf) -> Fut
@@ -136,9 +142,10 @@ fn memory_key(store_path: &str, path: &str) -> String {
 #[derive(Clone, Copy)]
 enum Load {
     /// Read whole into memory; unless `may_wait`, only from the page cache (see
-    /// [`DiskCache::read_all`]).
+    /// [`DiskCache::read_all`]); hashed whatever the file's state says if `rehash`.
     Whole {
         may_wait: bool,
+        rehash: bool,
     },
     Open,
 }
@@ -146,8 +153,8 @@ enum Load {
 /// The content of `sha` from the disk cache. `None` if it is not there (or was dropped as
 /// corrupt).
 fn load(disk: &DiskCache, sha: &[u8; 32], how: Load) -> io::Result<Option<Content>> {
-    Ok(if let Load::Whole { may_wait } = how {
-        disk.read_all(sha, may_wait)?
+    Ok(if let Load::Whole { may_wait, rehash } = how {
+        disk.read_all_checked(sha, may_wait, rehash)?
             .map(|v| Content::Memory(Bytes::from(v)))
     } else {
         disk.open_file(sha)?.map(|f| Content::File(Arc::new(f)))
@@ -210,6 +217,8 @@ pub struct Files {
     flights: SingleFlight<String, FlightResult>,
     /// Extracted files that were served but could not be kept on disk.
     keep_errors: Arc<AtomicU64>,
+    /// Where extractions are written while the disk cache cannot take them.
+    spill_dir: PathBuf,
     disk_waits: AtomicU64,
 }
 
@@ -228,12 +237,25 @@ impl Files {
             disk: Arc::new(disk),
             flights: SingleFlight::default(),
             keep_errors: Arc::default(),
+            spill_dir: std::env::temp_dir(),
             disk_waits: AtomicU64::new(0),
         }
     }
 
+    /// Extracts into `dir` while the disk cache cannot write (the default is the system's
+    /// temp directory, `$TMPDIR`). Best on another file system than the cache's.
+    pub fn with_spill_dir(mut self, dir: PathBuf) -> Files {
+        self.spill_dir = dir;
+        self
+    }
+
     pub fn disk(&self) -> &DiskCache {
         &self.disk
+    }
+
+    /// The disk cache, for a task that outlives a borrow (the scrubber).
+    pub fn disk_handle(&self) -> Arc<DiskCache> {
+        self.disk.clone()
     }
 
     pub fn memory_bytes(&self) -> u64 {
@@ -285,16 +307,21 @@ impl Files {
         let to_memory = meta.size <= self.memory_item_max;
         // The content, and whether it goes to the memory tier.
         let loaded = if meta.size <= INLINE_READ_MAX {
-            let here = load(&self.disk, &sha, Load::Whole { may_wait: false });
+            // A copy held in memory is served for as long as it is held, and a scrub of
+            // the disk file cannot reach it: it is hashed on its way in, as larger files
+            // are when copied into a memory file.
+            let whole = move |may_wait| Load::Whole {
+                may_wait,
+                rehash: to_memory,
+            };
+            let here = load(&self.disk, &sha, whole(false));
             let content = match here {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.disk_waits.fetch_add(1, Ordering::Relaxed);
                     let disk = self.disk.clone();
-                    tokio::task::spawn_blocking(move || {
-                        load(&disk, &sha, Load::Whole { may_wait: true })
-                    })
-                    .await
-                    .map_err(io::Error::other)??
+                    tokio::task::spawn_blocking(move || load(&disk, &sha, whole(true)))
+                        .await
+                        .map_err(io::Error::other)??
                 }
                 r => r?,
             };
@@ -365,17 +392,35 @@ impl Files {
         Fut: Future<Output = Result<(Extracted, Vec<Extracted>), ExtractError>> + Send + 'static,
     {
         let local = |e: std::io::Error| Arc::new(ExtractError::Local(e));
-        if let Some(hit) = self.cached(store_path, path).await.map_err(local)? {
-            return Ok(hit);
+        match self.cached(store_path, path).await {
+            Ok(Some(hit)) => return Ok(hit),
+            Ok(None) => {}
+            // A disk entry that cannot be read is fetched again rather than failing every
+            // request for it.
+            Err(e) => {
+                tracing::warn!(store_path, path, err = %e, "cannot read a cached file; fetching it again")
+            }
         }
         let (mut flights, mut waits) = (0, 0);
         while flights < MAX_FLIGHTS && waits < MAX_FLIGHTS {
-            let work = fetch_once(&fetch, self.disk.tmp_dir().to_owned());
-            let keeper = Keeper {
+            // Extractions go to the disk cache's temp directory, so that keeping a file is a
+            // rename; while the cache cannot write (or that directory cannot be made), to
+            // the spill directory, from which the tail copies files in once it can again.
+            let spill_first =
+                self.disk.health().degraded().is_some() || self.disk.ensure_dirs().is_err();
+            let work = if spill_first {
+                fetch_once(&fetch, self.spill_dir.clone())
+            } else {
+                fetch_once(&fetch, self.disk.tmp_dir().to_owned())
+            };
+            // Not started unless the first try cannot write its temp files.
+            let retry = (!spill_first).then(|| fetch_once(&fetch, self.spill_dir.clone()));
+            let mut keeper = Keeper {
                 disk: self.disk.clone(),
                 memory: self.memory.clone(),
                 memory_item_max: self.memory_item_max,
                 errors: self.keep_errors.clone(),
+                spilled: spill_first,
             };
             let (sp, p) = (store_path.to_owned(), path.to_owned());
             let flight = async move {
@@ -387,7 +432,24 @@ impl Files {
                 let failed = |e: ExtractError| (p.clone(), Arc::new(e));
                 let (wanted, extras) = match work.await {
                     Ok(x) => x,
-                    Err(e) => return (Err(failed(e)), None),
+                    Err(e) => {
+                        let (Some(err), Some(retry)) = (temp_file_error(&e), retry) else {
+                            return (Err(failed(e)), None);
+                        };
+                        // The verified file could not be written where the cache keeps
+                        // files: make room if it is full, and extract into the spill
+                        // directory instead. This downloads the NAR again, once: later
+                        // flights go there first until the cache writes again.
+                        let cause = keeper.disk.health().failed("extracting a file", err);
+                        if cause == WriteFailure::Full {
+                            keeper.disk.free_space(0);
+                        }
+                        keeper.spilled = true;
+                        match retry.await {
+                            Ok(x) => x,
+                            Err(e) => return (Err(failed(e)), None),
+                        }
+                    }
                 };
                 let asked = p.clone();
                 let landings = match tokio::task::spawn_blocking(move || {
@@ -466,6 +528,17 @@ impl Files {
     }
 }
 
+/// The temp-file error of a failed extraction, if that is why it failed.
+fn temp_file_error(e: &ExtractError) -> Option<&io::Error> {
+    match e {
+        ExtractError::Pipeline {
+            err: PipelineError::TempFile { err, .. },
+            ..
+        } => Some(err),
+        _ => None,
+    }
+}
+
 /// A file a flight extracted and verified, kept by the flight's tail.
 struct Landing {
     meta: Arc<KeyMeta>,
@@ -523,6 +596,9 @@ struct Keeper {
     memory: moka::future::Cache<String, Arc<Held>>,
     memory_item_max: u64,
     errors: Arc<AtomicU64>,
+    /// The files were extracted into the spill directory: they are copied into the disk
+    /// cache, not renamed.
+    spilled: bool,
 }
 
 impl Keeper {
@@ -557,12 +633,17 @@ impl Keeper {
                 Err(e) => tracing::error!(err = %e, "holding an extracted file in memory failed"),
             }
         }
-        let (disk, errors) = (self.disk, self.errors);
+        let (disk, errors, spilled) = (self.disk, self.errors, self.spilled);
         let counted = errors.clone();
         let kept = tokio::task::spawn_blocking(move || {
             for l in landings {
                 let meta = KeyMeta::clone(&l.meta);
-                match disk.insert_parts(&l.file, l.temp, meta) {
+                let stored = if spilled {
+                    disk.insert_copy(&l.file, meta)
+                } else {
+                    disk.insert_parts(&l.file, l.temp, meta)
+                };
+                match stored {
                     Ok(Stored::TooLarge) => tracing::info!(
                         store_path = %l.meta.store_path,
                         path = %l.meta.path,
@@ -570,8 +651,9 @@ impl Keeper {
                         "larger than the disk cache: served, not kept"
                     ),
                     Ok(_) => {}
+                    // Logged by the disk cache's health, once per cause.
                     Err(e) => {
-                        tracing::error!(
+                        tracing::debug!(
                             store_path = %l.meta.store_path,
                             path = %l.meta.path,
                             err = %e,
@@ -719,6 +801,22 @@ mod tests {
         let files = Files::new(DiskCache::open(dir.path(), 64 << 20).unwrap(), 0);
         assert!(files.cached(SP, "bin/small").await.unwrap().is_none());
         assert!(files.disk().lookup(SP, "bin/small").is_none(), "dropped");
+    }
+
+    #[tokio::test]
+    async fn a_small_file_is_checked_as_it_moves_from_disk_into_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache::open(dir.path(), 64 << 20).unwrap();
+        let good = keep(&disk, "bin/good", &[1u8; 500]);
+        let meta = keep(&disk, "bin/small", &[2u8; 500]);
+        crate::cache::disk::tests::rot(&disk, &meta);
+        let files = Files::new(disk, 16 << 20);
+        assert!(files.cached(SP, "bin/small").await.unwrap().is_none());
+        assert!(files.disk().lookup(SP, "bin/small").is_none(), "dropped");
+        assert_eq!(files.disk().scrub_stats().corrupt_read, 1);
+        let hit = files.cached(SP, "bin/good").await.unwrap().unwrap();
+        assert_eq!((hit.tier, content(&hit)), ("disk", vec![1u8; 500]));
+        assert_eq!(*hit.meta, good);
     }
 
     #[tokio::test]

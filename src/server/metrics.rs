@@ -223,3 +223,23 @@ impl Metrics {
         s
     }
 }
+
+/// Appends one metric with a value per label value (a counter if its name ends in
+/// `_total`, else a gauge).
+pub fn render_labelled<const N: usize>(
+    s: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: [(&str, u64); N],
+) {
+    let kind = if name.ends_with("_total") {
+        "counter"
+    } else {
+        "gauge"
+    };
+    let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (value_of_label, n) in values {
+        let _ = writeln!(s, "{name}{{{label}=\"{value_of_label}\"}} {n}");
+    }
+}

@@ -39,6 +39,8 @@ use self::metrics::Metrics;
 use self::respond::*;
 use self::routes::{ProgramRequest, Route, RouteError};
 use crate::cache::files::{Content, Files, Hit};
+use crate::cache::health::WriteFailure;
+use crate::cache::scrub;
 use crate::error::ErrorKind;
 use crate::extract::{ExtractError, Extractor, Siblings};
 
@@ -87,6 +89,8 @@ pub struct Config {
     pub index_poll: Duration,
     /// Least time between two readiness probes of the upstream (see `/-/readyz`).
     pub ready_probe_interval: Duration,
+    /// How long the scrubber takes to re-hash the whole disk cache; `None`: no scrubber.
+    pub disk_scrub_period: Option<Duration>,
 }
 
 impl Default for Config {
@@ -105,6 +109,7 @@ impl Default for Config {
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
             ready_probe_interval: Duration::from_secs(5),
+            disk_scrub_period: Some(crate::cache::scrub::DEFAULT_PERIOD),
         }
     }
 }
@@ -479,7 +484,21 @@ impl App {
                     ago.as_secs()
                 ),
             ),
-            None => (StatusCode::OK, "ready\n".to_owned()),
+            None => match inner.files.disk().health().degraded() {
+                // Still ready: every verified file is served (from memory or its temp file),
+                // only the disk tier is lost. A load balancer keeps the node; the body says why
+                // an operator should look. The error itself (it names local paths) goes to the
+                // log only: this route is as public as the others.
+                Some(d) => (
+                    StatusCode::OK,
+                    format!(
+                        "ready, degraded: the disk cache cannot keep files: {} (for {}s)\n",
+                        d.cause.describe(),
+                        d.since.as_secs(),
+                    ),
+                ),
+                None => (StatusCode::OK, "ready\n".to_owned()),
+            },
         };
         text(status, TEXT_PLAIN, msg, head)
     }
@@ -513,17 +532,44 @@ impl App {
                 self.inner.files.keep_errors(),
             ),
             (
+                "binplz_disk_cache_scrubbed_bytes_total",
+                "Bytes of disk cache files the scrubber re-hashed.",
+                self.inner.files.disk().scrub_stats().bytes,
+            ),
+            (
                 "binplz_disk_waits_total",
                 "Reads of served files that would have waited (for the disk, or a lock on the file), done on a blocking thread rather than the serving thread.",
                 self.inner.metrics.disk_waits() + self.inner.files.disk_waits(),
             ),
         ];
-        text(
-            StatusCode::OK,
-            PROMETHEUS,
-            self.inner.metrics.render(&extra),
-            head,
-        )
+        let mut body = self.inner.metrics.render(&extra);
+        let health = self.inner.files.disk().health();
+        metrics::render_labelled(
+            &mut body,
+            "binplz_disk_cache_write_failures_total",
+            "Writes to the disk cache that failed, by cause.",
+            "cause",
+            WriteFailure::ALL.map(|c| (c.label(), health.failures(c))),
+        );
+        let scrubbed = self.inner.files.disk().scrub_stats();
+        metrics::render_labelled(
+            &mut body,
+            "binplz_disk_cache_corrupt_total",
+            "Disk cache files dropped because their content no longer hashed to their name, by the check that found it: the scrubber, or a read.",
+            "found_by",
+            [("scrub", scrubbed.corrupt_scrub), ("read", scrubbed.corrupt_read)],
+        );
+        metrics::render_labelled(
+            &mut body,
+            "binplz_disk_cache_degraded",
+            "1 while the disk cache cannot write (see /-/readyz), by cause.",
+            "cause",
+            WriteFailure::ALL.map(|c| {
+                let now = health.degraded().is_some_and(|d| d.cause == c);
+                (c.label(), u64::from(now))
+            }),
+        );
+        text(StatusCode::OK, PROMETHEUS, body, head)
     }
 
     /// Counts a request against its client's limit; `None` when the client is at it.
@@ -1105,6 +1151,11 @@ pub async fn run_threads(
             }
         })
     };
+    let scrubber = app
+        .inner
+        .config
+        .disk_scrub_period
+        .map(|period| tokio::spawn(scrub::run(app.inner.files.disk_handle(), period)));
     tokio::pin!(shutdown);
     let mut turn = 0usize;
     loop {
@@ -1145,6 +1196,9 @@ pub async fn run_threads(
     }
     let stopping = tokio::time::Instant::now();
     poller.abort();
+    if let Some(s) = scrubber {
+        s.abort();
+    }
     drop(listener);
     drop(workers);
     tracing::info!("shutting down: finishing responses in progress");

@@ -1,8 +1,9 @@
 //! Integration tests, as one test binary: the extractor against a fake binary cache
-//! (`extract`), the `binplz` command line (`cli`), and the test support itself (`harness`,
-//! checking `support`).
+//! (`extract`), the `binplz` command line (`cli`), the server with a disk cache that cannot
+//! write (`disk`), and the test support itself (`harness`, checking `support`).
 
 mod cli;
+mod disk;
 mod extract;
 mod harness;
 mod index;

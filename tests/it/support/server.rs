@@ -159,6 +159,8 @@ pub struct Setup {
     pub memory_bytes: u64,
     /// Serving threads: 1 runs `run` on the test's runtime; more run `run_threads`.
     pub threads: usize,
+    /// Where files are extracted while the disk cache cannot write (default: `$TMPDIR`).
+    pub spill_dir: Option<PathBuf>,
 }
 
 impl Setup {
@@ -174,6 +176,7 @@ impl Setup {
             disk_bytes: 64 << 20,
             memory_bytes: 16 << 20,
             threads: 1,
+            spill_dir: None,
         }
     }
 
@@ -221,7 +224,10 @@ impl Server {
                 setup.cache_dir.display()
             )
         });
-        let files = Files::new(disk, setup.memory_bytes);
+        let mut files = Files::new(disk, setup.memory_bytes);
+        if let Some(dir) = setup.spill_dir {
+            files = files.with_spill_dir(dir);
+        }
         let app = App::new(setup.config, setup.indexes, extractor, files)
             .expect("the server's indexes load");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
