@@ -12,6 +12,7 @@
 //! over threads. All state lives in one [`App`] handle, shared by the threads.
 
 pub mod body;
+pub mod conditional;
 mod h1;
 mod indexes;
 mod io;
@@ -34,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::body::Body;
+use self::conditional::Answer;
 use self::indexes::Indexes;
 use self::metrics::Metrics;
 use self::respond::*;
@@ -862,7 +864,8 @@ impl FileHeaders {
     }
 }
 
-/// The 200/206/304/416 response for a file, honouring `Range` and `If-None-Match`.
+/// The 200/206/304/416 response for a file, honouring `Range`, `If-Range` and
+/// `If-None-Match` (see [`conditional`]).
 fn file_response(
     hit: &Hit,
     fixed: &FileHeaders,
@@ -871,37 +874,24 @@ fn file_response(
     metrics: &Metrics,
 ) -> Response<Body> {
     let size = hit.meta.size;
-    let etag = fixed.etag.as_str();
     let mut resp = Response::new(Body::empty());
     *resp.headers_mut() = fixed.file.clone();
-    let matches_etag = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim() == "*"
-                || v.split(',')
-                    .any(|t| t.trim().trim_start_matches("W/") == etag)
-        });
-    if matches_etag {
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        return resp;
-    }
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(|r| parse_range(r, size));
-    let (status, start, len) = match range {
-        None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, size),
-        Some(RangeSpec::Unsatisfiable) => {
+    let (status, start, len) = match conditional::decide(headers, size, &fixed.etag) {
+        Answer::NotModified => {
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            return resp;
+        }
+        Answer::Unsatisfiable => {
             *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+            if let Ok(v) = HeaderValue::from_str(&conditional::unsatisfied_range(size)) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
             return resp;
         }
-        Some(RangeSpec::Bytes(a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        Answer::Whole => (StatusCode::OK, 0, size),
+        Answer::Part { start, len } => (StatusCode::PARTIAL_CONTENT, start, len),
     };
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -911,7 +901,7 @@ fn file_response(
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
+        if let Ok(v) = HeaderValue::from_str(&conditional::content_range(start, len, size)) {
             h.insert(header::CONTENT_RANGE, v);
         }
     }
@@ -925,49 +915,6 @@ fn file_response(
         };
     }
     resp
-}
-
-enum RangeSpec {
-    /// Not a single byte range we serve: send the whole file.
-    Ignore,
-    Unsatisfiable,
-    /// Inclusive bounds.
-    Bytes(u64, u64),
-}
-
-/// Parses a single `bytes=a-b`, `bytes=a-` or `bytes=-n` range (multiple ranges: whole file).
-fn parse_range(v: &str, size: u64) -> RangeSpec {
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return RangeSpec::Ignore;
-    };
-    if spec.contains(',') {
-        return RangeSpec::Ignore;
-    }
-    let Some((a, b)) = spec.split_once('-') else {
-        return RangeSpec::Ignore;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let parsed = match (a.is_empty(), b.is_empty()) {
-        (true, false) => b
-            .parse::<u64>()
-            .ok()
-            .map(|n| (size.saturating_sub(n), size.saturating_sub(1), n == 0)),
-        (false, true) => a
-            .parse::<u64>()
-            .ok()
-            .map(|s| (s, size.saturating_sub(1), false)),
-        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => Some((s, e.min(size.saturating_sub(1)), false)),
-            _ => None,
-        },
-        (true, true) => None,
-    };
-    match parsed {
-        None => RangeSpec::Ignore,
-        Some((_, _, true)) => RangeSpec::Unsatisfiable,
-        Some((s, _, _)) if s >= size => RangeSpec::Unsatisfiable,
-        Some((s, e, _)) => RangeSpec::Bytes(s, e),
-    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits up

@@ -648,6 +648,51 @@ async fn if_none_match_with_the_etag_is_304_without_a_body() {
     assert_serves(&r, "hello");
 }
 
+/// A resumed download names the copy it has the head of in `If-Range`: only the current
+/// file's strong `ETag` gets the range; anything else (an older build's ETag after an index
+/// update, a weak one, a date, as no `Last-Modified` is sent) gets the whole file, on
+/// binplz's own HTTP/1 path and on hyper's (HTTP/2) alike.
+#[tokio::test]
+async fn if_range_gives_the_range_only_for_the_current_etag_on_both_connection_paths() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let hello = prebuilt("hello");
+    let size = hello.len();
+    let etag = format!("\"{}\"", hex_sha256(&hello));
+    let older = format!("\"{}\"", hex_sha256(&prebuilt("goodbye")));
+    let h2 = H2::connect(&server).await;
+    for (if_range, range, partial) in [
+        (etag.as_str(), "bytes=1000-", true),
+        (older.as_str(), "bytes=1000-", false),
+        (older.as_str(), "bytes=1000000-", false),
+        (&format!("W/{etag}"), "bytes=1000-", false),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", "bytes=1000-", false),
+        ("\"x\"", "bytes=-1", false),
+    ] {
+        let headers = [("Range", range), ("If-Range", if_range)];
+        let h1 = server.request("GET", "/hello", &headers).await;
+        let h2 = h2.request("/hello", &headers).await;
+        for (path, r) in [("h1", &h1), ("h2", &h2)] {
+            let what = format!("{path}: {range} if {if_range}");
+            if partial {
+                assert_eq!(r.status, 206, "{what}");
+                assert_eq!(
+                    r.header("content-range"),
+                    Some(format!("bytes 1000-{}/{size}", size - 1).as_str()),
+                    "{what}"
+                );
+                assert!(r.body == hello[1000..], "{what}: wrong slice");
+            } else {
+                assert_eq!(r.status, 200, "{what}");
+                assert_eq!(r.header("content-range"), None, "{what}");
+                assert!(r.body == hello, "{what}: not the whole file");
+            }
+        }
+    }
+    assert_eq!(server.get("/hello").await.header("last-modified"), None);
+}
+
 #[tokio::test]
 async fn head_sends_the_headers_of_get_without_a_body() {
     let up = cache();
@@ -1855,6 +1900,79 @@ async fn http2_with_prior_knowledge_is_served() {
             .expect("the body")
             .to_bytes();
         assert!(body == prebuilt(program), "the body is not {program}");
+    }
+}
+
+/// An HTTP/2 connection with prior knowledge: requests on it are hyper's.
+struct H2 {
+    send: hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl H2 {
+    async fn connect(server: &Server) -> H2 {
+        let tcp = tokio::net::TcpStream::connect(server.client.addr)
+            .await
+            .expect("connecting");
+        H2::handshake(tcp).await
+    }
+
+    async fn handshake(tcp: tokio::net::TcpStream) -> H2 {
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 handshake");
+        tokio::spawn(conn);
+        H2 { send }
+    }
+
+    /// The response head, its body left to read.
+    async fn head(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> http::Response<hyper::body::Incoming> {
+        let mut req = http::Request::get(format!("http://x{target}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("a request");
+        let resp = self
+            .send
+            .clone()
+            .send_request(req)
+            .await
+            .expect("a response");
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        resp
+    }
+
+    async fn request(&self, target: &str, headers: &[(&str, &str)]) -> Reply {
+        let resp = self.head(target, headers).await;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("the body")
+            .to_bytes()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 }
 
