@@ -256,7 +256,7 @@ pub async fn serve(
         };
         let _ = buf.split_to(len);
         let resp = app
-            .handle(&head.method, &head.uri, &head.headers, peer)
+            .handle(&head.method, &head.uri, head.version, &head.headers, peer)
             .await;
         let keep_alive = head.keep_alive && !stopping(shutdown);
         let stream = io.get_ref();

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
@@ -234,6 +234,7 @@ impl App {
         &self,
         method: &Method,
         uri: &http::Uri,
+        version: Version,
         headers: &HeaderMap,
         peer: SocketAddr,
     ) -> Response<Body> {
@@ -242,7 +243,9 @@ impl App {
         let head = method == Method::HEAD;
         let path = uri.path();
         let query = uri.query();
-        let (route_name, resp, tier) = if method != Method::GET && method != Method::HEAD {
+        let (route_name, resp, tier) = if let Some(why) = host_problem(version, headers) {
+            ("other", error(ErrorKind::BadRequest, why, head), None)
+        } else if method != Method::GET && method != Method::HEAD {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 TEXT_PLAIN,
@@ -664,6 +667,18 @@ impl App {
                 Err(f)
             }
         }
+    }
+}
+
+/// What is wrong with a request's `Host` fields, if anything: RFC 9112 §3.2 makes an
+/// HTTP/1.1 request without one, and any request with more than one, a 400. (HTTP/1.0
+/// predates `Host`; HTTP/2 names the host in `:authority` instead.)
+fn host_problem(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (None, _) if version == Version::HTTP_11 => Some("an HTTP/1.1 request needs a Host header"),
+        _ => None,
     }
 }
 
@@ -1119,7 +1134,8 @@ impl Connections {
                 move |req: http::Request<hyper::body::Incoming>| {
                     let app = app.clone();
                     async move {
-                        let resp = app.handle(req.method(), req.uri(), req.headers(), peer);
+                        let resp =
+                            app.handle(req.method(), req.uri(), req.version(), req.headers(), peer);
                         Ok::<_, std::convert::Infallible>(resp.await)
                     }
                 }

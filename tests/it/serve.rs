@@ -1852,6 +1852,77 @@ async fn http_1_0_closes_after_a_response_unless_asked_to_keep_alive() {
     assert!(r[1].2 == prebuilt("hello"));
 }
 
+/// A response of [`responses`] as a [`Reply`].
+fn reply_of((status, head, body): &(String, String, Vec<u8>)) -> Reply {
+    Reply {
+        status: status
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("a status in {status:?}")),
+        headers: head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+        body: body.clone(),
+    }
+}
+
+/// RFC 9112 §3.2, on binplz's own path and hyper's (a request with a body goes to hyper).
+#[rstest]
+#[case::no_host(b"GET /hello HTTP/1.1\r\n\r\n", "needs a Host header")]
+#[case::two_hosts(
+    b"GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "more than one Host"
+)]
+#[case::two_hosts_in_http_1_0(
+    b"GET /hello HTTP/1.0\r\nHost: x\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    "more than one Host"
+)]
+#[case::no_host_on_hyper(
+    b"GET /hello HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    "needs a Host header"
+)]
+#[case::two_hosts_on_hyper(
+    b"GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n",
+    "more than one Host"
+)]
+#[tokio::test]
+async fn http_1_1_without_a_host_or_any_request_with_two_gets_the_400_script(
+    #[case] bad: &[u8],
+    #[case] reason: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    // The connection goes on: the next request is answered.
+    let raw = [
+        bad,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    .concat();
+    let r = responses(&exchange(&server, &raw).await, &[false, false]);
+    assert_error_script(&reply_of(&r[0]), 400, reason);
+    assert_serves(&reply_of(&r[1]), "hello");
+}
+
+#[tokio::test]
+async fn http_1_0_and_http_2_need_no_host() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = responses(
+        &exchange(&server, b"GET /hello HTTP/1.0\r\n\r\n").await,
+        &[false],
+    );
+    assert_serves(&reply_of(&r[0]), "hello");
+    // hyper's HTTP/2 client sends the host as `:authority`, never as a `Host` field.
+    let r = H2::connect(&server).await.request("/hello", &[]).await;
+    assert_serves(&r, "hello");
+}
+
 #[tokio::test]
 async fn a_request_with_a_body_is_answered_by_hyper_and_so_is_the_rest_of_its_connection() {
     let up = cache();
@@ -1986,7 +2057,7 @@ async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
     });
     let server = Server::start(setup).await;
     // Answered, then closed while waiting for a next request that never comes.
-    let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\n\r\n").await;
+    let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(responses(&raw, &[false])[0].2, b"ok\n");
     // A head that never ends is not waited for either.
     let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n").await;
@@ -2007,7 +2078,7 @@ async fn shutdown_closes_idle_connections_without_waiting_for_the_grace_period()
     let mut idle = tokio::net::TcpStream::connect(server.client.addr)
         .await
         .expect("connecting");
-    idle.write_all(b"GET /-/healthz HTTP/1.1\r\n\r\n")
+    idle.write_all(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("sending");
     let mut answer = [0u8; 512];
@@ -2064,10 +2135,10 @@ async fn a_large_file_is_sent_exactly_whole_and_in_ranges(
     let server = Server::start(setup).await;
     let raw = exchange(
         &server,
-        b"GET /hello HTTP/1.1\r\n\r\n\
-          GET /hello HTTP/1.1\r\nRange: bytes=131071-400000\r\n\r\n\
-          GET /hello HTTP/1.1\r\nRange: bytes=-1\r\n\r\n\
-          GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nRange: bytes=131071-400000\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nRange: bytes=-1\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
     let r = responses(&raw, &[false, false, false, false]);
@@ -2153,10 +2224,10 @@ async fn a_hostile_name_between_plain_requests_gets_the_400_script_and_the_conne
     let server = start_default(&up, dir.path()).await;
     let raw = exchange(
         &server,
-        b"GET /hello HTTP/1.1\r\n\r\n\
-          GET /`touch${IFS}pwned` HTTP/1.1\r\n\r\n\
-          GET /<x> HTTP/1.1\r\n\r\n\
-          GET /goodbye HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /`touch${IFS}pwned` HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /<x> HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /goodbye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
     let r = responses(&raw, &[false, false, false, false]);
