@@ -1007,6 +1007,41 @@ async fn hostile_names_are_400_and_their_scripts_execute_nothing() {
     assert_eq!(up.total_hits(), 0, "a hostile name reached the upstream");
 }
 
+/// A name is percent-decoded once, as curl and browsers may encode it, then checked as
+/// typed; escapes a name cannot hold, and broken ones, are 400 scripts.
+#[tokio::test]
+async fn percent_encoded_names_are_served_and_bad_escapes_are_400_scripts() {
+    let up = cache();
+    let dir = tempdir();
+    let index = fixture_index().await.with_alias("g++", "hello");
+    let server = Server::start(Setup::new(&up, vec![index.source()], dir.path())).await;
+    let h2 = H2::connect(&server).await;
+    for target in [
+        "/%68ello",
+        "/g%2B%2B",
+        "/g++",
+        "/x86%5F64-linux/hell%6F",
+        "/hello?rev=fix%74ure",
+    ] {
+        assert_serves(&server.get(target).await, "hello");
+        assert_serves(&h2.request(target, &[]).await, "hello");
+    }
+    for (target, reason) in [
+        ("/hello%2Fx", "an encoded / or NUL in the path"),
+        ("/hello-too%2Fhello", "an encoded / or NUL in the path"),
+        ("/hello%00", "an encoded / or NUL in the path"),
+        ("/%2e%2e/hello", "invalid attribute name"),
+        ("/%2568ello", "invalid program name"),
+        ("/%zzello", "malformed percent-encoding"),
+        ("/hello%", "malformed percent-encoding"),
+        ("/%ffhello", "not UTF-8"),
+        ("/hello?rev=%zz", "malformed query string"),
+        ("/-/search?q=%", "malformed query string"),
+    ] {
+        assert_error_script(&server.get(target).await, 400, reason);
+    }
+}
+
 #[tokio::test]
 async fn an_escaped_request_keeps_its_connection_for_the_next_one() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
