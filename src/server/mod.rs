@@ -11,6 +11,7 @@
 //! on `127.0.0.1:0`; `main` wires signals to [`run_threads`], which spreads connections
 //! over threads. All state lives in one [`App`] handle, shared by the threads.
 
+mod access;
 pub mod body;
 pub mod conditional;
 mod h1;
@@ -34,6 +35,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use self::access::{Access, Logged};
 use self::body::Body;
 use self::conditional::Answer;
 use self::indexes::Indexes;
@@ -237,7 +239,7 @@ impl App {
         version: Version,
         headers: &HeaderMap,
         peer: SocketAddr,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Access) {
         let start = Instant::now();
         let _counted = self.inner.metrics.begin();
         let head = method == Method::HEAD;
@@ -275,17 +277,16 @@ impl App {
         };
         let status = resp.status().as_u16();
         self.inner.metrics.request(route_name, status);
-        let bytes = hyper::body::Body::size_hint(resp.body())
-            .exact()
-            .unwrap_or(0);
-        if route_name == "program" && tier.is_some() && !head {
-            self.inner.metrics.bytes(bytes);
-        }
-        // Milliseconds to the microsecond: a number in JSON, `0.123` in text.
-        let ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-        let tier = tier.unwrap_or("-");
-        tracing::info!(target: "binplz::access", method = %method, path = %path, status, bytes, ms, cache = %tier, client = %peer.ip());
-        resp
+        let access = Access {
+            method: method.clone(),
+            uri: uri.clone(),
+            status,
+            tier,
+            client: peer.ip(),
+            start,
+            file_bytes: route_name == "program" && tier.is_some() && !head,
+        };
+        (resp, access)
     }
 
     /// The answer to a `GET` or `HEAD` whose head does not parse even with its target
@@ -1134,9 +1135,11 @@ impl Connections {
                 move |req: http::Request<hyper::body::Incoming>| {
                     let app = app.clone();
                     async move {
-                        let resp =
-                            app.handle(req.method(), req.uri(), req.version(), req.headers(), peer);
-                        Ok::<_, std::convert::Infallible>(resp.await)
+                        let (resp, access) = app
+                            .handle(req.method(), req.uri(), req.version(), req.headers(), peer)
+                            .await;
+                        let resp = resp.map(|body| Logged::new(body, access, app));
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 }
             });

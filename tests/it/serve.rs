@@ -2136,9 +2136,14 @@ async fn shutdown_closes_idle_connections_without_waiting_for_the_grace_period()
 /// A file larger than what is read into memory, kept in the disk cache under `hello`'s key
 /// before the server starts, so it goes out by `sendfile` from the disk or a memory file.
 fn keep_large_hello(cache_dir: &Path) -> Vec<u8> {
+    keep_hello_of(cache_dir, 700_001)
+}
+
+/// [`keep_large_hello`] with a file of `len` bytes.
+fn keep_hello_of(cache_dir: &Path, len: u32) -> Vec<u8> {
     use binplz::cache::disk::{DiskCache, KeyMeta};
     use std::io::Write;
-    let bytes: Vec<u8> = (0..700_001u32).map(|i| (i % 251) as u8).collect();
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let disk = DiskCache::open(cache_dir, 64 << 20).expect("opening the disk cache");
     let mut tmp = tempfile::NamedTempFile::new_in(disk.tmp_dir()).expect("a temp file");
     tmp.write_all(&bytes).expect("writing");
@@ -2299,4 +2304,81 @@ async fn a_get_that_is_not_http_gets_the_400_script_and_a_closed_connection(#[ca
     };
     assert_error_script(&reply, 400, "binplz: malformed request");
     assert_eq!(up.total_hits(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Bytes sent, as the access log and binplz_bytes_served_total count them
+// ---------------------------------------------------------------------------------------
+
+/// A file far larger than what the sockets between a server and a client that stops
+/// reading can hold (a few MiB), and what such a client reads before it leaves.
+const LARGE: u32 = 32 << 20;
+const READ_BEFORE_LEAVING: usize = 1 << 20;
+
+/// A connection whose receive buffer stays small, so that what the server could send
+/// ahead of the client's reading is bounded.
+async fn small_window_connection(server: &Server) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(64 << 10)
+        .expect("setting the receive buffer");
+    socket
+        .connect(server.client.addr)
+        .await
+        .expect("connecting")
+}
+
+/// `binplz_bytes_served_total` of a stopped server: final once every connection ended.
+fn bytes_served(app: &binplz::server::App) -> f64 {
+    let text = app.metrics().render(&[]);
+    metrics(&text)["binplz_bytes_served_total"]
+}
+
+#[rstest]
+#[case::binplz_http1(false)]
+#[case::hyper_http2(true)]
+#[tokio::test]
+async fn a_client_that_leaves_early_is_counted_with_what_was_sent_not_the_whole_file(
+    #[case] http2: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = cache();
+    let dir = tempdir();
+    keep_hello_of(dir.path(), LARGE);
+    let server = Server::start(Setup::fixture(&up, dir.path()).await).await;
+    // Read to the end, a range and a HEAD count exactly their bodies.
+    let r = server
+        .request("GET", "/hello", &[("Range", "bytes=0-99")])
+        .await;
+    assert_eq!((r.status, r.body.len()), (206, 100));
+    assert!(server.request("HEAD", "/hello", &[]).await.body.is_empty());
+    let conn = small_window_connection(&server).await;
+    if http2 {
+        let h2 = H2::handshake(conn).await;
+        let mut body = h2.head("/hello", &[]).await.into_body();
+        let mut got = 0;
+        while got < READ_BEFORE_LEAVING {
+            let frame = http_body_util::BodyExt::frame(&mut body)
+                .await
+                .expect("a frame")
+                .expect("the body goes on");
+            got += frame.data_ref().map_or(0, |d| d.len());
+        }
+    } else {
+        let mut conn = conn;
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("sending");
+        let mut got = vec![0u8; READ_BEFORE_LEAVING];
+        conn.read_exact(&mut got).await.expect("reading");
+    }
+    // Gone, with most of the file unread; stopping waits for the response to end.
+    let app = server.app.clone();
+    server.stop().await;
+    let sent = bytes_served(&app) - 100.0;
+    let (least, most) = (READ_BEFORE_LEAVING as f64 / 2.0, f64::from(LARGE) / 2.0);
+    assert!(
+        least <= sent && sent < most,
+        "{sent} bytes counted as sent of {LARGE}, after the client read about {READ_BEFORE_LEAVING}"
+    );
 }
