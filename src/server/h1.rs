@@ -491,8 +491,8 @@ async fn send_more(stream: &TcpStream, head: &[u8], timeout: Duration) -> io::Re
 
 /// Sends `len` bytes of `file` from `offset` with `sendfile`, or by reading and writing
 /// where the file's system has no `sendfile`, adding to `written` what the socket took.
-/// A file that ends early is an error: the
-/// connection then closes short of its `Content-Length`, which clients take as a failure.
+/// A file that ends early is an error: the connection then closes short of its
+/// `Content-Length`, which clients take as a failure.
 ///
 /// The file goes out a window at a time, each first made sure to be in the page cache
 /// ([`warm`]): `sendfile` from a file that is not would wait for the disk on this thread,

@@ -4,7 +4,8 @@
 //!  accept (connection cap) ─► a serving thread ─► h1: plain GET/HEAD ─► handle() ─► sendfile
 //!                                                  └ anything else ─► hyper ─► handle()
 //!  handle(): routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
-//!     extraction (upstream permits) ─► response with provenance, Range, ETag ─► log line
+//!     extraction (upstream permits) ─► response with provenance, Range, ETag
+//!  body sent (or given up on) ─► access log line with the bytes sent (access)
 //! ```
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests run the server in-process
