@@ -221,6 +221,7 @@ pub async fn serve(
                         &mut scratch,
                         limits,
                         app.metrics(),
+                        &mut 0,
                     )
                     .await;
                     let _ = io.shutdown().await;
@@ -255,12 +256,13 @@ pub async fn serve(
             }
         };
         let _ = buf.split_to(len);
-        let resp = app
-            .handle(&head.method, &head.uri, &head.headers, peer)
+        let (resp, access) = app
+            .handle(&head.method, &head.uri, head.version, &head.headers, peer)
             .await;
         let keep_alive = head.keep_alive && !stopping(shutdown);
         let stream = io.get_ref();
-        match respond(
+        let mut sent = 0;
+        let responded = respond(
             stream,
             &head,
             resp,
@@ -268,9 +270,11 @@ pub async fn serve(
             &mut scratch,
             limits,
             app.metrics(),
+            &mut sent,
         )
-        .await
-        {
+        .await;
+        access.finish(sent, app.metrics());
+        match responded {
             Ok(()) if keep_alive => {}
             Ok(()) => {
                 let _ = io.shutdown().await;
@@ -293,7 +297,10 @@ pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Writes `resp` for a request with `head`.
+/// Writes `resp` for a request with `head`, adding to `sent` the body bytes the socket
+/// took (also when the response fails part way).
+// The connection's state, passed apart: bundling it would only rename the arguments.
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     stream: &TcpStream,
     head: &Head,
@@ -302,6 +309,7 @@ async fn respond(
     scratch: &mut Scratch,
     limits: &Limits,
     metrics: &Metrics,
+    sent: &mut u64,
 ) -> io::Result<()> {
     let Scratch { out, date } = scratch;
     let (parts, body) = resp.into_parts();
@@ -354,24 +362,37 @@ async fn respond(
     }
     out.extend_from_slice(b"\r\n");
     let t = limits.write_timeout;
-    match body {
-        Out::Empty => write_all(stream, &mut [IoSlice::new(out)], t).await,
+    // Bytes written, the head's included; the head's are taken off at the end.
+    let head_len = out.len() as u64;
+    let mut written = 0;
+    let result = match body {
+        Out::Empty => write_all(stream, &mut [IoSlice::new(out)], t, &mut written).await,
         Out::Bytes(b) if b.len() <= COALESCE_MAX => {
             out.extend_from_slice(&b);
-            write_all(stream, &mut [IoSlice::new(out)], t).await
+            write_all(stream, &mut [IoSlice::new(out)], t, &mut written).await
         }
-        Out::Bytes(b) => write_all(stream, &mut [IoSlice::new(out), IoSlice::new(&b)], t).await,
+        Out::Bytes(b) => {
+            let bufs = &mut [IoSlice::new(out), IoSlice::new(&b)];
+            write_all(stream, bufs, t, &mut written).await
+        }
         Out::File { file, offset, len } if len <= COALESCE_MAX as u64 => {
-            let head_len = out.len();
-            out.resize(head_len + len as usize, 0);
-            read_without_waiting(&file, offset, &mut out[head_len..], metrics).await?;
-            write_all(stream, &mut [IoSlice::new(out)], t).await
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            match read_without_waiting(&file, offset, &mut out[at..], metrics).await {
+                Ok(()) => write_all(stream, &mut [IoSlice::new(out)], t, &mut written).await,
+                Err(e) => Err(e),
+            }
         }
-        Out::File { file, offset, len } => {
-            send_more(stream, out, t).await?;
-            send_file(stream, &file, offset, len, t, metrics).await
-        }
-    }
+        Out::File { file, offset, len } => match send_more(stream, out, t).await {
+            Ok(()) => {
+                written = head_len;
+                send_file(stream, &file, offset, len, t, metrics, &mut written).await
+            }
+            Err(e) => Err(e),
+        },
+    };
+    *sent += written.saturating_sub(head_len);
+    result
 }
 
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -435,11 +456,12 @@ async fn retry<R>(
     }
 }
 
-/// Writes every byte of `bufs`, in order.
+/// Writes every byte of `bufs`, in order, adding to `written` what the socket took.
 async fn write_all(
     stream: &TcpStream,
     mut bufs: &mut [IoSlice<'_>],
     timeout: Duration,
+    written: &mut u64,
 ) -> io::Result<()> {
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
@@ -447,6 +469,7 @@ async fn write_all(
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
+        *written += n as u64;
         IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
@@ -467,8 +490,9 @@ async fn send_more(stream: &TcpStream, head: &[u8], timeout: Duration) -> io::Re
 }
 
 /// Sends `len` bytes of `file` from `offset` with `sendfile`, or by reading and writing
-/// where the file's system has no `sendfile`. A file that ends early is an error: the
-/// connection then closes short of its `Content-Length`, which clients take as a failure.
+/// where the file's system has no `sendfile`, adding to `written` what the socket took.
+/// A file that ends early is an error: the connection then closes short of its
+/// `Content-Length`, which clients take as a failure.
 ///
 /// The file goes out a window at a time, each first made sure to be in the page cache
 /// ([`warm`]): `sendfile` from a file that is not would wait for the disk on this thread,
@@ -480,6 +504,7 @@ async fn send_file(
     len: u64,
     timeout: Duration,
     metrics: &Metrics,
+    written: &mut u64,
 ) -> io::Result<()> {
     let end = offset + len;
     let mut at = offset;
@@ -496,10 +521,13 @@ async fn send_file(
             .await;
             match sent {
                 Ok(0) => return Err(early_end()),
-                Ok(n) => at += n as u64,
+                Ok(n) => {
+                    at += n as u64;
+                    *written += n as u64;
+                }
                 // Nothing sent yet, and this file cannot be sent that way.
                 Err(e) if at == offset && unsupported(&e) => {
-                    return copy_file(stream, file, offset, len, timeout, metrics).await;
+                    return copy_file(stream, file, offset, len, timeout, metrics, written).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -530,6 +558,7 @@ async fn copy_file(
     len: u64,
     timeout: Duration,
     metrics: &Metrics,
+    written: &mut u64,
 ) -> io::Result<()> {
     let end = offset + len;
     let mut at = offset;
@@ -538,7 +567,7 @@ async fn copy_file(
         let n = usize::try_from(end - at).unwrap_or(READ_MAX).min(READ_MAX);
         buf.resize(n, 0);
         read_without_waiting(file, at, &mut buf, metrics).await?;
-        write_all(stream, &mut [IoSlice::new(&buf)], timeout).await?;
+        write_all(stream, &mut [IoSlice::new(&buf)], timeout, written).await?;
         at += n as u64;
     }
     Ok(())
@@ -766,7 +795,10 @@ mod tests {
                 let f = file.clone();
                 let m = metrics.clone();
                 let (got, r) = received(|s| async move {
-                    send_file(&s, &f, offset as u64, len as u64, WAIT, &m).await
+                    let mut written = 0;
+                    send_file(&s, &f, offset as u64, len as u64, WAIT, &m, &mut written).await?;
+                    assert_eq!(written, len as u64, "counted");
+                    Ok(())
                 })
                 .await;
                 r.unwrap();
@@ -789,7 +821,8 @@ mod tests {
             let (f, m) = (file.clone(), metrics.clone());
             let before = metrics.disk_waits();
             let (got, r) =
-                received(|s| async move { send_file(&s, &f, 0, len, WAIT, &m).await }).await;
+                received(|s| async move { send_file(&s, &f, 0, len, WAIT, &m, &mut 0).await })
+                    .await;
             r.unwrap();
             assert!(got == bytes, "{round}");
             let waits = metrics.disk_waits() - before;
@@ -831,8 +864,13 @@ mod tests {
         let bytes = pattern(300_000);
         let file = file_with(&bytes);
         let m = Metrics::default();
-        let (got, r) =
-            received(|s| async move { copy_file(&s, &file, 3, 200_000, WAIT, &m).await }).await;
+        let (got, r) = received(|s| async move {
+            let mut written = 0;
+            copy_file(&s, &file, 3, 200_000, WAIT, &m, &mut written).await?;
+            assert_eq!(written, 200_000, "counted");
+            Ok(())
+        })
+        .await;
         r.unwrap();
         assert!(got == bytes[3..200_003]);
     }
@@ -842,8 +880,13 @@ mod tests {
         let bytes = pattern(70_000);
         let file = file_with(&bytes);
         let m = Metrics::default();
-        let (got, r) =
-            received(|s| async move { send_file(&s, &file, 0, 80_000, WAIT, &m).await }).await;
+        let (got, r) = received(|s| async move {
+            let mut written = 0;
+            let r = send_file(&s, &file, 0, 80_000, WAIT, &m, &mut written).await;
+            assert_eq!(written, 70_000, "what was sent is counted");
+            r
+        })
+        .await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         assert!(
             got == bytes,
@@ -858,8 +901,14 @@ mod tests {
         // Sparse: far more than loopback's socket buffers hold, and nothing on disk.
         file.set_len(1 << 30).unwrap();
         let m = Metrics::default();
-        let r = send_file(&server, &file, 0, 1 << 30, Duration::from_millis(100), &m).await;
+        let mut written = 0;
+        let t = Duration::from_millis(100);
+        let r = send_file(&server, &file, 0, 1 << 30, t, &m, &mut written).await;
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(
+            written > 0 && written < 1 << 30,
+            "{written} bytes counted as sent to a client that read none"
+        );
     }
 
     #[tokio::test]
@@ -869,7 +918,7 @@ mod tests {
             let big = big.clone();
             async move {
                 let mut bufs = [b"head ", &b""[..], &big, b" tail"].map(IoSlice::new);
-                write_all(&s, &mut bufs, WAIT).await?;
+                write_all(&s, &mut bufs, WAIT, &mut 0).await?;
                 send_more(&s, b"more ", WAIT).await
             }
         })

@@ -174,7 +174,7 @@ impl Metrics {
             "binplz_upstream_fetches_total{{result=\"error\"}} {}",
             self.upstream_failed.load(Ordering::Relaxed)
         );
-        s.push_str("# HELP binplz_bytes_served_total Response body bytes of served files.\n# TYPE binplz_bytes_served_total counter\n");
+        s.push_str("# HELP binplz_bytes_served_total Body bytes of served files sent to clients.\n# TYPE binplz_bytes_served_total counter\n");
         let _ = writeln!(
             s,
             "binplz_bytes_served_total {}",

@@ -4,14 +4,17 @@
 //!  accept (connection cap) ─► a serving thread ─► h1: plain GET/HEAD ─► handle() ─► sendfile
 //!                                                  └ anything else ─► hyper ─► handle()
 //!  handle(): routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
-//!     extraction (upstream permits) ─► response with provenance, Range, ETag ─► log line
+//!     extraction (upstream permits) ─► response with provenance, Range, ETag
+//!  body sent (or given up on) ─► access log line with the bytes sent (access)
 //! ```
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests run the server in-process
 //! on `127.0.0.1:0`; `main` wires signals to [`run_threads`], which spreads connections
 //! over threads. All state lives in one [`App`] handle, shared by the threads.
 
+mod access;
 pub mod body;
+pub mod conditional;
 mod h1;
 mod indexes;
 mod io;
@@ -27,13 +30,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use self::access::{Access, Logged};
 use self::body::Body;
+use self::conditional::Answer;
 use self::indexes::Indexes;
 use self::metrics::Metrics;
 use self::respond::*;
@@ -304,15 +309,18 @@ impl App {
         &self,
         method: &Method,
         uri: &http::Uri,
+        version: Version,
         headers: &HeaderMap,
         peer: SocketAddr,
-    ) -> Response<Body> {
+    ) -> (Response<Body>, Access) {
         let start = Instant::now();
         let _counted = self.inner.metrics.begin();
         let head = method == Method::HEAD;
         let path = uri.path();
         let query = uri.query();
-        let (route_name, resp, tier) = if method != Method::GET && method != Method::HEAD {
+        let (route_name, resp, tier) = if let Some(why) = host_problem(version, headers) {
+            ("other", error(ErrorKind::BadRequest, why, head), None)
+        } else if method != Method::GET && method != Method::HEAD {
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 TEXT_PLAIN,
@@ -342,17 +350,16 @@ impl App {
         };
         let status = resp.status().as_u16();
         self.inner.metrics.request(route_name, status);
-        let bytes = hyper::body::Body::size_hint(resp.body())
-            .exact()
-            .unwrap_or(0);
-        if route_name == "program" && tier.is_some() && !head {
-            self.inner.metrics.bytes(bytes);
-        }
-        // Milliseconds to the microsecond: a number in JSON, `0.123` in text.
-        let ms = (start.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-        let tier = tier.unwrap_or("-");
-        tracing::info!(target: "binplz::access", method = %method, path = %path, status, bytes, ms, cache = %tier, client = %peer.ip());
-        resp
+        let access = Access {
+            method: method.clone(),
+            uri: uri.clone(),
+            status,
+            tier,
+            client: peer.ip(),
+            start,
+            file_bytes: route_name == "program" && tier.is_some() && !head,
+        };
+        (resp, access)
     }
 
     /// The answer to a `GET` or `HEAD` whose head does not parse even with its target
@@ -780,6 +787,18 @@ impl App {
     }
 }
 
+/// What is wrong with a request's `Host` fields, if anything: RFC 9112 §3.2 makes an
+/// HTTP/1.1 request without one, and any request with more than one, a 400. (HTTP/1.0
+/// predates `Host`; HTTP/2 names the host in `:authority` instead.)
+fn host_problem(version: Version, headers: &HeaderMap) -> Option<&'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (None, _) if version == Version::HTTP_11 => Some("an HTTP/1.1 request needs a Host header"),
+        _ => None,
+    }
+}
+
 #[derive(Debug)]
 struct TooLarge(u64);
 impl std::fmt::Display for TooLarge {
@@ -962,7 +981,8 @@ impl FileHeaders {
     }
 }
 
-/// The 200/206/304/416 response for a file, honouring `Range` and `If-None-Match`.
+/// The 200/206/304/416 response for a file, honouring `Range`, `If-Range` and
+/// `If-None-Match` (see [`conditional`]).
 fn file_response(
     hit: &Hit,
     fixed: &FileHeaders,
@@ -971,37 +991,24 @@ fn file_response(
     metrics: &Metrics,
 ) -> Response<Body> {
     let size = hit.meta.size;
-    let etag = fixed.etag.as_str();
     let mut resp = Response::new(Body::empty());
     *resp.headers_mut() = fixed.file.clone();
-    let matches_etag = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim() == "*"
-                || v.split(',')
-                    .any(|t| t.trim().trim_start_matches("W/") == etag)
-        });
-    if matches_etag {
-        *resp.status_mut() = StatusCode::NOT_MODIFIED;
-        return resp;
-    }
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(|r| parse_range(r, size));
-    let (status, start, len) = match range {
-        None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, size),
-        Some(RangeSpec::Unsatisfiable) => {
+    let (status, start, len) = match conditional::decide(headers, size, &fixed.etag) {
+        Answer::NotModified => {
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            return resp;
+        }
+        Answer::Unsatisfiable => {
             *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+            if let Ok(v) = HeaderValue::from_str(&conditional::unsatisfied_range(size)) {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
             return resp;
         }
-        Some(RangeSpec::Bytes(a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+        Answer::Whole => (StatusCode::OK, 0, size),
+        Answer::Part { start, len } => (StatusCode::PARTIAL_CONTENT, start, len),
     };
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -1011,7 +1018,7 @@ fn file_response(
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1)) {
+        if let Ok(v) = HeaderValue::from_str(&conditional::content_range(start, len, size)) {
             h.insert(header::CONTENT_RANGE, v);
         }
     }
@@ -1025,49 +1032,6 @@ fn file_response(
         };
     }
     resp
-}
-
-enum RangeSpec {
-    /// Not a single byte range we serve: send the whole file.
-    Ignore,
-    Unsatisfiable,
-    /// Inclusive bounds.
-    Bytes(u64, u64),
-}
-
-/// Parses a single `bytes=a-b`, `bytes=a-` or `bytes=-n` range (multiple ranges: whole file).
-fn parse_range(v: &str, size: u64) -> RangeSpec {
-    let Some(spec) = v.trim().strip_prefix("bytes=") else {
-        return RangeSpec::Ignore;
-    };
-    if spec.contains(',') {
-        return RangeSpec::Ignore;
-    }
-    let Some((a, b)) = spec.split_once('-') else {
-        return RangeSpec::Ignore;
-    };
-    let (a, b) = (a.trim(), b.trim());
-    let parsed = match (a.is_empty(), b.is_empty()) {
-        (true, false) => b
-            .parse::<u64>()
-            .ok()
-            .map(|n| (size.saturating_sub(n), size.saturating_sub(1), n == 0)),
-        (false, true) => a
-            .parse::<u64>()
-            .ok()
-            .map(|s| (s, size.saturating_sub(1), false)),
-        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
-            (Ok(s), Ok(e)) if s <= e => Some((s, e.min(size.saturating_sub(1)), false)),
-            _ => None,
-        },
-        (true, true) => None,
-    };
-    match parsed {
-        None => RangeSpec::Ignore,
-        Some((_, _, true)) => RangeSpec::Unsatisfiable,
-        Some((s, _, _)) if s >= size => RangeSpec::Unsatisfiable,
-        Some((s, e, _)) => RangeSpec::Bytes(s, e),
-    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and waits up
@@ -1280,8 +1244,11 @@ impl Connections {
                 move |req: http::Request<hyper::body::Incoming>| {
                     let app = app.clone();
                     async move {
-                        let resp = app.handle(req.method(), req.uri(), req.headers(), peer);
-                        Ok::<_, std::convert::Infallible>(resp.await)
+                        let (resp, access) = app
+                            .handle(req.method(), req.uri(), req.version(), req.headers(), peer)
+                            .await;
+                        let resp = resp.map(|body| Logged::new(body, access, app));
+                        Ok::<_, std::convert::Infallible>(resp)
                     }
                 }
             });

@@ -1,5 +1,12 @@
 //! Request paths parsed into typed values before any lookup: garbage is a 400, never a scan.
+//!
+//! The path is percent-decoded once, then split at its (literal) slashes and checked, so
+//! `/%74ree` is `/tree` and `/g%2B%2B` is `/g++`. An escape that decodes to `/` or NUL,
+//! a malformed escape (`%zz`, a `%` at the end) or decoded bytes that are not UTF-8 are a
+//! 400. Query values are decoded the same way, except that `+` is a space there: that is
+//! how browsers send a form (the home page's search box); in the path `+` is itself.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::index::ProgramName;
@@ -118,6 +125,11 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
     if query.is_some_and(|q| q.len() > MAX_QUERY) {
         return Err(RouteError::BadRequest("query string too long"));
     }
+    let path = percent_decode(path, Plus::Itself).map_err(|e| match e {
+        DecodeError::Malformed => RouteError::BadRequest("malformed percent-encoding in the path"),
+        DecodeError::SlashOrNul => RouteError::BadRequest("an encoded / or NUL in the path"),
+        DecodeError::NotUtf8 => RouteError::BadRequest("the path is not UTF-8"),
+    })?;
     let segments: Vec<&str> = path
         .strip_prefix('/')
         .ok_or(RouteError::BadRequest("path must start with /"))?
@@ -178,38 +190,81 @@ fn parse_attr(s: &str) -> Result<Attr, RouteError> {
     Attr::parse(s).ok_or(RouteError::BadRequest("invalid attribute name"))
 }
 
-/// The value of `key` in a query string, percent-decoded (`+` is a space). A malformed
-/// escape is an error.
+/// The value of `key` in a query string, percent-decoded (`+` is a space). Every pair is
+/// decoded, so a malformed one anywhere is an error, not only in the value looked for.
 fn query_param(query: Option<&str>, key: &str) -> Result<Option<String>, RouteError> {
     let Some(query) = query else { return Ok(None) };
+    let decode = |s| {
+        percent_decode(s, Plus::Space).map_err(|_| RouteError::BadRequest("malformed query string"))
+    };
+    let mut found = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == key {
-            return percent_decode(v).map(Some);
+        let (k, v) = (decode(k)?, decode(v)?);
+        if found.is_none() && k == key {
+            found = Some(v.into_owned());
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
-fn percent_decode(s: &str) -> Result<String, RouteError> {
-    let bad = RouteError::BadRequest("malformed query string");
+/// What `+` means where a string is decoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plus {
+    /// In a path: itself (`/g++`).
+    Itself,
+    /// In a query: a space, as in a submitted form.
+    Space,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecodeError {
+    /// `%` not followed by two hex digits.
+    Malformed,
+    /// An escape for `/` or NUL: a name cannot hold either, and a decoded `/` would
+    /// become a separator.
+    SlashOrNul,
+    /// The decoded bytes are not UTF-8.
+    NotUtf8,
+}
+
+/// Decodes `%XX` escapes once (a decoded `%` starts no new escape). Borrows when there is
+/// nothing to decode, which is almost always.
+fn percent_decode(s: &str, plus: Plus) -> Result<Cow<'_, str>, DecodeError> {
+    let escaped = s.contains('%') || (plus == Plus::Space && s.contains('+'));
+    if !escaped {
+        return if s.contains('\0') {
+            Err(DecodeError::SlashOrNul)
+        } else {
+            Ok(Cow::Borrowed(s))
+        };
+    }
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {
         match b {
-            b'+' => out.push(b' '),
+            b'+' if plus == Plus::Space => out.push(b' '),
             b'%' => {
-                let hex = [
-                    bytes.next().ok_or(bad.clone())?,
-                    bytes.next().ok_or(bad.clone())?,
-                ];
-                let hex = std::str::from_utf8(&hex).map_err(|_| bad.clone())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad.clone())?);
+                let hi = bytes.next().and_then(hex).ok_or(DecodeError::Malformed)?;
+                let lo = bytes.next().and_then(hex).ok_or(DecodeError::Malformed)?;
+                let byte = hi << 4 | lo;
+                let slash = byte == b'/' && plus == Plus::Itself;
+                if slash || byte == 0 {
+                    return Err(DecodeError::SlashOrNul);
+                }
+                out.push(byte);
             }
+            0 => return Err(DecodeError::SlashOrNul),
             b => out.push(b),
         }
     }
-    String::from_utf8(out).map_err(|_| bad)
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| DecodeError::NotUtf8)
+}
+
+fn hex(b: u8) -> Option<u8> {
+    char::from(b).to_digit(16).map(|d| d as u8)
 }
 
 #[cfg(test)]
@@ -306,6 +361,73 @@ mod tests {
         ));
         assert!(matches!(
             parse("/-/search", Some("q=%zz")),
+            Err(RouteError::BadRequest(_))
+        ));
+    }
+    #[test]
+    fn percent_encoded_names_are_decoded_once() {
+        for (path, want) in [
+            ("/%74ree", prog(None, None, "tree")),
+            ("/g%2B%2B", prog(None, None, "g++")),
+            ("/g%2b%2b", prog(None, None, "g++")),
+            ("/g++", prog(None, None, "g++")),
+            (
+                "/%61md64/python3Packages%2Eblack/bl%61ck",
+                prog(Some("x86_64-linux"), Some("python3Packages.black"), "black"),
+            ),
+        ] {
+            assert_eq!(parse(path, None), Ok(Route::Program(want)), "{path}");
+        }
+        assert_eq!(parse("/%2D/healthz", None), Ok(Route::Health));
+    }
+
+    #[rstest::rstest]
+    #[case::an_encoded_slash("/a%2Fb", "an encoded / or NUL in the path")]
+    #[case::an_encoded_slash_in_lower_case("/tree%2f", "an encoded / or NUL in the path")]
+    #[case::an_encoded_nul("/tree%00", "an encoded / or NUL in the path")]
+    #[case::dot_dot("/%2e%2e", "invalid program name")]
+    #[case::dot_dot_then_more("/%2E%2E/tree", "invalid attribute name")]
+    #[case::an_escape_escaped("/%2574ree", "invalid program name")]
+    #[case::a_bad_escape("/%zz", "malformed percent-encoding in the path")]
+    #[case::half_an_escape("/tree%7", "malformed percent-encoding in the path")]
+    #[case::a_percent_at_the_end("/tree%", "malformed percent-encoding in the path")]
+    #[case::a_sign_in_an_escape("/%+1tree", "malformed percent-encoding in the path")]
+    #[case::not_utf8("/%ff", "the path is not UTF-8")]
+    #[case::utf8_not_a_name("/%C3%A9", "invalid program name")]
+    #[case::a_space("/bad%20name", "invalid program name")]
+    fn encoded_bytes_a_name_cannot_hold_are_still_refused(
+        #[case] path: &str,
+        #[case] why: &'static str,
+    ) {
+        assert_eq!(
+            parse(path, None),
+            Err(RouteError::BadRequest(why)),
+            "{path}"
+        );
+    }
+
+    #[test]
+    fn query_values_are_decoded_with_plus_as_a_space() {
+        let search = |q| parse("/-/search", Some(q));
+        let query = |s: &str| Ok(Route::Search { query: s.into() });
+        assert_eq!(search("q=a+b"), query("a b"));
+        assert_eq!(search("q=a%2Bb"), query("a+b"));
+        assert_eq!(search("q=a%2Fb"), query("a/b"));
+        assert_eq!(search("other=1&q=%72g"), query("rg"));
+        assert_eq!(search("%71=rg"), query("rg"));
+        let Ok(Route::Program(r)) = parse("/tree", Some("rev=fix%74ure")) else {
+            panic!("rev")
+        };
+        assert_eq!(r.rev.map(|r| r.0), Some("fixture".into()));
+        for q in ["q=%", "q=%zz", "q=%ff", "q=a%00", "x=%zz&q=rg", "q=rg&x=%4"] {
+            assert_eq!(
+                search(q),
+                Err(RouteError::BadRequest("malformed query string")),
+                "{q}"
+            );
+        }
+        assert!(matches!(
+            parse("/tree", Some("rev=%zz")),
             Err(RouteError::BadRequest(_))
         ));
     }

@@ -648,6 +648,51 @@ async fn if_none_match_with_the_etag_is_304_without_a_body() {
     assert_serves(&r, "hello");
 }
 
+/// A resumed download names the copy it has the head of in `If-Range`: only the current
+/// file's strong `ETag` gets the range; anything else (an older build's ETag after an index
+/// update, a weak one, a date, as no `Last-Modified` is sent) gets the whole file, on
+/// binplz's own HTTP/1 path and on hyper's (HTTP/2) alike.
+#[tokio::test]
+async fn if_range_gives_the_range_only_for_the_current_etag_on_both_connection_paths() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let hello = prebuilt("hello");
+    let size = hello.len();
+    let etag = format!("\"{}\"", hex_sha256(&hello));
+    let older = format!("\"{}\"", hex_sha256(&prebuilt("goodbye")));
+    let h2 = H2::connect(&server).await;
+    for (if_range, range, partial) in [
+        (etag.as_str(), "bytes=1000-", true),
+        (older.as_str(), "bytes=1000-", false),
+        (older.as_str(), "bytes=1000000-", false),
+        (&format!("W/{etag}"), "bytes=1000-", false),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", "bytes=1000-", false),
+        ("\"x\"", "bytes=-1", false),
+    ] {
+        let headers = [("Range", range), ("If-Range", if_range)];
+        let h1 = server.request("GET", "/hello", &headers).await;
+        let h2 = h2.request("/hello", &headers).await;
+        for (path, r) in [("h1", &h1), ("h2", &h2)] {
+            let what = format!("{path}: {range} if {if_range}");
+            if partial {
+                assert_eq!(r.status, 206, "{what}");
+                assert_eq!(
+                    r.header("content-range"),
+                    Some(format!("bytes 1000-{}/{size}", size - 1).as_str()),
+                    "{what}"
+                );
+                assert!(r.body == hello[1000..], "{what}: wrong slice");
+            } else {
+                assert_eq!(r.status, 200, "{what}");
+                assert_eq!(r.header("content-range"), None, "{what}");
+                assert!(r.body == hello, "{what}: not the whole file");
+            }
+        }
+    }
+    assert_eq!(server.get("/hello").await.header("last-modified"), None);
+}
+
 #[tokio::test]
 async fn head_sends_the_headers_of_get_without_a_body() {
     let up = cache();
@@ -960,6 +1005,41 @@ async fn hostile_names_are_400_and_their_scripts_execute_nothing() {
         assert!(!r.text().contains("pwned"), "{target}: the name is echoed");
     }
     assert_eq!(up.total_hits(), 0, "a hostile name reached the upstream");
+}
+
+/// A name is percent-decoded once, as curl and browsers may encode it, then checked as
+/// typed; escapes a name cannot hold, and broken ones, are 400 scripts.
+#[tokio::test]
+async fn percent_encoded_names_are_served_and_bad_escapes_are_400_scripts() {
+    let up = cache();
+    let dir = tempdir();
+    let index = fixture_index().await.with_alias("g++", "hello");
+    let server = Server::start(Setup::new(&up, vec![index.source()], dir.path())).await;
+    let h2 = H2::connect(&server).await;
+    for target in [
+        "/%68ello",
+        "/g%2B%2B",
+        "/g++",
+        "/x86%5F64-linux/hell%6F",
+        "/hello?rev=fix%74ure",
+    ] {
+        assert_serves(&server.get(target).await, "hello");
+        assert_serves(&h2.request(target, &[]).await, "hello");
+    }
+    for (target, reason) in [
+        ("/hello%2Fx", "an encoded / or NUL in the path"),
+        ("/hello-too%2Fhello", "an encoded / or NUL in the path"),
+        ("/hello%00", "an encoded / or NUL in the path"),
+        ("/%2e%2e/hello", "invalid attribute name"),
+        ("/%2568ello", "invalid program name"),
+        ("/%zzello", "malformed percent-encoding"),
+        ("/hello%", "malformed percent-encoding"),
+        ("/%ffhello", "not UTF-8"),
+        ("/hello?rev=%zz", "malformed query string"),
+        ("/-/search?q=%", "malformed query string"),
+    ] {
+        assert_error_script(&server.get(target).await, 400, reason);
+    }
 }
 
 #[tokio::test]
@@ -1907,6 +1987,77 @@ async fn http_1_0_closes_after_a_response_unless_asked_to_keep_alive() {
     assert!(r[1].2 == prebuilt("hello"));
 }
 
+/// A response of [`responses`] as a [`Reply`].
+fn reply_of((status, head, body): &(String, String, Vec<u8>)) -> Reply {
+    Reply {
+        status: status
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("a status in {status:?}")),
+        headers: head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+        body: body.clone(),
+    }
+}
+
+/// RFC 9112 §3.2, on binplz's own path and hyper's (a request with a body goes to hyper).
+#[rstest]
+#[case::no_host(b"GET /hello HTTP/1.1\r\n\r\n", "needs a Host header")]
+#[case::two_hosts(
+    b"GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    "more than one Host"
+)]
+#[case::two_hosts_in_http_1_0(
+    b"GET /hello HTTP/1.0\r\nHost: x\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+    "more than one Host"
+)]
+#[case::no_host_on_hyper(
+    b"GET /hello HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+    "needs a Host header"
+)]
+#[case::two_hosts_on_hyper(
+    b"GET /hello HTTP/1.1\r\nHost: x\r\nHost: y\r\nContent-Length: 0\r\n\r\n",
+    "more than one Host"
+)]
+#[tokio::test]
+async fn http_1_1_without_a_host_or_any_request_with_two_gets_the_400_script(
+    #[case] bad: &[u8],
+    #[case] reason: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    // The connection goes on: the next request is answered.
+    let raw = [
+        bad,
+        b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    .concat();
+    let r = responses(&exchange(&server, &raw).await, &[false, false]);
+    assert_error_script(&reply_of(&r[0]), 400, reason);
+    assert_serves(&reply_of(&r[1]), "hello");
+}
+
+#[tokio::test]
+async fn http_1_0_and_http_2_need_no_host() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let r = responses(
+        &exchange(&server, b"GET /hello HTTP/1.0\r\n\r\n").await,
+        &[false],
+    );
+    assert_serves(&reply_of(&r[0]), "hello");
+    // hyper's HTTP/2 client sends the host as `:authority`, never as a `Host` field.
+    let r = H2::connect(&server).await.request("/hello", &[]).await;
+    assert_serves(&r, "hello");
+}
+
 #[tokio::test]
 async fn a_request_with_a_body_is_answered_by_hyper_and_so_is_the_rest_of_its_connection() {
     let up = cache();
@@ -1958,6 +2109,79 @@ async fn http2_with_prior_knowledge_is_served() {
     }
 }
 
+/// An HTTP/2 connection with prior knowledge: requests on it are hyper's.
+struct H2 {
+    send: hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl H2 {
+    async fn connect(server: &Server) -> H2 {
+        let tcp = tokio::net::TcpStream::connect(server.client.addr)
+            .await
+            .expect("connecting");
+        H2::handshake(tcp).await
+    }
+
+    async fn handshake(tcp: tokio::net::TcpStream) -> H2 {
+        let (send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 handshake");
+        tokio::spawn(conn);
+        H2 { send }
+    }
+
+    /// The response head, its body left to read.
+    async fn head(
+        &self,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> http::Response<hyper::body::Incoming> {
+        let mut req = http::Request::get(format!("http://x{target}"));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("a request");
+        let resp = self
+            .send
+            .clone()
+            .send_request(req)
+            .await
+            .expect("a response");
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        resp
+    }
+
+    async fn request(&self, target: &str, headers: &[(&str, &str)]) -> Reply {
+        let resp = self.head(target, headers).await;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("the body")
+            .to_bytes()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
     let up = cache();
@@ -1968,7 +2192,7 @@ async fn an_idle_connection_is_closed_after_the_header_read_timeout() {
     });
     let server = Server::start(setup).await;
     // Answered, then closed while waiting for a next request that never comes.
-    let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\n\r\n").await;
+    let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert_eq!(responses(&raw, &[false])[0].2, b"ok\n");
     // A head that never ends is not waited for either.
     let raw = exchange(&server, b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n").await;
@@ -1989,7 +2213,7 @@ async fn shutdown_closes_idle_connections_without_waiting_for_the_grace_period()
     let mut idle = tokio::net::TcpStream::connect(server.client.addr)
         .await
         .expect("connecting");
-    idle.write_all(b"GET /-/healthz HTTP/1.1\r\n\r\n")
+    idle.write_all(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .expect("sending");
     let mut answer = [0u8; 512];
@@ -2012,9 +2236,14 @@ async fn shutdown_closes_idle_connections_without_waiting_for_the_grace_period()
 /// A file larger than what is read into memory, kept in the disk cache under `hello`'s key
 /// before the server starts, so it goes out by `sendfile` from the disk or a memory file.
 fn keep_large_hello(cache_dir: &Path) -> Vec<u8> {
+    keep_hello_of(cache_dir, 700_001)
+}
+
+/// [`keep_large_hello`] with a file of `len` bytes.
+fn keep_hello_of(cache_dir: &Path, len: u32) -> Vec<u8> {
     use binplz::cache::disk::{DiskCache, KeyMeta};
     use std::io::Write;
-    let bytes: Vec<u8> = (0..700_001u32).map(|i| (i % 251) as u8).collect();
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
     let disk = DiskCache::open(cache_dir, 64 << 20).expect("opening the disk cache");
     let mut tmp = tempfile::NamedTempFile::new_in(disk.tmp_dir()).expect("a temp file");
     tmp.write_all(&bytes).expect("writing");
@@ -2046,10 +2275,10 @@ async fn a_large_file_is_sent_exactly_whole_and_in_ranges(
     let server = Server::start(setup).await;
     let raw = exchange(
         &server,
-        b"GET /hello HTTP/1.1\r\n\r\n\
-          GET /hello HTTP/1.1\r\nRange: bytes=131071-400000\r\n\r\n\
-          GET /hello HTTP/1.1\r\nRange: bytes=-1\r\n\r\n\
-          GET /hello HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nRange: bytes=131071-400000\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nRange: bytes=-1\r\n\r\n\
+          GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
     let r = responses(&raw, &[false, false, false, false]);
@@ -2135,10 +2364,10 @@ async fn a_hostile_name_between_plain_requests_gets_the_400_script_and_the_conne
     let server = start_default(&up, dir.path()).await;
     let raw = exchange(
         &server,
-        b"GET /hello HTTP/1.1\r\n\r\n\
-          GET /`touch${IFS}pwned` HTTP/1.1\r\n\r\n\
-          GET /<x> HTTP/1.1\r\n\r\n\
-          GET /goodbye HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /`touch${IFS}pwned` HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /<x> HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /goodbye HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     .await;
     let r = responses(&raw, &[false, false, false, false]);
@@ -2175,4 +2404,81 @@ async fn a_get_that_is_not_http_gets_the_400_script_and_a_closed_connection(#[ca
     };
     assert_error_script(&reply, 400, "binplz: malformed request");
     assert_eq!(up.total_hits(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Bytes sent, as the access log and binplz_bytes_served_total count them
+// ---------------------------------------------------------------------------------------
+
+/// A file far larger than what the sockets between a server and a client that stops
+/// reading can hold (a few MiB), and what such a client reads before it leaves.
+const LARGE: u32 = 32 << 20;
+const READ_BEFORE_LEAVING: usize = 1 << 20;
+
+/// A connection whose receive buffer stays small, so that what the server could send
+/// ahead of the client's reading is bounded.
+async fn small_window_connection(server: &Server) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .set_recv_buffer_size(64 << 10)
+        .expect("setting the receive buffer");
+    socket
+        .connect(server.client.addr)
+        .await
+        .expect("connecting")
+}
+
+/// `binplz_bytes_served_total` of a stopped server: final once every connection ended.
+fn bytes_served(app: &binplz::server::App) -> f64 {
+    let text = app.metrics().render(&[]);
+    metrics(&text)["binplz_bytes_served_total"]
+}
+
+#[rstest]
+#[case::binplz_http1(false)]
+#[case::hyper_http2(true)]
+#[tokio::test]
+async fn a_client_that_leaves_early_is_counted_with_what_was_sent_not_the_whole_file(
+    #[case] http2: bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = cache();
+    let dir = tempdir();
+    keep_hello_of(dir.path(), LARGE);
+    let server = Server::start(Setup::fixture(&up, dir.path()).await).await;
+    // Read to the end, a range and a HEAD count exactly their bodies.
+    let r = server
+        .request("GET", "/hello", &[("Range", "bytes=0-99")])
+        .await;
+    assert_eq!((r.status, r.body.len()), (206, 100));
+    assert!(server.request("HEAD", "/hello", &[]).await.body.is_empty());
+    let conn = small_window_connection(&server).await;
+    if http2 {
+        let h2 = H2::handshake(conn).await;
+        let mut body = h2.head("/hello", &[]).await.into_body();
+        let mut got = 0;
+        while got < READ_BEFORE_LEAVING {
+            let frame = http_body_util::BodyExt::frame(&mut body)
+                .await
+                .expect("a frame")
+                .expect("the body goes on");
+            got += frame.data_ref().map_or(0, |d| d.len());
+        }
+    } else {
+        let mut conn = conn;
+        conn.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("sending");
+        let mut got = vec![0u8; READ_BEFORE_LEAVING];
+        conn.read_exact(&mut got).await.expect("reading");
+    }
+    // Gone, with most of the file unread; stopping waits for the response to end.
+    let app = server.app.clone();
+    server.stop().await;
+    let sent = bytes_served(&app) - 100.0;
+    let (least, most) = (READ_BEFORE_LEAVING as f64 / 2.0, f64::from(LARGE) / 2.0);
+    assert!(
+        least <= sent && sent < most,
+        "{sent} bytes counted as sent of {LARGE}, after the client read about {READ_BEFORE_LEAVING}"
+    );
 }
