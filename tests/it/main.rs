@@ -3,6 +3,7 @@
 //! checking `support`).
 
 mod cli;
+mod differential;
 mod extract;
 mod harness;
 mod index;
