@@ -3,8 +3,9 @@
 //!
 //! - the escaper's output does not depend on how the bytes arrive, and escaping twice is
 //!   escaping once;
-//! - after escaping, a head httparse accepts is never refused for its target: every byte
-//!   `http::Uri` refuses is escaped (for the methods the escaper follows);
+//! - after escaping, a head httparse accepts with a path for its target is never refused
+//!   for it: every byte `http::Uri` refuses is escaped (for the methods the escaper
+//!   follows);
 //! - a head binplz takes itself means the same once escaped: the same method, version,
 //!   headers and connection handling, and the same target once percent-decoded;
 //! - a taken head is self-contained (its bytes alone parse to it), and the size limits
@@ -35,7 +36,7 @@ pub fn check(data: &[u8]) {
     let escaped = h1::parse(&BytesMut::from(&whole[..]));
     check_limits(data, &raw);
     check_limits(&whole, &escaped);
-    if follows(data) && httparse_completes(&whole) {
+    if follows(data) && httparse_takes_an_origin_form(&whole) {
         assert!(
             !matches!(escaped, Parsed::Invalid),
             "an escaped head httparse accepts is refused: {:?}",
@@ -101,11 +102,13 @@ fn follows(data: &[u8]) -> bool {
     (1..=8).contains(&method.len()) && method.iter().all(u8::is_ascii_uppercase)
 }
 
-/// Whether httparse, with hyper's limit on fields, reads a whole head at the start.
-fn httparse_completes(data: &[u8]) -> bool {
+/// Whether httparse, with hyper's limit on fields, reads a whole head at the start, with a
+/// target that is a path (`*` and absolute URLs are hyper's to judge, escaped or not).
+fn httparse_takes_an_origin_form(data: &[u8]) -> bool {
     let mut fields = [httparse::EMPTY_HEADER; 100];
     let mut req = httparse::Request::new(&mut fields);
     matches!(req.parse(data), Ok(httparse::Status::Complete(_)))
+        && req.path.is_some_and(|p| p.starts_with('/'))
 }
 
 /// Percent-decodes `s`, leaving a `%` not followed by two hex digits as it is.
