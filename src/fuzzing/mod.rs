@@ -6,3 +6,4 @@
 //! Not an API: hidden from the docs, and free to change with the targets.
 
 pub mod range_headers;
+pub mod request_head;

@@ -5,15 +5,17 @@
 //! serving 1 MB files, and nginx, which uses `sendfile`, served half as many again.
 //!
 //! Everything else goes to hyper, on the same connection, with the bytes read so far:
-//! other methods, requests with a body, `Expect` or `Upgrade`, HTTP/2, heads that httparse
-//! (hyper's own parser) refuses or that are larger than [`MAX_HEAD`]. Once hyper has a
+//! other methods, requests with a body, `Expect` or `Upgrade`, HTTP/2. Once hyper has a
 //! connection it keeps it, so whatever this module does not take is answered exactly as
-//! before.
+//! before. A head hyper would refuse with a bodiless 400, 414 or 431 of its own (one that
+//! httparse, hyper's parser, refuses, a body whose length is unclear, a head too large) is
+//! refused here instead, with the error script every other error has (see [`Refusal`]).
 //!
 //! ```text
 //!  read a head (header read timeout, shutdown) ─► httparse ─► plain GET or HEAD?
 //!     yes ─► App::handle ─► head + bytes in one write, or head (MSG_MORE) + sendfile
 //!            (write timeout per stall) ─► keep-alive? next head : close
+//!     refused (as hyper would) ─► the error script ─► close
 //!     no  ─► hyper (HTTP/1 or HTTP/2) with the bytes read so far
 //! ```
 
@@ -41,11 +43,25 @@ use super::metrics::Metrics;
 use super::App;
 use crate::cache::disk::{in_page_cache, read_at_cached};
 
-/// Largest request head taken here. curl's and browsers' heads are well under 1 KiB; a
-/// larger one goes to hyper, whose own limit (about 400 KiB) answers it.
-const MAX_HEAD: usize = 16 << 10;
-/// Most header fields taken here; a request with more goes to hyper (which allows 100).
+/// Largest request head accepted. curl's and browsers' heads are well under 1 KiB, and
+/// nginx refuses lines over 8 KiB; a larger head is refused with 431 (414 when its request
+/// line alone is larger). hyper's own limit (about 400 KiB) would let a connection hold
+/// six times as much, and answer with an empty body.
+pub const MAX_HEAD: usize = 64 << 10;
+/// Most header fields parsed on the fast path; a request with more is parsed again with
+/// hyper's limit, [`HYPER_MAX_HEADERS`].
 const MAX_HEADERS: usize = 64;
+/// hyper's limit on header fields (its default): a request with more is refused with 431.
+const HYPER_MAX_HEADERS: usize = 100;
+/// hyper's limit on a request target's length (414 beyond; `http::Uri` allows no more).
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+/// The start of the HTTP/2 connection preface, which httparse refuses (as version 2.0).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// After a refusal, most bytes still read (and dropped) before the connection closes, and
+/// for how long: closing with the client's bytes unread resets the connection, and the
+/// client may then lose the answer before reading it.
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(2);
 /// Read at a time while waiting for a head.
 const READ_CHUNK: usize = 4096;
 /// Bodies up to this size are copied behind the head and sent in one write; larger ones
@@ -66,51 +82,85 @@ pub enum Outcome {
 }
 
 /// A request head, parsed and taken apart into owned values.
-struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    keep_alive: bool,
+pub(crate) struct Head {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) version: Version,
+    pub(crate) headers: HeaderMap,
+    pub(crate) keep_alive: bool,
 }
 
 // Returned once per request and moved once: boxing the head would be an allocation each.
 #[allow(clippy::large_enum_variant)]
-enum Parsed {
+pub(crate) enum Parsed {
     /// More bytes needed.
     Partial,
-    /// Not a plain `GET` or `HEAD`: hyper's.
+    /// Not a plain `GET` or `HEAD`, and nothing hyper would refuse: hyper's.
     Other,
     /// Not HTTP as httparse reads it (which may change once the target is escaped).
     Invalid,
+    /// Refused here, as hyper would refuse it (but with the error script).
+    Refused(Refusal),
     /// A head of `len` bytes.
     Plain(Head, usize),
 }
 
+/// Why a request is refused before it is parsed whole: each is a status hyper answers with
+/// an empty body, which `sh` runs as a script that succeeds and says nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not HTTP/1 as hyper reads it, even with its target escaped; or a body whose length
+    /// is unclear (a bad `Content-Length`, `Transfer-Encoding` not ending in `chunked`).
+    Malformed,
+    /// A request line over [`MAX_HEAD`], or a target over [`MAX_TARGET`].
+    TargetTooLong,
+    /// A head over [`MAX_HEAD`], or with more than [`HYPER_MAX_HEADERS`] fields.
+    HeadTooLarge,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::Malformed => StatusCode::BAD_REQUEST,
+            Refusal::TargetTooLong => StatusCode::URI_TOO_LONG,
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// What the client is told (never any of its bytes).
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed request",
+            Refusal::TargetTooLong => "request target too long",
+            Refusal::HeadTooLarge => "request head too large",
+        }
+    }
+}
+
 /// Parses the head at the start of `buf`. Values are slices of `buf`'s bytes, not copies.
-fn parse(buf: &BytesMut) -> Parsed {
+pub(crate) fn parse(buf: &BytesMut) -> Parsed {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
-        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-            return Parsed::Other
-        }
+        Ok(httparse::Status::Partial) => return Parsed::Refused(too_large(buf)),
+        Err(httparse::Error::TooManyHeaders) => return handoff(buf),
+        Err(_) if is_h2_preface(buf) => return Parsed::Other,
         Err(_) => return Parsed::Invalid,
     };
     let method = match req.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
-        _ => return Parsed::Other,
+        _ => return handoff(buf),
     };
     let version = match req.version {
         Some(1) => Version::HTTP_11,
         Some(0) => Version::HTTP_10,
-        _ => return Parsed::Other,
+        _ => return handoff(buf),
     };
     let Some(path) = req.path.filter(|p| p.starts_with('/')) else {
-        return Parsed::Other;
+        return handoff(buf);
     };
     // Where each slice lies in `buf`, so the frozen head can be sliced without copies.
     let base = buf.as_ptr() as usize;
@@ -120,13 +170,13 @@ fn parse(buf: &BytesMut) -> Parsed {
     };
     let bytes = Bytes::copy_from_slice(&buf[..len]);
     let Ok(uri) = Uri::from_maybe_shared(bytes.slice(span(path.as_bytes()))) else {
-        return Parsed::Other;
+        return handoff(buf);
     };
     let mut headers = HeaderMap::with_capacity(req.headers.len());
     let (mut close, mut keep) = (false, false);
     for field in req.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(field.name.as_bytes()) else {
-            return Parsed::Other;
+            return handoff(buf);
         };
         if [
             header::CONTENT_LENGTH,
@@ -136,10 +186,10 @@ fn parse(buf: &BytesMut) -> Parsed {
         ]
         .contains(&name)
         {
-            return Parsed::Other;
+            return handoff(buf);
         }
         let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(span(field.value))) else {
-            return Parsed::Other;
+            return handoff(buf);
         };
         if name == header::CONNECTION {
             for token in field.value.split(|&b| b == b',') {
@@ -159,6 +209,102 @@ fn parse(buf: &BytesMut) -> Parsed {
         keep_alive,
     };
     Parsed::Plain(head, len)
+}
+
+/// A request [`parse`] does not take, checked as hyper checks it: what hyper would refuse
+/// with an empty body is refused here, and the rest is hyper's. Parsed again, with hyper's
+/// limit on header fields: only the request that hands a connection over pays for it.
+#[cold]
+fn handoff(buf: &[u8]) -> Parsed {
+    let mut fields = vec![httparse::EMPTY_HEADER; HYPER_MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        Ok(httparse::Status::Partial) => return Parsed::Refused(too_large(buf)),
+        Err(httparse::Error::TooManyHeaders) => return Parsed::Refused(Refusal::HeadTooLarge),
+        Err(_) if is_h2_preface(buf) => return Parsed::Other,
+        Err(_) => return Parsed::Invalid,
+    }
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Invalid;
+    };
+    if target.len() > MAX_TARGET {
+        return Parsed::Refused(Refusal::TargetTooLong);
+    }
+    // What hyper cannot take apart is invalid (a target with a byte `http::Uri` refuses
+    // may parse once escaped).
+    if Method::from_bytes(method.as_bytes()).is_err() || Uri::try_from(target).is_err() {
+        return Parsed::Invalid;
+    }
+    // The body's length as hyper reads it (RFC 9112, 6.3): a `Transfer-Encoding` (in
+    // HTTP/1.1 only) must end in `chunked`, the last one deciding, and makes any
+    // `Content-Length` after it moot; a `Content-Length` before it must still be digits,
+    // and equal to any other.
+    let mut chunked = None;
+    let mut length = None;
+    for field in req.headers.iter() {
+        if HeaderName::from_bytes(field.name.as_bytes()).is_err() {
+            return Parsed::Invalid;
+        }
+        if field.name.eq_ignore_ascii_case("transfer-encoding") {
+            if version == 0 {
+                return Parsed::Refused(Refusal::Malformed);
+            }
+            let last = field
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or_default();
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if field.name.eq_ignore_ascii_case("content-length") && chunked.is_none() {
+            let n = digits(field.value);
+            if n.is_none() || length.is_some_and(|l| Some(l) != n) {
+                return Parsed::Refused(Refusal::Malformed);
+            }
+            length = n;
+        }
+    }
+    if chunked == Some(false) {
+        return Parsed::Refused(Refusal::Malformed);
+    }
+    Parsed::Other
+}
+
+/// A `Content-Length` value as hyper reads it: digits only, no sign, no list, and at most
+/// hyper's largest length (two below `u64::MAX`, which it keeps for its own use).
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    let mut n = 0u64;
+    for &b in value {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    (n <= u64::MAX - 2).then_some(n)
+}
+
+/// Which limit an unfinished head of [`MAX_HEAD`] bytes broke: its request line's (the
+/// blank lines allowed before it aside), or the whole head's.
+fn too_large(buf: &[u8]) -> Refusal {
+    let start = buf
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(buf.len());
+    if buf[start..].contains(&b'\n') {
+        Refusal::HeadTooLarge
+    } else {
+        Refusal::TargetTooLong
+    }
+}
+
+/// Whether `buf` is (the start of) the HTTP/2 connection preface: hyper's to answer.
+fn is_h2_preface(buf: &[u8]) -> bool {
+    let n = buf.len().min(H2_PREFACE.len());
+    buf[..n] == H2_PREFACE[..n]
 }
 
 /// Per-connection settings.
@@ -187,7 +333,7 @@ pub async fn serve(
         // that has to wait: most find their bytes there, and need no clock.
         let mut deadline = None;
         let (head, len) = loop {
-            match parse(&buf) {
+            let refused = match parse(&buf) {
                 Parsed::Plain(head, len) => break (head, len),
                 // A byte httparse refuses in the target, as curl sends `` ` `` or `<`:
                 // escaped (see `io::TargetEscaper`), this request and the rest of the
@@ -196,42 +342,21 @@ pub async fn serve(
                     io.escape(&mut buf);
                     continue;
                 }
-                // Still not HTTP: hyper would answer an empty 400, which runs as a script
-                // that succeeds. A request for a file gets the 400 script, and the
-                // connection closes (where its next request starts is unknown).
-                Parsed::Invalid if buf.starts_with(b"GET ") || buf.starts_with(b"HEAD ") => {
-                    let head = Head {
-                        method: if buf.starts_with(b"HEAD ") {
-                            Method::HEAD
-                        } else {
-                            Method::GET
-                        },
-                        uri: Uri::from_static("/"),
-                        version: Version::HTTP_11,
-                        headers: HeaderMap::new(),
-                        keep_alive: false,
-                    };
-                    let resp = app.malformed(head.method == Method::HEAD, peer);
-                    let stream = io.get_ref();
-                    let _ = respond(
-                        stream,
-                        &head,
-                        resp,
-                        false,
-                        &mut scratch,
-                        limits,
-                        app.metrics(),
-                        &mut 0,
-                    )
-                    .await;
-                    let _ = io.shutdown().await;
-                    return Outcome::Closed;
-                }
-                Parsed::Other | Parsed::Invalid => {
+                // Still not HTTP, or something else hyper would answer with an empty
+                // 400, 414 or 431, which runs as a script that succeeds: the error script
+                // instead, and the connection closes (where its next request starts is
+                // unknown).
+                Parsed::Invalid => Some(Refusal::Malformed),
+                Parsed::Refused(why) => Some(why),
+                Parsed::Other => {
                     io.escape(&mut buf);
                     return Outcome::Handoff(buf.freeze());
                 }
-                Parsed::Partial => {}
+                Parsed::Partial => None,
+            };
+            if let Some(why) = refused {
+                refuse(io, app, peer, &buf, why, &mut scratch, limits).await;
+                return Outcome::Closed;
             }
             if stopping(shutdown) {
                 return Outcome::Closed;
@@ -286,6 +411,58 @@ pub async fn serve(
             }
         }
     }
+}
+
+/// Answers a refused request (whose bytes start `buf`) with the error script, then closes
+/// the connection, reading what the client still sends for a while first (see
+/// [`LINGER_BYTES`]).
+async fn refuse(
+    io: &mut EscapeTargets<TcpStream>,
+    app: &App,
+    peer: SocketAddr,
+    buf: &[u8],
+    why: Refusal,
+    scratch: &mut Scratch,
+    limits: &Limits,
+) {
+    // A `HEAD` gets no body; a version that is not 1.0 is answered as 1.1, as hyper does.
+    let head = Head {
+        method: if buf.starts_with(b"HEAD ") {
+            Method::HEAD
+        } else {
+            Method::GET
+        },
+        uri: Uri::from_static("/"),
+        version: Version::HTTP_11,
+        headers: HeaderMap::new(),
+        keep_alive: false,
+    };
+    let resp = app.refuse(why, head.method == Method::HEAD, peer);
+    let sent = respond(
+        io.get_ref(),
+        &head,
+        resp,
+        false,
+        scratch,
+        limits,
+        app.metrics(),
+        &mut 0,
+    )
+    .await;
+    if sent.is_err() || io.shutdown().await.is_err() {
+        return;
+    }
+    let mut drop_buf = vec![0u8; READ_CHUNK];
+    let mut dropped = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while dropped < LINGER_BYTES {
+            match io.read(&mut drop_buf).await {
+                Ok(n) if n > 0 => dropped += n,
+                _ => break,
+            }
+        }
+    })
+    .await;
 }
 
 fn stopping(shutdown: &watch::Receiver<bool>) -> bool {
@@ -668,7 +845,9 @@ mod tests {
         match parsed(raw) {
             Parsed::Plain(h, n) => (h, n),
             Parsed::Partial => panic!("partial: {raw:?}"),
-            Parsed::Other | Parsed::Invalid => panic!("handed off: {raw:?}"),
+            Parsed::Other | Parsed::Invalid | Parsed::Refused(_) => {
+                panic!("not taken: {raw:?}")
+            }
         }
     }
 
@@ -728,8 +907,65 @@ mod tests {
             parsed(&format!("GET / HTTP/1.1\r\n{many}\r\n")),
             Parsed::Other | Parsed::Invalid
         ));
-        let long = format!("GET / HTTP/1.1\r\nX: {}", "v".repeat(MAX_HEAD));
-        assert!(matches!(parsed(&long), Parsed::Other));
+        let up_to_hyper_s_limit: String = (0..HYPER_MAX_HEADERS)
+            .map(|i| format!("X-{i}: v\r\n"))
+            .collect();
+        assert!(matches!(
+            parsed(&format!("GET / HTTP/1.1\r\n{up_to_hyper_s_limit}\r\n")),
+            Parsed::Other
+        ));
+    }
+
+    #[rstest::rstest]
+    #[case::a_head_over_the_limit(
+        format!("GET / HTTP/1.1\r\nX: {}", "v".repeat(MAX_HEAD)),
+        Refusal::HeadTooLarge
+    )]
+    #[case::a_request_line_over_the_limit(
+        format!("\r\nGET /{}", "a".repeat(MAX_HEAD)),
+        Refusal::TargetTooLong
+    )]
+    #[case::more_fields_than_hyper_takes(
+        format!("GET / HTTP/1.1\r\n{}\r\n", "X: v\r\n".repeat(HYPER_MAX_HEADERS + 1)),
+        Refusal::HeadTooLarge
+    )]
+    #[case::a_length_not_in_digits("POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n".into(), Refusal::Malformed)]
+    #[case::a_list_of_lengths("POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n".into(), Refusal::Malformed)]
+    #[case::lengths_that_differ(
+        "POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 2\r\n\r\n".into(),
+        Refusal::Malformed
+    )]
+    #[case::a_coding_not_ending_in_chunked(
+        "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n".into(),
+        Refusal::Malformed
+    )]
+    #[case::a_coding_in_http_1_0(
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+        Refusal::Malformed
+    )]
+    #[case::a_get_with_a_bad_length(
+        "GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n".into(),
+        Refusal::Malformed
+    )]
+    fn heads_hyper_would_refuse_are_refused_with_hyper_s_status(
+        #[case] raw: String,
+        #[case] why: Refusal,
+    ) {
+        match parsed(&raw) {
+            Parsed::Refused(got) => assert_eq!(got, why),
+            _ => panic!("not refused: {raw:?}"),
+        }
+    }
+
+    #[rstest::rstest]
+    #[case::the_http2_preface("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")]
+    #[case::the_start_of_the_http2_preface("PRI * HTTP/2")]
+    #[case::equal_lengths("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")]
+    #[case::a_length_after_chunked(
+        "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: x\r\n\r\n"
+    )]
+    fn what_hyper_takes_is_handed_over(#[case] raw: &str) {
+        assert!(matches!(parsed(raw), Parsed::Other), "{raw:?}");
     }
 
     #[test]

@@ -114,12 +114,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<T> {
     }
 }
 
-/// Bytes hyper's request parser refuses in a request target, answering with an empty 400 of
-/// its own: `<`, `>`, `` ` ``, DEL and every non-ASCII byte. curl sends them as typed, so
-/// `curl host/a\`b -o tree` would save an empty file, which runs as a script that exits 0
-/// and says nothing. Escaped, they reach the router, whose 400 is a script that explains.
+/// Bytes httparse takes in a request target but `http::Uri` (and so hyper) refuses: `<`,
+/// `>`, `` ` ``, DEL, every non-ASCII byte, and `"` (refused in a query, though not in a
+/// path). curl sends them as typed, so `curl host/a\`b -o tree` would get a 400 for a
+/// malformed request. Escaped, they reach the router, whose 400 says what is wrong.
 fn needs_escape(b: u8) -> bool {
-    matches!(b, b'<' | b'>' | b'`' | 0x7f..=0xff)
+    matches!(b, b'<' | b'>' | b'`' | b'"' | 0x7f..=0xff)
 }
 
 /// Where the escaper is in the HTTP/1 byte stream it reads.
@@ -484,6 +484,14 @@ mod tests {
         }
         let bytewise: Vec<&[u8]> = input.chunks(1).collect();
         assert_eq!(escaped(&bytewise), want);
+    }
+
+    #[test]
+    fn a_quote_in_a_query_is_escaped_for_http_uri() {
+        let out = escaped(&[b"GET /a?q=\"x\" HTTP/1.1\r\n\r\n"]);
+        assert_eq!(out, b"GET /a?q=%22x%22 HTTP/1.1\r\n\r\n");
+        let target = &out[4..out.iter().skip(4).position(|&b| b == b' ').unwrap_or(0) + 4];
+        assert!(http::Uri::try_from(target).is_ok());
     }
 
     #[rstest::rstest]

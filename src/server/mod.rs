@@ -15,9 +15,9 @@
 mod access;
 pub mod body;
 pub mod conditional;
-mod h1;
+pub(crate) mod h1;
 mod indexes;
-mod io;
+pub(crate) mod io;
 pub mod metrics;
 mod page;
 pub mod respond;
@@ -96,6 +96,11 @@ pub struct Config {
     pub ready_probe_interval: Duration,
     /// How long the scrubber takes to re-hash the whole disk cache; `None`: no scrubber.
     pub disk_scrub_period: Option<Duration>,
+    /// Every connection goes to hyper from its first byte, binplz's own HTTP/1 path
+    /// ([`h1`]) unused: for tests that check both paths answer alike. Not an option; read
+    /// once per connection.
+    #[doc(hidden)]
+    pub hyper_only: bool,
 }
 
 impl Default for Config {
@@ -115,6 +120,7 @@ impl Default for Config {
             index_poll: Duration::from_secs(5),
             ready_probe_interval: Duration::from_secs(5),
             disk_scrub_period: Some(crate::cache::scrub::DEFAULT_PERIOD),
+            hyper_only: false,
         }
     }
 }
@@ -321,10 +327,9 @@ impl App {
         let (route_name, resp, tier) = if let Some(why) = host_problem(version, headers) {
             ("other", error(ErrorKind::BadRequest, why, head), None)
         } else if method != Method::GET && method != Method::HEAD {
-            let mut r = text(
+            let mut r = error_status(
                 StatusCode::METHOD_NOT_ALLOWED,
-                TEXT_PLAIN,
-                "only GET and HEAD\n".into(),
+                "only GET and HEAD are allowed",
                 head,
             );
             r.headers_mut()
@@ -334,12 +339,7 @@ impl App {
             match routes::parse(path, query) {
                 Err(RouteError::NotFound) => (
                     "other",
-                    text(
-                        StatusCode::NOT_FOUND,
-                        TEXT_PLAIN,
-                        "no such page\n".into(),
-                        head,
-                    ),
+                    error_status(StatusCode::NOT_FOUND, "no such page", head),
                     None,
                 ),
                 Err(RouteError::BadRequest(why)) => {
@@ -362,13 +362,15 @@ impl App {
         (resp, access)
     }
 
-    /// The answer to a `GET` or `HEAD` whose head does not parse even with its target
-    /// escaped (a tab or control byte in the name, say): the 400 script, so that running
-    /// what a failed download saved explains itself, as for any other bad name.
-    fn malformed(&self, head: bool, peer: SocketAddr) -> Response<Body> {
-        self.inner.metrics.request("program", 400);
-        tracing::info!(target: "binplz::access", status = 400, client = %peer.ip(), "malformed request");
-        error(ErrorKind::BadRequest, "malformed request", head)
+    /// The answer to a request refused before it is parsed whole (see [`h1::Refusal`]): a
+    /// head that does not parse even with its target escaped (a tab or control byte in the
+    /// name, say), or one too large. The error script, so that running what a failed
+    /// download saved explains itself, as for any other bad name.
+    fn refuse(&self, why: h1::Refusal, head: bool, peer: SocketAddr) -> Response<Body> {
+        let status = why.status();
+        self.inner.metrics.request("program", status.as_u16());
+        tracing::info!(target: "binplz::access", status = status.as_u16(), client = %peer.ip(), "{}", why.message());
+        error_status(status, why.message(), head)
     }
 
     async fn route(
@@ -451,10 +453,9 @@ impl App {
     async fn ready(&self, head: bool) -> Response<Body> {
         let inner = &self.inner;
         if inner.indexes.current().is_none() {
-            return text(
+            return error_status(
                 StatusCode::SERVICE_UNAVAILABLE,
-                TEXT_PLAIN,
-                "not ready: no index loaded\n".to_owned(),
+                "not ready: no index loaded",
                 head,
             );
         }
@@ -483,31 +484,26 @@ impl App {
                 }
             }
         }
-        let (status, msg) = match readiness.unanswered(false) {
-            Some(ago) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "not ready: the upstream failed {}s ago and has not answered since\n",
-                    ago.as_secs()
-                ),
+        if let Some(ago) = readiness.unanswered(false) {
+            let msg = format!(
+                "not ready: the upstream failed {}s ago and has not answered since",
+                ago.as_secs()
+            );
+            return error_status(StatusCode::SERVICE_UNAVAILABLE, &msg, head);
+        }
+        // Still ready when the disk cache cannot keep files: every verified file is served
+        // (from memory or its temp file), only the disk tier is lost. A load balancer keeps
+        // the node; the body says why an operator should look. The error itself (it names
+        // local paths) goes to the log only: this route is as public as the others.
+        let msg = match inner.files.disk().health().degraded() {
+            Some(d) => format!(
+                "ready, degraded: the disk cache cannot keep files: {} (for {}s)\n",
+                d.cause.describe(),
+                d.since.as_secs(),
             ),
-            None => match inner.files.disk().health().degraded() {
-                // Still ready: every verified file is served (from memory or its temp file),
-                // only the disk tier is lost. A load balancer keeps the node; the body says why
-                // an operator should look. The error itself (it names local paths) goes to the
-                // log only: this route is as public as the others.
-                Some(d) => (
-                    StatusCode::OK,
-                    format!(
-                        "ready, degraded: the disk cache cannot keep files: {} (for {}s)\n",
-                        d.cause.describe(),
-                        d.since.as_secs(),
-                    ),
-                ),
-                None => (StatusCode::OK, "ready\n".to_owned()),
-            },
+            None => "ready\n".to_owned(),
         };
-        text(status, TEXT_PLAIN, msg, head)
+        text(StatusCode::OK, TEXT_PLAIN, msg, head)
     }
 
     fn render_metrics(&self, head: bool) -> Response<Body> {
@@ -674,6 +670,7 @@ impl App {
         } else {
             file_response(&hit, &fixed, headers, head, &self.inner.metrics)
         };
+        let status = resp.status();
         let h = resp.headers_mut();
         let mut set = |name: HeaderName, value: &str| {
             if let Ok(v) = HeaderValue::from_str(value) {
@@ -690,10 +687,13 @@ impl App {
             "public, max-age=300"
         };
         h.insert(H_BINPLZ_CACHE, HeaderValue::from_static(hit.tier));
-        h.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static(cache_control),
-        );
+        // A 416 keeps its error's `no-store`: it is about one request's range, not the file.
+        if status != StatusCode::RANGE_NOT_SATISFIABLE {
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static(cache_control),
+            );
+        }
         inner.metrics.hit(hit.tier);
         Ok((resp, hit.tier))
     }
@@ -999,13 +999,22 @@ fn file_response(
             return resp;
         }
         Answer::Unsatisfiable => {
-            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-            if let Ok(v) = HeaderValue::from_str(&conditional::unsatisfied_range(size)) {
-                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            // The error script, as for every error: `curl -r 99999- -o tree` saves it. The
+            // file's provenance and `Content-Range` stay; its type and name do not.
+            let msg = format!("the range is outside the file, which is {size} bytes");
+            let mut err = error_status(StatusCode::RANGE_NOT_SATISFIABLE, &msg, head);
+            let h = err.headers_mut();
+            for (name, value) in &fixed.provenance {
+                h.insert(name, value.clone());
             }
-            resp.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
-            return resp;
+            if let Ok(v) = HeaderValue::from_str(&fixed.etag) {
+                h.insert(header::ETAG, v);
+            }
+            h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            if let Ok(v) = HeaderValue::from_str(&conditional::unsatisfied_range(size)) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            return err;
         }
         Answer::Whole => (StatusCode::OK, 0, size),
         Answer::Part { start, len } => (StatusCode::PARTIAL_CONTENT, start, len),
@@ -1235,9 +1244,14 @@ impl Connections {
         let mut shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
             let mut io = io::EscapeTargets::deferred(stream);
-            let read = match h1::serve(&mut io, &app, peer, &limits, &mut shutdown).await {
-                h1::Outcome::Closed => return drop(permit),
-                h1::Outcome::Handoff(read) => read,
+            let read = if app.inner.config.hyper_only {
+                io.escape(&mut bytes::BytesMut::new());
+                bytes::Bytes::new()
+            } else {
+                match h1::serve(&mut io, &app, peer, &limits, &mut shutdown).await {
+                    h1::Outcome::Closed => return drop(permit),
+                    h1::Outcome::Handoff(read) => read,
+                }
             };
             let service = hyper::service::service_fn({
                 let app = app.clone();

@@ -3,7 +3,7 @@
 use http::{header, HeaderMap, StatusCode};
 
 use super::body::Body;
-use super::respond::{text, APPLICATION_JSON, TEXT_HTML, TEXT_PLAIN};
+use super::respond::{error_status, text, APPLICATION_JSON, TEXT_HTML, TEXT_PLAIN};
 use crate::index::{Index, Lookup};
 
 /// Most search results returned.
@@ -103,12 +103,7 @@ pub fn search(
 ) -> http::Response<Body> {
     let query = query.trim().to_ascii_lowercase();
     if query.len() > MAX_QUERY {
-        return text(
-            StatusCode::BAD_REQUEST,
-            TEXT_PLAIN,
-            "query too long\n".into(),
-            head,
-        );
+        return error_status(StatusCode::BAD_REQUEST, "query too long", head);
     }
     let mut results: Vec<(String, String, String)> = Vec::new();
     if let (Some(index), false) = (index, query.is_empty()) {

@@ -82,7 +82,23 @@ pub fn error_script(status: StatusCode, message: &str) -> String {
 
 /// An error response. Binary routes get the script body; `head` drops the body.
 pub fn error(kind: ErrorKind, message: &str, head: bool) -> Response<Body> {
-    let status = status_of(kind);
+    let mut resp = error_status(status_of(kind), message, head);
+    if matches!(
+        kind,
+        ErrorKind::NotBuilt | ErrorKind::NotInCache | ErrorKind::Overloaded
+    ) {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    resp
+}
+
+/// A response with the error `status` and the script body saying `message`, for statuses
+/// that are the protocol's rather than an [`ErrorKind`]'s (405, 414, 416, 431, a missing
+/// page). Every 4xx and 5xx binplz answers has this body, on every route: whatever a failed
+/// `curl -o` saved explains itself when run, instead of running as commands or as an empty
+/// script that succeeds. `head` drops the body.
+pub fn error_status(status: StatusCode, message: &str, head: bool) -> Response<Body> {
     let body = error_script(status, message);
     let mut resp = Response::new(if head {
         Body::empty()
@@ -94,12 +110,6 @@ pub fn error(kind: ErrorKind, message: &str, head: bool) -> Response<Body> {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(SHELL_SCRIPT));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if matches!(
-        kind,
-        ErrorKind::NotBuilt | ErrorKind::NotInCache | ErrorKind::Overloaded
-    ) {
-        h.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-    }
     resp
 }
 

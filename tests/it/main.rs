@@ -3,6 +3,7 @@
 //! write (`disk`), and the test support itself (`harness`, checking `support`).
 
 mod cli;
+mod differential;
 mod disk;
 mod extract;
 mod harness;

@@ -364,12 +364,7 @@ async fn health_is_always_ok_and_readiness_follows_the_upstream() {
     up.set_fault(&nar, Fault::status(500));
     assert_eq!(server.get("/hello").await.status, 502);
     let r = server.get("/-/readyz").await;
-    assert_eq!(r.status, 503);
-    assert!(
-        r.text().starts_with("not ready: the upstream failed"),
-        "{}",
-        r.text()
-    );
+    assert_error_script(&r, 503, "binplz: not ready: the upstream failed");
     assert_eq!(server.get("/-/healthz").await.status, 200);
 
     up.clear_fault(&nar);
@@ -388,8 +383,7 @@ async fn readiness_probes_an_upstream_nothing_was_fetched_from() {
     let server = Server::start(setup).await;
     up.set_fault("nix-cache-info", Fault::status(503));
     let r = server.get("/-/readyz").await;
-    assert_eq!(r.status, 503, "{}", r.text());
-    assert!(r.text().starts_with("not ready: the upstream failed"));
+    assert_error_script(&r, 503, "binplz: not ready: the upstream failed");
     let probes = up.hits("nix-cache-info");
     assert!(probes >= 1);
 
@@ -418,10 +412,7 @@ async fn without_an_index_the_node_is_alive_but_not_ready() {
     let server = Server::start(Setup::new(&up, Vec::new(), dir.path())).await;
     assert_eq!(server.get("/-/healthz").await.status, 200);
     let r = server.get("/-/readyz").await;
-    assert_eq!(
-        (r.status, r.text().as_str()),
-        (503, "not ready: no index loaded\n")
-    );
+    assert_error_script(&r, 503, "binplz: not ready: no index loaded");
     let r = server.get("/hello").await;
     assert_error_script(&r, 503, "no index loaded");
     assert!(r.header("retry-after").is_some());
@@ -527,7 +518,7 @@ async fn search_answers_in_text_and_in_json() {
         .await;
     assert_eq!(r.text(), "[]\n");
     assert_eq!(server.get("/-/search?q=%zz").await.status, 400);
-    assert_eq!(server.get("/-/nope").await.status, 404);
+    assert_error_script(&server.get("/-/nope").await, 404, "binplz: no such page");
     assert_eq!(up.total_hits(), 0);
 }
 
@@ -547,7 +538,7 @@ async fn methods_other_than_get_and_head_are_not_allowed(
     let r = server
         .request(method, target, &[("Content-Length", "0")])
         .await;
-    assert_eq!(r.status, 405);
+    assert_error_script(&r, 405, "binplz: only GET and HEAD are allowed");
     assert_eq!(r.header("allow"), Some("GET, HEAD"));
     assert_eq!(up.total_hits(), 0);
 }
@@ -603,19 +594,18 @@ async fn range_request_gets_its_slice_and_content_range(#[case] memory_bytes: u6
 }
 
 #[tokio::test]
-async fn unsatisfiable_range_is_416_and_a_malformed_one_gets_the_whole_file() {
+async fn unsatisfiable_range_is_416_with_the_script_and_a_malformed_one_gets_the_whole_file() {
     let up = cache();
     let dir = tempdir();
     let server = start_default(&up, dir.path()).await;
     let size = prebuilt("hello").len();
     for range in [format!("bytes={size}-"), "bytes=-0".to_owned()] {
         let r = server.request("GET", "/hello", &[("Range", &range)]).await;
-        assert_eq!(r.status, 416, "{range}");
+        assert_error_script(&r, 416, "the range is outside the file");
         assert_eq!(
             r.header("content-range"),
             Some(format!("bytes */{size}").as_str())
         );
-        assert!(r.body.is_empty());
     }
     for range in ["bytes=5-2", "items=0-1", "bytes=0-1,5-6"] {
         let r = server.request("GET", "/hello", &[("Range", range)]).await;
@@ -2481,4 +2471,150 @@ async fn a_client_that_leaves_early_is_counted_with_what_was_sent_not_the_whole_
         least <= sent && sent < most,
         "{sent} bytes counted as sent of {LARGE}, after the client read about {READ_BEFORE_LEAVING}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Every error is the script, on binplz's own HTTP/1 path and on hyper's
+// ---------------------------------------------------------------------------------------
+
+/// A server on the fixture index whose connections all go to hyper (`hyper_only`), or
+/// first to binplz's own HTTP/1 path.
+async fn start_on_path(up: &FakeUpstream, cache_dir: &Path, hyper_only: bool) -> Server {
+    let setup = Setup::fixture(up, cache_dir).await.config(Config {
+        hyper_only,
+        ..Config::default()
+    });
+    Server::start(setup).await
+}
+
+/// The one response `raw` gets on a new connection, which must close after it.
+async fn sole_reply(server: &Server, raw: &[u8]) -> Reply {
+    let got = exchange(server, raw).await;
+    let head_request = raw.starts_with(b"HEAD ");
+    let r = responses(&got, &[head_request]);
+    let (status, head, body) = r.into_iter().next().expect("one response");
+    let status = status
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("a status in {head:?}"));
+    let headers = head.lines().skip(1).filter_map(|l| l.split_once(':'));
+    Reply {
+        status,
+        headers: headers
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+        body,
+    }
+}
+
+#[rstest]
+#[case::a_method_not_allowed(&b"DELETE /hello HTTP/1.1\r\n"[..], 405, "only GET and HEAD")]
+#[case::a_method_with_a_body(&b"POST /hello HTTP/1.1\r\nContent-Length: 3\r\n"[..], 405, "only GET")]
+#[case::an_unknown_page(&b"GET /-/nope HTTP/1.1\r\n"[..], 404, "no such page")]
+#[case::an_unknown_program(&b"GET /nosuchprogram HTTP/1.1\r\n"[..], 404, "unknown program")]
+#[case::a_hostile_name(&b"GET /x;reboot HTTP/1.1\r\n"[..], 400, "invalid program name")]
+#[case::an_escaped_name(&b"GET /a`b HTTP/1.1\r\n"[..], 400, "invalid program name")]
+#[case::an_unsatisfiable_range(
+    &b"GET /hello HTTP/1.1\r\nRange: bytes=99999999-\r\n"[..],
+    416,
+    "the range is outside the file"
+)]
+#[tokio::test]
+async fn every_error_the_app_answers_is_the_script_on_both_paths(
+    #[case] head: &[u8],
+    #[case] status: u16,
+    #[case] reason: &str,
+) {
+    let up = cache();
+    for hyper_only in [false, true] {
+        let dir = tempdir();
+        let server = start_on_path(&up, dir.path(), hyper_only).await;
+        let mut raw = head.to_vec();
+        raw.extend_from_slice(b"Host: x\r\nConnection: close\r\n\r\n");
+        if head.starts_with(b"POST") {
+            raw.extend_from_slice(b"abc");
+        }
+        let r = sole_reply(&server, &raw).await;
+        assert_error_script(&r, status, reason);
+        // A HEAD gets the same head, without the body.
+        if head.starts_with(b"GET ") {
+            let raw = [&b"HEAD"[..], &raw[3..]].concat();
+            let h = sole_reply(&server, &raw).await;
+            assert_eq!(h.status, status, "hyper only: {hyper_only}");
+            assert_eq!(h.header("content-type"), Some(SHELL_SCRIPT));
+            assert_eq!(h.header("content-length"), r.header("content-length"));
+        }
+    }
+}
+
+/// A request head of `size` bytes: one long request line, or one long header field.
+fn huge_head(size: usize, in_target: bool) -> Vec<u8> {
+    if in_target {
+        format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(size)).into_bytes()
+    } else {
+        format!("GET /hello HTTP/1.1\r\nX: {}\r\n\r\n", "v".repeat(size)).into_bytes()
+    }
+}
+
+#[rstest]
+#[case::not_http(&b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"[..], 400, "malformed request")]
+#[case::a_tab_in_a_post_target(&b"POST /a\tb HTTP/1.1\r\nContent-Length: 0\r\n\r\n"[..], 400, "malformed")]
+#[case::an_unknown_version(&b"GET /hello HTTP/3.0\r\n\r\n"[..], 400, "malformed request")]
+#[case::a_bad_content_length(&b"POST /hello HTTP/1.1\r\nContent-Length: 1x\r\n\r\n"[..], 400, "malformed")]
+#[case::two_content_lengths(
+    &b"POST /hello HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"[..],
+    400,
+    "malformed request"
+)]
+#[case::a_transfer_coding_not_chunked(
+    &b"POST /hello HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n"[..],
+    400,
+    "malformed request"
+)]
+#[case::a_transfer_coding_in_http_1_0(
+    &b"POST /hello HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+    400,
+    "malformed request"
+)]
+#[tokio::test]
+async fn requests_hyper_would_refuse_get_the_script_and_hyper_s_status(
+    #[case] raw: &[u8],
+    #[case] status: u16,
+    #[case] reason: &str,
+) {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_on_path(&up, dir.path(), false).await;
+    assert_error_script(&sole_reply(&server, raw).await, status, reason);
+    // hyper alone answers with the same status (and an empty body: see the README).
+    let dir = tempdir();
+    let hyper = start_on_path(&up, dir.path(), true).await;
+    assert_eq!(sole_reply(&hyper, raw).await.status, status);
+    assert_eq!(up.total_hits(), 0);
+}
+
+#[tokio::test]
+async fn heads_over_the_limit_get_414_or_431_with_the_script() {
+    let up = cache();
+    let dir = tempdir();
+    let server = start_default(&up, dir.path()).await;
+    let over = 70 << 10;
+    let r = sole_reply(&server, &huge_head(over, true)).await;
+    assert_error_script(&r, 414, "request target too long");
+    let r = sole_reply(&server, &huge_head(over, false)).await;
+    assert_error_script(&r, 431, "request head too large");
+    let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+    let raw = format!("GET /hello HTTP/1.1\r\n{many}\r\n");
+    let r = sole_reply(&server, raw.as_bytes()).await;
+    assert_error_script(&r, 431, "request head too large");
+    // Under the limits, both are served.
+    let many: String = (0..99).map(|i| format!("X-{i}: v\r\n")).collect();
+    let raw = format!("GET /hello HTTP/1.1\r\nConnection: close\r\n{many}\r\n");
+    assert_serves(&sole_reply(&server, raw.as_bytes()).await, "hello");
+    let raw = format!(
+        "GET /hello HTTP/1.1\r\nConnection: close\r\nX: {}\r\n\r\n",
+        "v".repeat(60 << 10)
+    );
+    assert_serves(&sole_reply(&server, raw.as_bytes()).await, "hello");
 }
