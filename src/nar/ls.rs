@@ -31,6 +31,8 @@ pub enum LsError {
     TooDeep,
     #[error("invalid .ls listing: more than {MAX_LISTING_ENTRIES} entries")]
     TooManyEntries,
+    #[error(".ls listing implies a NAR of more than 2^64 bytes")]
+    TooLarge,
     #[error(".ls listing implies a NAR of {implied} bytes, but NarSize is {nar_size}")]
     SizeMismatch { implied: u64, nar_size: u64 },
     #[error(".ls listing gives {path} narOffset {listed}, but the tree puts it at {implied}")]
@@ -152,20 +154,24 @@ fn tok(t: &[u8]) -> u64 {
 }
 
 fn layout(node: &Node, pos: &mut u64, path: &mut Vec<Vec<u8>>) -> Result<(), LsError> {
-    // Saturating: a hostile listing's sizes must not overflow, just fail the comparison.
-    let add = |pos: &mut u64, n: u64| *pos = pos.saturating_add(n);
-    add(pos, tok(wire::TOK_OPEN) + tok(wire::TOK_TYPE));
+    // Checked: sizes that each fit in u64 may not together, and a saturated sum would
+    // "agree" with a NarSize of u64::MAX while placing files past it.
+    let add = |pos: &mut u64, n: u64| -> Result<(), LsError> {
+        *pos = pos.checked_add(n).ok_or(LsError::TooLarge)?;
+        Ok(())
+    };
+    add(pos, tok(wire::TOK_OPEN) + tok(wire::TOK_TYPE))?;
     match node {
         Node::Regular {
             size,
             executable,
             nar_offset,
         } => {
-            add(pos, tok(wire::TOK_REGULAR));
+            add(pos, tok(wire::TOK_REGULAR))?;
             if *executable {
-                add(pos, tok(wire::TOK_EXECUTABLE) + tok(b""));
+                add(pos, tok(wire::TOK_EXECUTABLE) + tok(b""))?;
             }
-            add(pos, tok(wire::TOK_CONTENTS) + 8);
+            add(pos, tok(wire::TOK_CONTENTS) + 8)?;
             if let Some(listed) = nar_offset {
                 if *listed != *pos {
                     let joined = path.join(&b'/');
@@ -176,30 +182,31 @@ fn layout(node: &Node, pos: &mut u64, path: &mut Vec<Vec<u8>>) -> Result<(), LsE
                     });
                 }
             }
-            add(pos, size.saturating_add(padding(*size)));
+            add(pos, *size)?;
+            add(pos, padding(*size))?;
         }
         Node::Symlink { target } => {
             add(
                 pos,
                 tok(wire::TOK_SYMLINK) + tok(wire::TOK_TARGET) + str_len(target.len() as u64),
-            );
+            )?;
         }
         Node::Directory { entries } => {
-            add(pos, tok(wire::TOK_DIRECTORY));
+            add(pos, tok(wire::TOK_DIRECTORY))?;
             for (name, child) in entries {
                 add(
                     pos,
                     tok(wire::TOK_ENTRY) + tok(wire::TOK_OPEN) + tok(wire::TOK_NAME),
-                );
-                add(pos, str_len(name.len() as u64) + tok(wire::TOK_NODE));
+                )?;
+                add(pos, str_len(name.len() as u64) + tok(wire::TOK_NODE))?;
                 path.push(name.clone());
                 layout(child, pos, path)?;
                 path.pop();
-                add(pos, tok(wire::TOK_CLOSE));
+                add(pos, tok(wire::TOK_CLOSE))?;
             }
         }
     }
-    add(pos, tok(wire::TOK_CLOSE));
+    add(pos, tok(wire::TOK_CLOSE))?;
     Ok(())
 }
 
@@ -261,6 +268,19 @@ mod tests {
             check_against(&listing, nar.len() as u64),
             Err(LsError::SizeMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn sizes_past_u64_are_refused_even_against_the_largest_nar_size() {
+        // Each size alone fits in u64; together the NAR would not. A saturating sum would
+        // be u64::MAX, "agreeing" with that NarSize while the files end past it.
+        let json = format!(
+            r#"{{"version":1,"root":{{"type":"directory","entries":{{
+                "a":{{"type":"regular","size":{big}}},"b":{{"type":"regular","size":{big}}}}}}}}}"#,
+            big = u64::MAX / 2 + 1,
+        );
+        let listing = parse(json.as_bytes()).expect("parses");
+        assert_eq!(check_against(&listing, u64::MAX), Err(LsError::TooLarge));
     }
 
     #[test]
