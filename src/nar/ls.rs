@@ -72,14 +72,57 @@ pub fn parse(bytes: &[u8]) -> Result<Listing, LsError> {
     if bytes.len() > MAX_LS_SIZE {
         return Err(LsError::Json(format!("larger than {MAX_LS_SIZE} bytes")));
     }
-    // serde_json's recursion limit (128) bounds the stack before our depth check runs.
-    let file: LsFile = serde_json::from_slice(bytes).map_err(|e| LsError::Json(e.to_string()))?;
+    // The scan bounds the parser's recursion (and so its stack) by the deepest listing the
+    // NAR reader's depth limit allows; serde_json's own limit (128) is just below that.
+    if json_depth_exceeds(bytes, MAX_JSON_DEPTH) {
+        return Err(LsError::TooDeep);
+    }
+    let json = |e: serde_json::Error| LsError::Json(e.to_string());
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.disable_recursion_limit();
+    let file = LsFile::deserialize(&mut de).map_err(json)?;
+    de.end().map_err(json)?;
     if file.version != 1 {
         return Err(LsError::Version(file.version));
     }
     let mut count = 0;
     let root = convert(file.root, 0, &mut count)?;
     Ok(Listing { root })
+}
+
+/// JSON nesting of the deepest listing the NAR reader accepts: the document's object, then
+/// per level a node's object and its `entries` object, [`wire::MAX_DEPTH`] levels below the
+/// root (whose entries are the deepest object).
+const MAX_JSON_DEPTH: usize = 2 * wire::MAX_DEPTH + 3;
+
+/// Whether objects and arrays in `bytes` nest deeper than `max`. Strings are skipped as the
+/// JSON parser skips them, so on every prefix it reads, its nesting is the one counted here.
+fn json_depth_exceeds(bytes: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn convert(node: LsNode, depth: usize, count: &mut usize) -> Result<Node, LsError> {
@@ -281,6 +324,30 @@ mod tests {
         );
         let listing = parse(json.as_bytes()).expect("parses");
         assert_eq!(check_against(&listing, u64::MAX), Err(LsError::TooLarge));
+    }
+
+    #[test]
+    fn the_deepest_nar_the_reader_accepts_has_a_listing_that_parses() {
+        let mut tree = Entry::file("x");
+        let mut json = r#"{"type":"regular","size":1}"#.to_owned();
+        for _ in 0..wire::MAX_DEPTH {
+            tree = Entry::dir([("d", tree)]);
+            json = format!(r#"{{"type":"directory","entries":{{"d":{json}}}}}"#);
+        }
+        let nar = write_nar(&tree);
+        read_nar(nar.as_slice(), None, &mut ()).expect("as deep as the reader allows");
+        let listing = |root: &str| format!(r#"{{"version":1,"root":{root}}}"#);
+        assert!(check_against(
+            &parse(listing(&json).as_bytes()).expect("parses"),
+            nar.len() as u64
+        )
+        .is_ok());
+        let deeper = format!(r#"{{"type":"directory","entries":{{"d":{json}}}}}"#);
+        assert_eq!(parse(listing(&deeper).as_bytes()), Err(LsError::TooDeep));
+        // Refused by the scan, before the parser recurses at all.
+        assert_eq!(parse(&[b'['; 1 << 20]), Err(LsError::TooDeep));
+        let braces_in_names = json.replace(r#""d":"#, r#""{{{{[[[[":"#);
+        assert!(parse(listing(&braces_in_names).as_bytes()).is_ok());
     }
 
     #[test]
