@@ -95,9 +95,11 @@ impl ExtractError {
             ExtractError::NotInCache { .. } => ErrorKind::NotInCache,
             ExtractError::NarMissing { .. } => ErrorKind::UpstreamBroken,
             ExtractError::Upstream(e) => upstream_kind(e),
-            ExtractError::NarInfo(NarInfoError::Parse(_) | NarInfoError::NotSha256 { .. }) => {
-                ErrorKind::UpstreamBroken
-            }
+            ExtractError::NarInfo(
+                NarInfoError::Parse(_)
+                | NarInfoError::ControlCharacter { .. }
+                | NarInfoError::NotSha256 { .. },
+            ) => ErrorKind::UpstreamBroken,
             ExtractError::NarInfo(NarInfoError::Codec { .. }) => ErrorKind::UpstreamBroken,
             ExtractError::NarInfo(
                 NarInfoError::WrongStorePath { .. }
