@@ -6,12 +6,15 @@
 //! implied size or offsets differ from the signed values disagrees with the NAR, and the
 //! caller walks the NAR itself instead.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Read;
 
 use serde::Deserialize;
 
 use super::listing::{Listing, Node, MAX_LISTING_ENTRIES};
 use super::wire::{self, padding};
+use crate::codec::Codec;
 
 /// Largest listing accepted, after decompression. A listing costs roughly 60 bytes a node,
 /// so this is above the largest NAR binplz would list.
@@ -21,6 +24,8 @@ pub const MAX_LS_SIZE: usize = 64 << 20;
 pub enum LsError {
     #[error("invalid .ls listing: {0}")]
     Json(String),
+    #[error("cannot decompress .ls listing ({codec}): {err}")]
+    Decompress { codec: Codec, err: String },
     #[error("unsupported .ls version {0}")]
     Version(u64),
     #[error("invalid .ls listing: bad entry name {0:?}")]
@@ -65,6 +70,36 @@ enum LsNode {
     Directory {
         entries: BTreeMap<String, LsNode>,
     },
+}
+
+/// A listing's JSON from the body a cache served. Listings are sometimes served compressed
+/// without `Content-Encoding`, so the codec is sniffed from the magic; cache.nixos.org's are
+/// brotli, which has no magic, so brotli is what is left when nothing else matches. The
+/// output is capped one byte past [`MAX_LS_SIZE`], so a decompression bomb costs no more
+/// memory than a listing [`parse`] refuses.
+pub fn decode(body: &[u8]) -> Result<Cow<'_, [u8]>, LsError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') {
+        return Ok(Cow::Borrowed(body));
+    }
+    let codec = Codec::sniff(body, None).unwrap_or(Codec::Brotli);
+    let mut out = Vec::new();
+    codec
+        .decoder(body)
+        .and_then(|d| d.take(MAX_LS_SIZE as u64 + 1).read_to_end(&mut out))
+        .map_err(|e| LsError::Decompress {
+            codec,
+            err: e.to_string(),
+        })?;
+    Ok(Cow::Owned(out))
+}
+
+/// A listing as a cache serves it: [`decode`]d, [`parse`]d and [`check_against`] the
+/// signed `nar_size`.
+pub fn parse_served(body: &[u8], nar_size: u64) -> Result<Listing, LsError> {
+    let listing = parse(&decode(body)?)?;
+    check_against(&listing, nar_size)?;
+    Ok(listing)
 }
 
 /// Parses a `.ls` document (already decompressed) into a [`Listing`].
@@ -180,16 +215,20 @@ const fn str_len(len: u64) -> u64 {
 /// Checks `listing` against the signed NarSize: the NAR size its tree implies, and every
 /// `narOffset` it gives, must be exactly what serialising that tree would produce.
 pub fn check_against(listing: &Listing, nar_size: u64) -> Result<(), LsError> {
+    let implied = nar_size_of(listing)?;
+    if implied != nar_size {
+        return Err(LsError::SizeMismatch { implied, nar_size });
+    }
+    Ok(())
+}
+
+/// The size of the NAR `listing` describes, after checking every `narOffset` it gives
+/// against the offset its tree implies.
+pub fn nar_size_of(listing: &Listing) -> Result<u64, LsError> {
     let mut pos = str_len(wire::MAGIC.len() as u64);
     let mut path = Vec::new();
     layout(&listing.root, &mut pos, &mut path)?;
-    if pos != nar_size {
-        return Err(LsError::SizeMismatch {
-            implied: pos,
-            nar_size,
-        });
-    }
-    Ok(())
+    Ok(pos)
 }
 
 fn tok(t: &[u8]) -> u64 {
@@ -323,6 +362,7 @@ mod tests {
             big = u64::MAX / 2 + 1,
         );
         let listing = parse(json.as_bytes()).expect("parses");
+        assert_eq!(nar_size_of(&listing), Err(LsError::TooLarge));
         assert_eq!(check_against(&listing, u64::MAX), Err(LsError::TooLarge));
     }
 
@@ -348,6 +388,42 @@ mod tests {
         assert_eq!(parse(&[b'['; 1 << 20]), Err(LsError::TooDeep));
         let braces_in_names = json.replace(r#""d":"#, r#""{{{{[[[[":"#);
         assert!(parse(listing(&braces_in_names).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn served_listings_are_decoded_whatever_their_compression() {
+        use std::io::Write;
+        let ls = include_bytes!("../../fixtures/cache/fr4l0hfh1lp5pd5df98fgz2m3jczb119.ls");
+        let narinfo = include_str!("../../fixtures/cache/fr4l0hfh1lp5pd5df98fgz2m3jczb119.narinfo");
+        let nar_size: u64 = narinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("NarSize: "))
+            .and_then(|s| s.parse().ok())
+            .expect("NarSize");
+        let plain = parse_served(ls, nar_size).expect("the plain listing");
+        let mut brotli = Vec::new();
+        {
+            let mut w = brotli::CompressorWriter::new(&mut brotli, 4096, 9, 22);
+            w.write_all(ls).expect("brotli");
+        }
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gzip.write_all(ls).expect("gzip");
+        let served = [
+            zstd::encode_all(&ls[..], 19).expect("zstd"),
+            gzip.finish().expect("gzip"),
+            brotli,
+            [&b" \n"[..], ls].concat(),
+        ];
+        for body in served {
+            assert_eq!(parse_served(&body, nar_size).as_ref(), Ok(&plain));
+        }
+        assert!(matches!(
+            parse_served(b"\x28\xb5\x2f\xfd not zstd", nar_size),
+            Err(LsError::Decompress {
+                codec: Codec::Zstd,
+                ..
+            })
+        ));
     }
 
     #[test]
