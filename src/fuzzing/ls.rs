@@ -14,8 +14,8 @@ use crate::nar::listing::ListingBuilder;
 use crate::nar::writer::{write_nar, Entry};
 use crate::nar::{ls, read_nar, Listing, Node};
 
-/// Largest NAR the check rebuilds from an accepted listing: above every seed's, small
-/// enough that rebuilding costs less than parsing.
+/// Largest NAR the check rebuilds from an accepted listing (its files written out as
+/// zeros): above every seed's, and small enough to keep each execution fast.
 const MAX_REBUILT_NAR: u64 = 1 << 20;
 
 pub fn check(data: &[u8]) {
