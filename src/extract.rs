@@ -99,9 +99,11 @@ impl ExtractError {
             ExtractError::NotInCache { .. } => ErrorKind::NotInCache,
             ExtractError::NarMissing { .. } => ErrorKind::UpstreamBroken,
             ExtractError::Upstream(e) => upstream_kind(e),
-            ExtractError::NarInfo(NarInfoError::Parse(_) | NarInfoError::NotSha256 { .. }) => {
-                ErrorKind::UpstreamBroken
-            }
+            ExtractError::NarInfo(
+                NarInfoError::Parse(_)
+                | NarInfoError::ControlCharacter { .. }
+                | NarInfoError::NotSha256 { .. },
+            ) => ErrorKind::UpstreamBroken,
             ExtractError::NarInfo(NarInfoError::Codec { .. }) => ErrorKind::UpstreamBroken,
             ExtractError::NarInfo(
                 NarInfoError::WrongStorePath { .. }
@@ -675,7 +677,6 @@ pub enum ListingSource {
 }
 
 /// Fetches, decompresses, parses and checks `<hash>.ls`. `Ok(None)`: the cache has none.
-/// Listings are sometimes served compressed without `Content-Encoding`: sniff the magic.
 async fn fetch_ls(cache: &Cache, info: &VerifiedNarInfo) -> Result<Option<Listing>, String> {
     let hash = &info.store_path().to_basename()[..32];
     let path = CachePath::parse(&format!("{hash}.ls")).map_err(|e| e.to_string())?;
@@ -691,23 +692,7 @@ async fn fetch_ls(cache: &Cache, info: &VerifiedNarInfo) -> Result<Option<Listin
     }
     let nar_size = info.nar_size;
     let parsed = tokio::task::spawn_blocking(move || -> Result<Listing, String> {
-        let first = body.iter().find(|b| !b.is_ascii_whitespace());
-        let json = if first == Some(&b'{') {
-            body
-        } else {
-            // cache.nixos.org serves listings brotli-compressed (`Content-Encoding: br`);
-            // brotli has no magic number, so it is what is left when nothing else matches.
-            let codec = Codec::sniff(&body, None).unwrap_or(Codec::Brotli);
-            let mut out = Vec::new();
-            codec
-                .decoder(body.as_slice())
-                .and_then(|d| d.take(ls::MAX_LS_SIZE as u64 + 1).read_to_end(&mut out))
-                .map_err(|e| format!("cannot decompress: {e}"))?;
-            out
-        };
-        let listing = ls::parse(&json).map_err(|e| e.to_string())?;
-        ls::check_against(&listing, nar_size).map_err(|e| e.to_string())?;
-        Ok(listing)
+        ls::parse_served(&body, nar_size).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?;

@@ -34,6 +34,7 @@ pub mod codec;
 pub mod demo;
 pub mod error;
 pub mod extract;
+/// The fuzz targets' properties, so that `cargo test` checks them on the committed seeds.
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hash;

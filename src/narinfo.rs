@@ -60,6 +60,8 @@ impl Trust {
 pub enum NarInfoError {
     #[error("invalid narinfo: {0}")]
     Parse(String),
+    #[error("invalid narinfo: control character {byte:#04x} at byte {offset}")]
+    ControlCharacter { offset: usize, byte: u8 },
     #[error("narinfo is for {got}, not {expected}")]
     WrongStorePath { expected: String, got: String },
     #[error("narinfo for {path} has no signature")]
@@ -107,6 +109,9 @@ pub fn verify(
     requested: &StorePath,
     trust: &Trust,
 ) -> Result<VerifiedNarInfo, NarInfoError> {
+    if let Some((offset, byte)) = control_character(bytes) {
+        return Err(NarInfoError::ControlCharacter { offset, byte });
+    }
     let store_dir = StoreDir::default();
     let info =
         NarInfo::parse_in(&store_dir, bytes).map_err(|e| NarInfoError::Parse(e.to_string()))?;
@@ -164,4 +169,68 @@ pub fn verify(
         file_hash,
         info,
     })
+}
+
+/// The first control character other than a line end (LF or CRLF), with its offset. Nix
+/// writes narinfos as lines of printable text, so none is legitimate, and a stray CR means
+/// different things to different parsers: the one above keeps a CR that ends a value
+/// (`URL: x\r\r\n`) but drops it when the value is written back and read again.
+fn control_character(bytes: &[u8]) -> Option<(usize, u8)> {
+    bytes.iter().enumerate().find_map(|(i, &b)| {
+        let line_end = b == b'\n' || (b == b'\r' && bytes.get(i + 1) == Some(&b'\n'));
+        ((b < 0x20 || b == 0x7f) && !line_end).then_some((i, b))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = include_str!("../fixtures/cache/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d.narinfo");
+
+    fn hello_path() -> StorePath {
+        StorePath::from_basename(b"ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0").expect("valid")
+    }
+
+    fn trust() -> Trust {
+        Trust::new(&[crate::demo::PUBLIC_KEY.trim()], true).expect("the fixtures' key")
+    }
+
+    #[test]
+    fn line_ends_may_be_crlf() {
+        let crlf = HELLO.replace('\n', "\r\n");
+        assert!(verify(crlf.as_bytes(), &hello_path(), &trust()).is_ok());
+    }
+
+    #[test]
+    fn a_carriage_return_that_ends_a_value_is_refused() {
+        // Parsed, the URL would end in CR; written back and parsed again, it would not.
+        let cr = HELLO.replace(".nar.zst\n", ".nar.zst\r\r\n");
+        let offset = cr.find('\r').expect("a CR");
+        assert_eq!(
+            verify(cr.as_bytes(), &hello_path(), &trust()).map(|v| v.url().to_owned()),
+            Err(NarInfoError::ControlCharacter {
+                offset,
+                byte: b'\r'
+            })
+        );
+    }
+
+    #[test]
+    fn control_characters_inside_values_are_refused() {
+        for (from, to) in [
+            ("URL: ", "URL: \t"),
+            ("Deriver: ", "Deriver: \0"),
+            ("zstd", "zs\x7ftd"),
+        ] {
+            let bad = HELLO.replacen(from, to, 1);
+            assert!(
+                matches!(
+                    verify(bad.as_bytes(), &hello_path(), &trust()),
+                    Err(NarInfoError::ControlCharacter { .. })
+                ),
+                "{to:?}"
+            );
+        }
+    }
 }

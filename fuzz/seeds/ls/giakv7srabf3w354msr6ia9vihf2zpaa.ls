@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{"dyn":{"type":"regular","size":14480,"executable":true,"narOffset":400},"dyn-store":{"type":"regular","size":14480,"executable":true,"narOffset":15104}}}}}}

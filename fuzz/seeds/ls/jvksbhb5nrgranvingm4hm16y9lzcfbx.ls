@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"symlink","target":"libexec"},"libexec":{"type":"directory","entries":{"binlink-tool":{"type":"regular","size":13376,"executable":true,"narOffset":600}}}}}}

@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"share":{"type":"directory","entries":{"doc":{"type":"directory","entries":{"multi":{"type":"directory","entries":{"README":{"type":"regular","size":55,"narOffset":640}}}}}}}}}}

@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{"portable-script":{"type":"regular","size":24,"executable":true,"narOffset":408},"store-script":{"type":"regular","size":75,"executable":true,"narOffset":656}}}}}}

@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"a":{"type":"regular","size":9223372036854775808},"b":{"type":"regular","size":9223372036854775808}}}}

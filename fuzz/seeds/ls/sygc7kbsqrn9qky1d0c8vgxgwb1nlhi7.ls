@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"bin":{"type":"directory","entries":{".tree-dup-marker":{"type":"regular","size":9,"narOffset":376},"hello":{"type":"regular","size":13376,"executable":true,"narOffset":608}}}}}}

@@ -1,0 +1,1 @@
+{"version":1,"root":{"type":"directory","entries":{"busybox":{"type":"regular","size":1982256,"executable":true,"narOffset":264},"sh":{"type":"symlink","target":"busybox"}}}}
