@@ -8,6 +8,7 @@
 //! the background:
 //!
 //! ```text
+//!  a minute after start-up ─►
 //!  pass: DiskCache::scrub_next (hash order, blocking thread) ─► sleep in proportion to
 //!        the bytes read ─► … ─► pass done ─► sleep until the period is over ─► next pass
 //! ```
@@ -22,6 +23,11 @@ use super::disk::DiskCache;
 /// The default time a pass over the whole cache takes: a day.
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How long after start-up the first pass begins: start-up re-checks what it must itself,
+/// and the first requests (and a start-up's own reads of files it re-hashes) come first,
+/// so the scrubber's reads do not race them for the disk or the page cache.
+pub const START_DELAY: Duration = Duration::from_secs(60);
+
 /// Most bytes re-hashed per second, whatever the period and the cache's size: SHA-256
 /// runs at about 1.2 GB/s on one core here, so 32 MiB/s is under 3 % of a core, and
 /// 2.7 TiB a day. A larger cache just takes longer than the period.
@@ -35,10 +41,11 @@ pub fn pace(bytes: u64, total: u64, period: Duration) -> Duration {
     Duration::from_nanos(u64::try_from(share.max(floor)).unwrap_or(u64::MAX))
 }
 
-/// Scrubs `disk` forever, a pass per `period` (see the module doc). Each pass is paced by
+/// Scrubs `disk` forever from [`START_DELAY`] on, a pass per `period` (see the module doc). Each pass is paced by
 /// the bytes the cache held when it started; files kept during a pass are visited if
 /// their hash comes after the point reached (they were checked when written anyway).
 pub async fn run(disk: Arc<DiskCache>, period: Duration) {
+    tokio::time::sleep(START_DELAY).await;
     loop {
         let start = Instant::now();
         let total = disk.stats().1;
@@ -103,8 +110,14 @@ mod tests {
             .collect();
         rot(&disk, &metas[2]);
         let period = Duration::from_secs(400);
-        let start = Instant::now();
+        let start = Instant::now() + START_DELAY;
         let task = tokio::spawn(run(disk.clone(), period));
+        tokio::time::sleep_until(start - Duration::from_secs(1)).await;
+        assert_eq!(
+            disk.scrub_stats().files,
+            0,
+            "nothing before the start delay"
+        );
         // Time is paused: it moves only when every task waits, by as much as the next
         // timer needs. Each file of a quarter of the bytes is followed by a quarter of
         // the period.
