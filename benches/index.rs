@@ -114,12 +114,12 @@ fn main() {
     let mut loads: Vec<Duration> = (0..7)
         .map(|_| {
             let t = Instant::now();
-            black_box(Index::load(&path).expect("load"));
+            black_box(Index::load(&path, format::DEFAULT_MAX_INDEX_SIZE).expect("load"));
             t.elapsed()
         })
         .collect();
     loads.sort();
-    let index = Index::load(&path).expect("load");
+    let index = Index::load(&path, format::DEFAULT_MAX_INDEX_SIZE).expect("load");
     assert_eq!(index.len(), PROGRAMS);
 
     // Check the input before timing: every 1000th program resolves to its own file.

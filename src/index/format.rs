@@ -53,11 +53,22 @@ const FLAG_SHA256: u32 = 2;
 const FLAG_NAR_OFFSET: u32 = 4;
 /// Largest metadata block accepted.
 const MAX_METADATA: u64 = 1 << 20;
+/// Largest index file read unless configured otherwise: well above the 290 MB of a
+/// generated index of a million programs (`cargo bench --bench index`), so a real index
+/// has room to grow, while a wrong path (a device, a huge file) cannot take the memory
+/// of the node that loads it. The file is held in memory whole, beside the index it
+/// replaces during a reload.
+pub const DEFAULT_MAX_INDEX_SIZE: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("cannot read index {path}: {err}")]
     Io { path: String, err: std::io::Error },
+    #[error("index {path} is {kind}, not a regular file")]
+    NotAFile { path: String, kind: &'static str },
+    /// `size` is the file's size, or `limit + 1` when the file grew while it was read.
+    #[error("index {path} is larger than the limit of {limit} bytes (--max-index-size)")]
+    TooLarge { path: String, size: u64, limit: u64 },
     #[error("{path} is not a binplz index")]
     NotAnIndex { path: String },
     #[error("{path} is index format version {found}; this binplz reads version {VERSION}")]
@@ -342,13 +353,65 @@ fn rd_u64(b: &[u8], at: usize) -> u64 {
         .map_or(0, u64::from_le_bytes)
 }
 
+/// Reads the index file at `path`: a regular file of at most `max_size` bytes, whatever
+/// the path turns out to be. Opened with `O_NONBLOCK`, as opening a FIFO for reading
+/// otherwise waits in open(2) for a writer that may never come; the opened descriptor is
+/// then checked, not the path, so a file swapped in between cannot slip past. At most
+/// `max_size + 1` bytes are read, so a file that grows while it is read (or lies in its
+/// size) is still refused without reading it all.
+fn read_bounded(path: &Path, max_size: u64) -> Result<Vec<u8>, IndexError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let name = || path.display().to_string();
+    let io = |err| IndexError::Io { path: name(), err };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(IndexError::NotAFile { path: name(), kind });
+    }
+    let too_large = |size| IndexError::TooLarge {
+        path: name(),
+        size,
+        limit: max_size,
+    };
+    if meta.len() > max_size {
+        return Err(too_large(meta.len()));
+    }
+    // Bounded by `max_size` above; the capacity only saves regrowing.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max_size.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > max_size {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 impl Index {
-    /// Reads and validates an index file. A corrupt or truncated file is refused.
-    pub fn load(path: &Path) -> Result<Index, IndexError> {
-        let bytes = std::fs::read(path).map_err(|err| IndexError::Io {
-            path: path.display().to_string(),
-            err,
-        })?;
+    /// Reads and validates an index file of at most `max_size` bytes. Anything but a
+    /// regular file (a FIFO, a device, a directory), a larger file, and a corrupt or
+    /// truncated one are refused.
+    pub fn load(path: &Path, max_size: u64) -> Result<Index, IndexError> {
+        let bytes = read_bounded(path, max_size)?;
         Index::from_bytes(bytes, &path.display().to_string())
     }
 
@@ -865,7 +928,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("index.bin");
         write(&path, &Metadata::default(), &[], &[], &[]).expect("writes");
-        let index = Index::load(&path).expect("loads");
+        let index = Index::load(&path, DEFAULT_MAX_INDEX_SIZE).expect("loads");
         assert!(index.is_empty());
         assert_eq!(
             std::fs::read_dir(dir.path()).expect("dir").count(),

@@ -82,6 +82,8 @@ pub struct Config {
     pub negative_ttl: Duration,
     /// How often index files are checked for changes.
     pub index_poll: Duration,
+    /// Largest index file read, at start-up and at reloads.
+    pub max_index_size: u64,
     /// Least time between two readiness probes of the upstream (see `/-/readyz`).
     pub ready_probe_interval: Duration,
 }
@@ -100,6 +102,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
+            max_index_size: crate::index::format::DEFAULT_MAX_INDEX_SIZE,
             ready_probe_interval: Duration::from_secs(5),
         }
     }
@@ -183,7 +186,7 @@ impl App {
         extractor: Extractor,
         files: Files,
     ) -> Result<App, String> {
-        let indexes = Indexes::load(indexes)?;
+        let indexes = Indexes::load(indexes, config.max_index_size)?;
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.negative_ttl)
