@@ -26,6 +26,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::names::{Names, NamesCost};
 use super::{Candidate, EvalFailure, Metadata, NotBuilt};
 
 const MAGIC: &[u8; 8] = b"BINPLZIX";
@@ -309,6 +310,8 @@ pub struct Index {
     n_not_built: usize,
     n_failures: usize,
     slots: usize,
+    /// The program names arranged for suggestions and search, built at load.
+    names: Names,
 }
 
 /// A candidate as stored in the index.
@@ -496,8 +499,15 @@ impl Index {
             n_not_built,
             n_failures,
             slots,
+            names: Names::default(),
         };
         index.n_programs = index.validate().map_err(corrupt)?;
+        // Built here, on the thread that loads the index, so no request pays for it.
+        index.names = Names::build((0..index.slots).filter_map(|i| {
+            let r = index.slot(i);
+            let slot = u32::try_from(i).ok()?;
+            (rd_u32(r, 0) != KIND_EMPTY).then(|| (slot, index.str_at(r, 8), index.str_at(r, 16)))
+        }));
         Ok(index)
     }
 
@@ -699,32 +709,29 @@ impl Index {
         })
     }
 
-    /// Up to five known names close to `program` (small edit distance, or a prefix). This
-    /// scans every name: callers cache its answers.
+    /// Up to five known names close to `program` (small edit distance, or a prefix), from
+    /// the names arranged at load: no scan of every name.
     pub fn suggest(&self, system: &str, program: &str) -> Vec<String> {
-        let mut best: Vec<(usize, &str)> = Vec::new();
-        for (s, name) in self.programs() {
-            if s != system || name == program {
-                continue;
-            }
-            // Two edits turn any short name into another: allow one below five bytes.
-            let max = if program.len() < 5 { 1 } else { 2 };
-            let d = if name.len().abs_diff(program.len()) <= max {
-                bounded_distance(program.as_bytes(), name.as_bytes(), max)
-            } else {
-                None
-            };
-            let d = d.or_else(|| (program.len() >= 3 && name.starts_with(program)).then_some(3));
-            if let Some(d) = d {
-                best.push((d, name));
-            }
-        }
-        best.sort();
-        best.dedup_by(|a, b| a.1 == b.1);
-        best.into_iter()
-            .take(5)
-            .map(|(_, n)| n.to_owned())
+        self.names.suggest(system, program, |slot| {
+            self.str_at(self.slot(slot as usize), 16)
+        })
+    }
+
+    /// Up to `limit` built programs whose names contain `query` (in any case): equal
+    /// names first, then those starting with it, then the rest; shorter names first
+    /// within each.
+    pub fn search(&self, system: &str, query: &str, limit: usize) -> Vec<&str> {
+        let built = |slot: u32| rd_u32(self.slot(slot as usize), 0) == KIND_BUILT;
+        self.names
+            .search(system, query, limit, built)
+            .into_iter()
+            .map(|slot| self.str_at(self.slot(slot as usize), 16))
             .collect()
+    }
+
+    /// What the name structures for suggestions and search cost at load.
+    pub fn names_cost(&self) -> NamesCost {
+        self.names.cost()
     }
 }
 
@@ -768,26 +775,6 @@ impl<'a> Candidates<'a> {
             .chain((self.first..self.first + self.n).filter(move |&i| i != chosen))
             .map(move |i| index.candidate(i))
     }
-}
-
-/// Levenshtein distance, or `None` when it exceeds `max`.
-fn bounded_distance(a: &[u8], b: &[u8], max: usize) -> Option<usize> {
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, &ca) in a.iter().enumerate() {
-        cur[0] = i + 1;
-        let mut row_min = cur[0];
-        for (j, &cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-            row_min = row_min.min(cur[j + 1]);
-        }
-        if row_min > max {
-            return None;
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    (prev[b.len()] <= max).then_some(prev[b.len()])
 }
 
 #[cfg(test)]
@@ -935,13 +922,5 @@ mod tests {
             1,
             "no temp file left"
         );
-    }
-
-    #[test]
-    fn bounded_distance_is_levenshtein_up_to_the_bound() {
-        assert_eq!(bounded_distance(b"tree", b"tree", 2), Some(0));
-        assert_eq!(bounded_distance(b"tree", b"tre", 2), Some(1));
-        assert_eq!(bounded_distance(b"ripgrep", b"ripgrap", 2), Some(1));
-        assert_eq!(bounded_distance(b"abc", b"xyz", 2), None);
     }
 }

@@ -320,17 +320,31 @@ impl App {
             ),
             Route::Ready => ("readyz", self.ready(head).await, None),
             Route::Metrics => ("metrics", self.render_metrics(head), None),
-            Route::Search { query } => (
-                "search",
-                page::search(
-                    self.inner.indexes.current().as_deref(),
-                    &self.inner.config.default_system,
-                    &query,
-                    headers,
-                    head,
-                ),
-                None,
-            ),
+            Route::Search { query } => {
+                // Counted like program requests: each one is work a client can repeat.
+                let Some(_slot) = self.client_slot(peer.ip()) else {
+                    return (
+                        "search",
+                        error(
+                            ErrorKind::Overloaded,
+                            "too many requests from this address at once",
+                            head,
+                        ),
+                        None,
+                    );
+                };
+                (
+                    "search",
+                    page::search(
+                        self.inner.indexes.current().as_deref(),
+                        &self.inner.config.default_system,
+                        &query,
+                        headers,
+                        head,
+                    ),
+                    None,
+                )
+            }
             Route::Program(req) => {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
                     return (

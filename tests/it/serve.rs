@@ -1316,6 +1316,28 @@ async fn client_over_its_concurrency_limit_gets_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn search_counts_against_the_client_limit_like_program_requests() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    let server = gated(&up, dir.path(), &nar, &gate, 1).await;
+    let held = server
+        .client
+        .send("GET", "/hello", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let r = server.get("/-/search?q=hel").await;
+    assert_error_script(&r, 503, "too many requests from this address");
+    gate.open();
+    assert_serves(&held.reply().await.expect("a reply"), "hello");
+    let r = server.get("/-/search?q=hel").await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("hello\t"), "{}", r.text());
+}
+
+#[tokio::test]
 async fn shutdown_finishes_responses_in_progress_and_refuses_new_connections() {
     let up = cache();
     let dir = tempdir();
