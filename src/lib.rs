@@ -34,6 +34,8 @@ pub mod codec;
 pub mod demo;
 pub mod error;
 pub mod extract;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod index;
 pub mod nar;
