@@ -123,14 +123,15 @@ impl Names {
     /// or longer than [`MAX_PROGRAM_NAME`]) are left out.
     pub fn build<'a>(entries: impl Iterator<Item = (u32, &'a str, &'a str)>) -> Names {
         let start = Instant::now();
-        // Per system: (length, first 8 lowercase bytes as a big-endian number, offset of
-        // the lowercase name in `lower`, slot). The number decides most comparisons
-        // without touching the names, which would be a cache miss each.
+        // Per system and length: (first 8 lowercase bytes as a big-endian number, offset
+        // of the lowercase name in `lower`, index in `originals`). Sorting these records
+        // themselves, the number decides most comparisons without touching the names,
+        // which would be a cache miss each.
         struct Pending<'a> {
             system: &'a str,
             lower: Vec<u8>,
-            keys: Vec<(u8, u64, u32, u32)>,
-            originals: Vec<&'a str>,
+            by_len: Vec<Vec<(u64, u32, u32)>>,
+            originals: Vec<(u32, &'a str)>,
         }
         let mut pending: Vec<Pending<'a>> = Vec::new();
         for (slot, system, name) in entries {
@@ -143,14 +144,17 @@ impl Names {
                     pending.push(Pending {
                         system,
                         lower: Vec::new(),
-                        keys: Vec::new(),
+                        by_len: vec![Vec::new(); MAX_PROGRAM_NAME + 1],
                         originals: Vec::new(),
                     });
                     let last = pending.len() - 1;
                     &mut pending[last]
                 }
             };
-            let Ok(off) = u32::try_from(p.lower.len()) else {
+            let (Ok(off), Ok(idx)) = (
+                u32::try_from(p.lower.len()),
+                u32::try_from(p.originals.len()),
+            ) else {
                 continue;
             };
             let at = p.lower.len();
@@ -158,53 +162,39 @@ impl Names {
             let mut head = [0u8; 8];
             let n = name.len().min(8);
             head[..n].copy_from_slice(&p.lower[at..at + n]);
-            p.keys
-                .push((name.len() as u8, u64::from_be_bytes(head), off, slot));
-            p.originals.push(name);
+            p.by_len[name.len()].push((u64::from_be_bytes(head), off, idx));
+            p.originals.push((slot, name));
         }
         let systems = pending
             .into_iter()
-            .map(|p| {
-                let lower = &p.lower;
-                let originals = &p.originals;
-                let mut order: Vec<u32> = (0..p.keys.len() as u32).collect();
-                let keys = &p.keys;
-                order.sort_unstable_by(|&a, &b| {
-                    let (ka, kb) = (&keys[a as usize], &keys[b as usize]);
-                    (ka.0, ka.1).cmp(&(kb.0, kb.1)).then_with(|| {
-                        let len = usize::from(ka.0);
-                        let (oa, ob) = (ka.2 as usize, kb.2 as usize);
-                        lower[oa..oa + len]
-                            .cmp(&lower[ob..ob + len])
-                            .then_with(|| originals[a as usize].cmp(originals[b as usize]))
-                    })
-                });
+            .map(|mut p| {
+                let (lower, originals) = (&p.lower, &p.originals);
                 let mut names = SystemNames {
                     system: p.system.to_owned(),
                     bytes: Vec::with_capacity(lower.len()),
                     at: vec![0; MAX_PROGRAM_NAME + 2],
                     first: vec![0; MAX_PROGRAM_NAME + 2],
-                    slots: Vec::with_capacity(order.len()),
+                    slots: Vec::with_capacity(originals.len()),
                 };
-                let mut width = 0;
-                for &i in &order {
-                    let (len, _, off, slot) = keys[i as usize];
-                    let len = usize::from(len);
-                    while width < len {
-                        width += 1;
-                        names.at[width] = names.bytes.len();
-                        names.first[width] = names.slots.len();
+                for (len, group) in p.by_len.iter_mut().enumerate() {
+                    group.sort_unstable_by(|a, b| {
+                        a.0.cmp(&b.0).then_with(|| {
+                            let (oa, ob) = (a.1 as usize, b.1 as usize);
+                            lower[oa..oa + len].cmp(&lower[ob..ob + len]).then_with(|| {
+                                originals[a.2 as usize].1.cmp(originals[b.2 as usize].1)
+                            })
+                        })
+                    });
+                    names.at[len] = names.bytes.len();
+                    names.first[len] = names.slots.len();
+                    for &(_, off, idx) in group.iter() {
+                        let off = off as usize;
+                        names.bytes.extend_from_slice(&lower[off..off + len]);
+                        names.slots.push(originals[idx as usize].0);
                     }
-                    names
-                        .bytes
-                        .extend_from_slice(&lower[off as usize..off as usize + len]);
-                    names.slots.push(slot);
                 }
-                while width <= MAX_PROGRAM_NAME {
-                    width += 1;
-                    names.at[width] = names.bytes.len();
-                    names.first[width] = names.slots.len();
-                }
+                names.at[MAX_PROGRAM_NAME + 1] = names.bytes.len();
+                names.first[MAX_PROGRAM_NAME + 1] = names.slots.len();
                 names
             })
             .collect();
