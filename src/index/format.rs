@@ -54,6 +54,9 @@ const FLAG_SHA256: u32 = 2;
 const FLAG_NAR_OFFSET: u32 = 4;
 /// Largest metadata block accepted.
 const MAX_METADATA: u64 = 1 << 20;
+/// Files from this size on have their checksum computed on a second thread while the
+/// records are checked; below it, a thread costs more than it saves.
+const PARALLEL_CHECKSUM_FROM: usize = 4 << 20;
 /// Largest index file read unless configured otherwise: well above the 290 MB of a
 /// generated index of a million programs (`cargo bench --bench index`), so a real index
 /// has room to grow, while a wrong path (a device, a huge file) cannot take the memory
@@ -442,9 +445,51 @@ impl Index {
             return Err(corrupt("too short"));
         }
         let body = bytes.len() - 32;
-        if Sha256::digest(&bytes[..body]).as_slice() != &bytes[body..] {
+        let checksum_ok =
+            |bytes: &[u8]| Sha256::digest(&bytes[..body]).as_slice() == &bytes[body..];
+        if bytes.len() < PARALLEL_CHECKSUM_FROM {
+            if !checksum_ok(&bytes) {
+                return Err(corrupt("checksum mismatch"));
+            }
+            let mut index = Index::parse(bytes, body, name)?;
+            let (programs, names) = index.check_and_arrange().map_err(corrupt)?;
+            index.n_programs = programs;
+            index.names = names;
+            return Ok(index);
+        }
+        // A large file: its checksum (a quarter of a second for 290 MB) is computed on a
+        // second thread while this one checks every record and arranges the names; nothing
+        // of it is used unless the checksum matches.
+        let mut index = Index::parse(bytes, body, name)?;
+        let (sum_ok, arranged) = std::thread::scope(|scope| {
+            let bytes = index.bytes.as_slice();
+            let sum = std::thread::Builder::new()
+                .name("binplz-index-sum".into())
+                .spawn_scoped(scope, move || checksum_ok(bytes));
+            let arranged = index.check_and_arrange();
+            let sum_ok = match sum {
+                Ok(handle) => handle.join().unwrap_or(false),
+                // No thread to be had: compute it here.
+                Err(_) => checksum_ok(bytes),
+            };
+            (sum_ok, arranged)
+        });
+        if !sum_ok {
             return Err(corrupt("checksum mismatch"));
         }
+        let (programs, names) = arranged.map_err(corrupt)?;
+        index.n_programs = programs;
+        index.names = names;
+        Ok(index)
+    }
+
+    /// The header, section table and strings of a file whose magic and version were
+    /// checked; records are checked by [`Index::check_and_arrange`].
+    fn parse(bytes: Vec<u8>, body: usize, name: &str) -> Result<Index, IndexError> {
+        let corrupt = |what| IndexError::Corrupt {
+            path: name.to_owned(),
+            what,
+        };
         let meta_len = rd_u64(&bytes, 16);
         if meta_len > MAX_METADATA {
             return Err(corrupt("metadata too large"));
@@ -489,7 +534,7 @@ impl Index {
         let strings = std::str::from_utf8(&bytes[off..off + len])
             .map_err(|_| corrupt("strings are not UTF-8"))?
             .to_owned();
-        let mut index = Index {
+        Ok(Index {
             bytes,
             strings,
             meta,
@@ -500,15 +545,19 @@ impl Index {
             n_failures,
             slots,
             names: Names::default(),
-        };
-        index.n_programs = index.validate().map_err(corrupt)?;
-        // Built here, on the thread that loads the index, so no request pays for it.
-        index.names = Names::build((0..index.slots).filter_map(|i| {
-            let r = index.slot(i);
+        })
+    }
+
+    /// Checks every record ([`Index::validate`]) and arranges the names for suggestions
+    /// and search: here, on the thread that loads the index, so no request pays for it.
+    fn check_and_arrange(&self) -> Result<(usize, Names), &'static str> {
+        let programs = self.validate()?;
+        let names = Names::build((0..self.slots).filter_map(|i| {
+            let r = self.slot(i);
             let slot = u32::try_from(i).ok()?;
-            (rd_u32(r, 0) != KIND_EMPTY).then(|| (slot, index.str_at(r, 8), index.str_at(r, 16)))
+            (rd_u32(r, 0) != KIND_EMPTY).then(|| (slot, self.str_at(r, 8), self.str_at(r, 16)))
         }));
-        Ok(index)
+        Ok((programs, names))
     }
 
     /// Checks every reference once, so lookups never meet an out-of-range offset; returns
@@ -893,6 +942,40 @@ mod tests {
             let mut b = bytes.clone();
             b[at] ^= 0x10;
             assert!(Index::from_bytes(b, "t").is_err(), "flip at {at}");
+        }
+    }
+
+    #[test]
+    fn a_large_index_checked_on_two_threads_loads_and_a_flip_is_refused() {
+        let programs: Vec<ProgramEntry> = (0..20_000)
+            .map(|i| ProgramEntry {
+                system: "x86_64-linux".into(),
+                program: format!("prog{i}"),
+                candidates: vec![cand(&format!("attr{i}"), "out", None)],
+            })
+            .collect();
+        let bytes = encode(&Metadata::default(), &programs, &[], &[]).expect("encodes");
+        assert!(
+            bytes.len() >= PARALLEL_CHECKSUM_FROM,
+            "{} bytes",
+            bytes.len()
+        );
+        let index = Index::from_bytes(bytes.clone(), "large").expect("loads");
+        assert_eq!(index.len(), 20_000);
+        assert_eq!(index.suggest("x86_64-linux", "prog1999x")[0], "prog1999");
+        for at in [
+            100,
+            bytes.len() / 3,
+            bytes.len() / 2,
+            bytes.len() - 40,
+            bytes.len() - 1,
+        ] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x04;
+            assert!(
+                matches!(Index::from_bytes(b, "t"), Err(IndexError::Corrupt { .. })),
+                "flip at {at}"
+            );
         }
     }
 
