@@ -552,10 +552,27 @@ impl Index {
     /// and search: here, on the thread that loads the index, so no request pays for it.
     fn check_and_arrange(&self) -> Result<(usize, Names), &'static str> {
         let programs = self.validate()?;
+        // Names come from the slots where they are inline (most are), and a system is
+        // looked up only when its reference changes: the slots are read in order, while
+        // the strings they point to would be a cache miss each.
+        let mut system: ([u8; 8], &str) = ([0xff; 8], "");
         let names = Names::build((0..self.slots).filter_map(|i| {
             let r = self.slot(i);
+            if rd_u32(r, 0) == KIND_EMPTY {
+                return None;
+            }
             let slot = u32::try_from(i).ok()?;
-            (rd_u32(r, 0) != KIND_EMPTY).then(|| (slot, self.str_at(r, 8), self.str_at(r, 16)))
+            let reference: [u8; 8] = r[8..16].try_into().ok()?;
+            if reference != system.0 {
+                system = (reference, self.str_at(r, 8));
+            }
+            let inline = usize::from(r[32]);
+            let name = match r.get(33..33 + inline) {
+                // Checked at load to equal the name in the strings section.
+                Some(b) if inline > 0 => std::str::from_utf8(b).ok()?,
+                _ => self.str_at(r, 16),
+            };
+            Some((slot, system.1, name))
         }));
         Ok((programs, names))
     }
