@@ -1,5 +1,7 @@
 //! `cargo bench --bench index`: load time and lookup rate of a generated index of one
-//! million programs. Goals on a 2-core machine: load < 0.5 s, lookups > 5 million/s.
+//! million programs, and the latency of suggestions for unknown names and of searches.
+//! Goals on a 2-core machine: load < 0.5 s (the name structures for suggestions and search
+//! included), lookups > 5 million/s, suggestions < 1 ms and searches < 5 ms at p99.
 //!
 //! The index is generated deterministically (100,000 store paths with ten programs each,
 //! one program in five provided by a second attribute too) and written to
@@ -114,12 +116,12 @@ fn main() {
     let mut loads: Vec<Duration> = (0..7)
         .map(|_| {
             let t = Instant::now();
-            black_box(Index::load(&path).expect("load"));
+            black_box(Index::load(&path, format::DEFAULT_MAX_INDEX_SIZE).expect("load"));
             t.elapsed()
         })
         .collect();
     loads.sort();
-    let index = Index::load(&path).expect("load");
+    let index = Index::load(&path, format::DEFAULT_MAX_INDEX_SIZE).expect("load");
     assert_eq!(index.len(), PROGRAMS);
 
     // Check the input before timing: every 1000th program resolves to its own file.
@@ -162,6 +164,52 @@ fn main() {
         rates.sort_by(f64::total_cmp);
         rates[rates.len() / 2]
     };
+    // Suggestions for unknown names: typos of real names (a byte changed, dropped or
+    // added) and names like none. Checked before timing: a dropped byte is suggested back.
+    let typo = |rng: &mut Rng| {
+        let mut n = name((rng.next() % PROGRAMS as u64) as usize).into_bytes();
+        let at = (rng.next() as usize) % n.len();
+        match rng.next() % 4 {
+            0 => n[at] = b'q',
+            1 => drop(n.remove(at)),
+            2 => n.insert(at, b'w'),
+            _ => n = format!("zq{}", rng.next() % 1000).into_bytes(),
+        }
+        String::from_utf8(n).unwrap_or_default()
+    };
+    for i in (1..PROGRAMS).step_by(100_000) {
+        let mut n = name(i);
+        n.pop();
+        if !matches!(index.resolve(SYSTEM, &n, None), Lookup::Unknown) {
+            continue;
+        }
+        let got = index.suggest(SYSTEM, &n);
+        assert!(got.contains(&name(i)), "{n}: {got:?}");
+    }
+    let mut rng = Rng(11);
+    let typos: Vec<String> = (0..20_000).map(|_| typo(&mut rng)).collect();
+    let suggest = latencies(&typos, |q| index.suggest(SYSTEM, q).len());
+
+    // Searches: prefixes and middles of real names, single letters, and misses.
+    let mut rng = Rng(13);
+    let queries: Vec<String> = (0..20_000)
+        .map(|_| {
+            let n = name((rng.next() % PROGRAMS as u64) as usize);
+            let len = 1 + (rng.next() as usize) % n.len().min(6);
+            let from = (rng.next() as usize) % (n.len() - len + 1);
+            match rng.next() % 5 {
+                0 => format!("zq{}", rng.next() % 100),
+                _ => n[from..from + len].to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(
+        index.search(SYSTEM, &name(4242), 50).first().copied(),
+        Some(name(4242).as_str())
+    );
+    let search = latencies(&queries, |q| index.search(SYSTEM, q, 50).len());
+    let cost = index.names_cost();
+
     let rate = measure(false);
     let rate_decoded = measure(true);
     let load = loads[loads.len() / 2];
@@ -184,5 +232,42 @@ fn main() {
     println!(
         "lookup + decoding the chosen candidate: median {:.2} million/s",
         rate_decoded / 1e6
+    );
+    println!(
+        "names for suggestions and search: {:.1} MB, built in {:.3} s (part of the load)",
+        cost.bytes as f64 / 1e6,
+        cost.built_in.as_secs_f64()
+    );
+    report("suggest", &suggest, Duration::from_millis(1));
+    report("search ", &search, Duration::from_millis(5));
+}
+
+/// Each query's latency, sorted.
+fn latencies(queries: &[String], mut run: impl FnMut(&str) -> usize) -> Vec<Duration> {
+    let mut acc = 0;
+    let mut times: Vec<Duration> = queries
+        .iter()
+        .map(|q| {
+            let t = Instant::now();
+            acc += run(q);
+            t.elapsed()
+        })
+        .collect();
+    black_box(acc);
+    times.sort();
+    times
+}
+
+fn report(what: &str, times: &[Duration], goal: Duration) {
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    let p99 = at(0.99);
+    println!(
+        "{what}: {} queries, p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs   goal p99 < {} ms   {}",
+        times.len(),
+        at(0.5).as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6,
+        at(1.0).as_secs_f64() * 1e6,
+        goal.as_millis(),
+        if p99 < goal { "ok" } else { "MISSED" }
     );
 }

@@ -64,6 +64,9 @@ struct ServeArgs {
     )]
     indexes: Vec<PathBuf>,
 
+    #[command(flatten)]
+    index_limit: IndexLimitArgs,
+
     /// Directory of the disk cache [default: $XDG_CACHE_HOME/binplz or ~/.cache/binplz].
     #[arg(long, value_name = "DIR", env = "BINPLZ_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -139,6 +142,25 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT", env = "BINPLZ_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+}
+
+/// How much of an index file may be read.
+#[derive(Debug, Args)]
+struct IndexLimitArgs {
+    /// Largest index file read; anything larger (or not a regular file) is refused, and a
+    /// server keeps serving the index it has. The file is held in memory whole.
+    #[arg(long, value_name = "BYTES", env = "BINPLZ_MAX_INDEX_SIZE", default_value = "1G", value_parser = parse_bytes)]
+    max_index_size: u64,
+}
+
+impl IndexLimitArgs {
+    /// The limit, validated: zero would refuse every index.
+    fn bytes(&self) -> Result<u64, CliError> {
+        if self.max_index_size == 0 {
+            return Err(bad("--max-index-size must be more than 0".into()));
+        }
+        Ok(self.max_index_size)
+    }
 }
 
 /// Parses `1048576`, `512K`, `256M`, `10G` (powers of 1024).
@@ -258,6 +280,8 @@ enum IndexCommand {
     Stats {
         /// The index file.
         index: PathBuf,
+        #[command(flatten)]
+        limit: IndexLimitArgs,
     },
 }
 
@@ -299,6 +323,8 @@ struct IndexShowArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    limit: IndexLimitArgs,
 }
 
 /// Runs the command line and returns the process's exit status.
@@ -310,7 +336,7 @@ pub fn main() -> ExitCode {
         Command::Extract(args) => run_extract(args),
         Command::Index(IndexCommand::Build(args)) => run_index_build(args),
         Command::Index(IndexCommand::Show(args)) => run_index_show(args),
-        Command::Index(IndexCommand::Stats { index }) => run_index_stats(&index),
+        Command::Index(IndexCommand::Stats { index, limit }) => run_index_stats(&index, &limit),
         Command::Serve(args) => run_serve(args),
     };
     log.flush();
@@ -591,12 +617,12 @@ fn run_index_build(args: IndexBuildArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn load(path: &Path) -> Result<Index, CliError> {
-    Index::load(path).map_err(|e| bad(e.to_string()))
+fn load(path: &Path, limit: &IndexLimitArgs) -> Result<Index, CliError> {
+    Index::load(path, limit.bytes()?).map_err(|e| bad(e.to_string()))
 }
 
 fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
-    let index = load(&args.index)?;
+    let index = load(&args.index, &args.limit)?;
     let system = match (&args.system, index.metadata().systems.as_slice()) {
         (Some(s), _) => s.clone(),
         (None, [only]) => only.clone(),
@@ -660,8 +686,8 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
     }
 }
 
-fn run_index_stats(path: &Path) -> Result<(), CliError> {
-    let index = load(path)?;
+fn run_index_stats(path: &Path, limit: &IndexLimitArgs) -> Result<(), CliError> {
+    let index = load(path, limit)?;
     let m = index.metadata();
     println!("index:      {}", path.display());
     println!("format:     version {}", format::VERSION);
@@ -714,6 +740,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
         disk_scrub_period: (args.disk_scrub_period > 0)
             .then(|| std::time::Duration::from_secs(args.disk_scrub_period)),
+        max_index_size: args.index_limit.bytes()?,
         ..Config::default()
     };
     let extractor = if demo {
@@ -751,7 +778,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let sources = if demo {
             let opts = BuildOptions {
                 evals: vec![build::EvalInput::Bytes { name: "demo evaluation".into(), bytes: crate::demo::EVAL }],
@@ -787,8 +814,17 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         crate::server::run_threads(listener, app, threads, shutdown_signal())
             .await
             .map_err(|e| (ErrorKind::Internal, e.to_string()))
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, however long: an index
+    // reload still reading a slow file would keep a stopped server from exiting. What
+    // had to finish (responses, files being kept) was waited for within the grace period.
+    rt.shutdown_timeout(LEFTOVER_BLOCKING_WAIT);
+    served
 }
+
+/// How long an exiting server waits for blocking work nobody waits for any more (an
+/// index reload in progress): short, as its result would be thrown away.
+const LEFTOVER_BLOCKING_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Raises the soft limit on open files to the hard one, as Go programs and nginx's
 /// `worker_rlimit_nofile` do: each connection takes a descriptor, and each large file held

@@ -5,6 +5,7 @@
 //! module's `check` panics only when a property is broken; any input is otherwise fine.
 //! Not an API: hidden from the docs, and free to change with the targets.
 
+pub mod index_loader;
 pub mod ls;
 pub mod nar_reader;
 pub mod narinfo;

@@ -26,6 +26,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::names::{Names, NamesCost};
 use super::{Candidate, EvalFailure, Metadata, NotBuilt};
 
 const MAGIC: &[u8; 8] = b"BINPLZIX";
@@ -53,11 +54,25 @@ const FLAG_SHA256: u32 = 2;
 const FLAG_NAR_OFFSET: u32 = 4;
 /// Largest metadata block accepted.
 const MAX_METADATA: u64 = 1 << 20;
+/// Files from this size on have their checksum computed on a second thread while the
+/// records are checked; below it, a thread costs more than it saves.
+const PARALLEL_CHECKSUM_FROM: usize = 4 << 20;
+/// Largest index file read unless configured otherwise: well above the 290 MB of a
+/// generated index of a million programs (`cargo bench --bench index`), so a real index
+/// has room to grow, while a wrong path (a device, a huge file) cannot take the memory
+/// of the node that loads it. The file is held in memory whole, beside the index it
+/// replaces during a reload.
+pub const DEFAULT_MAX_INDEX_SIZE: u64 = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("cannot read index {path}: {err}")]
     Io { path: String, err: std::io::Error },
+    #[error("index {path} is {kind}, not a regular file")]
+    NotAFile { path: String, kind: &'static str },
+    /// `size` is the file's size, or `limit + 1` when the file grew while it was read.
+    #[error("index {path} is larger than the limit of {limit} bytes (--max-index-size)")]
+    TooLarge { path: String, size: u64, limit: u64 },
     #[error("{path} is not a binplz index")]
     NotAnIndex { path: String },
     #[error("{path} is index format version {found}; this binplz reads version {VERSION}")]
@@ -298,6 +313,8 @@ pub struct Index {
     n_not_built: usize,
     n_failures: usize,
     slots: usize,
+    /// The program names arranged for suggestions and search, built at load.
+    names: Names,
 }
 
 /// A candidate as stored in the index.
@@ -342,13 +359,65 @@ fn rd_u64(b: &[u8], at: usize) -> u64 {
         .map_or(0, u64::from_le_bytes)
 }
 
+/// Reads the index file at `path`: a regular file of at most `max_size` bytes, whatever
+/// the path turns out to be. Opened with `O_NONBLOCK`, as opening a FIFO for reading
+/// otherwise waits in open(2) for a writer that may never come; the opened descriptor is
+/// then checked, not the path, so a file swapped in between cannot slip past. At most
+/// `max_size + 1` bytes are read, so a file that grows while it is read (or lies in its
+/// size) is still refused without reading it all.
+fn read_bounded(path: &Path, max_size: u64) -> Result<Vec<u8>, IndexError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let name = || path.display().to_string();
+    let io = |err| IndexError::Io { path: name(), err };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let kind = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(IndexError::NotAFile { path: name(), kind });
+    }
+    let too_large = |size| IndexError::TooLarge {
+        path: name(),
+        size,
+        limit: max_size,
+    };
+    if meta.len() > max_size {
+        return Err(too_large(meta.len()));
+    }
+    // Bounded by `max_size` above; the capacity only saves regrowing.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max_size.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > max_size {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 impl Index {
-    /// Reads and validates an index file. A corrupt or truncated file is refused.
-    pub fn load(path: &Path) -> Result<Index, IndexError> {
-        let bytes = std::fs::read(path).map_err(|err| IndexError::Io {
-            path: path.display().to_string(),
-            err,
-        })?;
+    /// Reads and validates an index file of at most `max_size` bytes. Anything but a
+    /// regular file (a FIFO, a device, a directory), a larger file, and a corrupt or
+    /// truncated one are refused.
+    pub fn load(path: &Path, max_size: u64) -> Result<Index, IndexError> {
+        let bytes = read_bounded(path, max_size)?;
         Index::from_bytes(bytes, &path.display().to_string())
     }
 
@@ -376,9 +445,51 @@ impl Index {
             return Err(corrupt("too short"));
         }
         let body = bytes.len() - 32;
-        if Sha256::digest(&bytes[..body]).as_slice() != &bytes[body..] {
+        let checksum_ok =
+            |bytes: &[u8]| Sha256::digest(&bytes[..body]).as_slice() == &bytes[body..];
+        if bytes.len() < PARALLEL_CHECKSUM_FROM {
+            if !checksum_ok(&bytes) {
+                return Err(corrupt("checksum mismatch"));
+            }
+            let mut index = Index::parse(bytes, body, name)?;
+            let (programs, names) = index.check_and_arrange().map_err(corrupt)?;
+            index.n_programs = programs;
+            index.names = names;
+            return Ok(index);
+        }
+        // A large file: its checksum (a quarter of a second for 290 MB) is computed on a
+        // second thread while this one checks every record and arranges the names; nothing
+        // of it is used unless the checksum matches.
+        let mut index = Index::parse(bytes, body, name)?;
+        let (sum_ok, arranged) = std::thread::scope(|scope| {
+            let bytes = index.bytes.as_slice();
+            let sum = std::thread::Builder::new()
+                .name("binplz-index-sum".into())
+                .spawn_scoped(scope, move || checksum_ok(bytes));
+            let arranged = index.check_and_arrange();
+            let sum_ok = match sum {
+                Ok(handle) => handle.join().unwrap_or(false),
+                // No thread to be had: compute it here.
+                Err(_) => checksum_ok(bytes),
+            };
+            (sum_ok, arranged)
+        });
+        if !sum_ok {
             return Err(corrupt("checksum mismatch"));
         }
+        let (programs, names) = arranged.map_err(corrupt)?;
+        index.n_programs = programs;
+        index.names = names;
+        Ok(index)
+    }
+
+    /// The header, section table and strings of a file whose magic and version were
+    /// checked; records are checked by [`Index::check_and_arrange`].
+    fn parse(bytes: Vec<u8>, body: usize, name: &str) -> Result<Index, IndexError> {
+        let corrupt = |what| IndexError::Corrupt {
+            path: name.to_owned(),
+            what,
+        };
         let meta_len = rd_u64(&bytes, 16);
         if meta_len > MAX_METADATA {
             return Err(corrupt("metadata too large"));
@@ -423,7 +534,7 @@ impl Index {
         let strings = std::str::from_utf8(&bytes[off..off + len])
             .map_err(|_| corrupt("strings are not UTF-8"))?
             .to_owned();
-        let mut index = Index {
+        Ok(Index {
             bytes,
             strings,
             meta,
@@ -433,9 +544,37 @@ impl Index {
             n_not_built,
             n_failures,
             slots,
-        };
-        index.n_programs = index.validate().map_err(corrupt)?;
-        Ok(index)
+            names: Names::default(),
+        })
+    }
+
+    /// Checks every record ([`Index::validate`]) and arranges the names for suggestions
+    /// and search: here, on the thread that loads the index, so no request pays for it.
+    fn check_and_arrange(&self) -> Result<(usize, Names), &'static str> {
+        let programs = self.validate()?;
+        // Names come from the slots where they are inline (most are), and a system is
+        // looked up only when its reference changes: the slots are read in order, while
+        // the strings they point to would be a cache miss each.
+        let mut system: ([u8; 8], &str) = ([0xff; 8], "");
+        let names = Names::build((0..self.slots).filter_map(|i| {
+            let r = self.slot(i);
+            if rd_u32(r, 0) == KIND_EMPTY {
+                return None;
+            }
+            let slot = u32::try_from(i).ok()?;
+            let reference: [u8; 8] = r[8..16].try_into().ok()?;
+            if reference != system.0 {
+                system = (reference, self.str_at(r, 8));
+            }
+            let inline = usize::from(r[32]);
+            let name = match r.get(33..33 + inline) {
+                // Checked at load to equal the name in the strings section.
+                Some(b) if inline > 0 => std::str::from_utf8(b).ok()?,
+                _ => self.str_at(r, 16),
+            };
+            Some((slot, system.1, name))
+        }));
+        Ok((programs, names))
     }
 
     /// Checks every reference once, so lookups never meet an out-of-range offset; returns
@@ -636,32 +775,29 @@ impl Index {
         })
     }
 
-    /// Up to five known names close to `program` (small edit distance, or a prefix). This
-    /// scans every name: callers cache its answers.
+    /// Up to five known names close to `program` (small edit distance, or a prefix), from
+    /// the names arranged at load: no scan of every name.
     pub fn suggest(&self, system: &str, program: &str) -> Vec<String> {
-        let mut best: Vec<(usize, &str)> = Vec::new();
-        for (s, name) in self.programs() {
-            if s != system || name == program {
-                continue;
-            }
-            // Two edits turn any short name into another: allow one below five bytes.
-            let max = if program.len() < 5 { 1 } else { 2 };
-            let d = if name.len().abs_diff(program.len()) <= max {
-                bounded_distance(program.as_bytes(), name.as_bytes(), max)
-            } else {
-                None
-            };
-            let d = d.or_else(|| (program.len() >= 3 && name.starts_with(program)).then_some(3));
-            if let Some(d) = d {
-                best.push((d, name));
-            }
-        }
-        best.sort();
-        best.dedup_by(|a, b| a.1 == b.1);
-        best.into_iter()
-            .take(5)
-            .map(|(_, n)| n.to_owned())
+        self.names.suggest(system, program, |slot| {
+            self.str_at(self.slot(slot as usize), 16)
+        })
+    }
+
+    /// Up to `limit` built programs whose names contain `query` (in any case): equal
+    /// names first, then those starting with it, then the rest; shorter names first
+    /// within each.
+    pub fn search(&self, system: &str, query: &str, limit: usize) -> Vec<&str> {
+        let built = |slot: u32| rd_u32(self.slot(slot as usize), 0) == KIND_BUILT;
+        self.names
+            .search(system, query, limit, built)
+            .into_iter()
+            .map(|slot| self.str_at(self.slot(slot as usize), 16))
             .collect()
+    }
+
+    /// What the name structures for suggestions and search cost at load.
+    pub fn names_cost(&self) -> NamesCost {
+        self.names.cost()
     }
 }
 
@@ -705,26 +841,6 @@ impl<'a> Candidates<'a> {
             .chain((self.first..self.first + self.n).filter(move |&i| i != chosen))
             .map(move |i| index.candidate(i))
     }
-}
-
-/// Levenshtein distance, or `None` when it exceeds `max`.
-fn bounded_distance(a: &[u8], b: &[u8], max: usize) -> Option<usize> {
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, &ca) in a.iter().enumerate() {
-        cur[0] = i + 1;
-        let mut row_min = cur[0];
-        for (j, &cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-            row_min = row_min.min(cur[j + 1]);
-        }
-        if row_min > max {
-            return None;
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    (prev[b.len()] <= max).then_some(prev[b.len()])
 }
 
 #[cfg(test)]
@@ -847,6 +963,40 @@ mod tests {
     }
 
     #[test]
+    fn a_large_index_checked_on_two_threads_loads_and_a_flip_is_refused() {
+        let programs: Vec<ProgramEntry> = (0..20_000)
+            .map(|i| ProgramEntry {
+                system: "x86_64-linux".into(),
+                program: format!("prog{i}"),
+                candidates: vec![cand(&format!("attr{i}"), "out", None)],
+            })
+            .collect();
+        let bytes = encode(&Metadata::default(), &programs, &[], &[]).expect("encodes");
+        assert!(
+            bytes.len() >= PARALLEL_CHECKSUM_FROM,
+            "{} bytes",
+            bytes.len()
+        );
+        let index = Index::from_bytes(bytes.clone(), "large").expect("loads");
+        assert_eq!(index.len(), 20_000);
+        assert_eq!(index.suggest("x86_64-linux", "prog1999x")[0], "prog1999");
+        for at in [
+            100,
+            bytes.len() / 3,
+            bytes.len() / 2,
+            bytes.len() - 40,
+            bytes.len() - 1,
+        ] {
+            let mut b = bytes.clone();
+            b[at] ^= 0x04;
+            assert!(
+                matches!(Index::from_bytes(b, "t"), Err(IndexError::Corrupt { .. })),
+                "flip at {at}"
+            );
+        }
+    }
+
+    #[test]
     fn a_newer_version_is_refused_with_its_number() {
         let mut b = sample();
         b[8] = 9;
@@ -865,20 +1015,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("index.bin");
         write(&path, &Metadata::default(), &[], &[], &[]).expect("writes");
-        let index = Index::load(&path).expect("loads");
+        let index = Index::load(&path, DEFAULT_MAX_INDEX_SIZE).expect("loads");
         assert!(index.is_empty());
         assert_eq!(
             std::fs::read_dir(dir.path()).expect("dir").count(),
             1,
             "no temp file left"
         );
-    }
-
-    #[test]
-    fn bounded_distance_is_levenshtein_up_to_the_bound() {
-        assert_eq!(bounded_distance(b"tree", b"tree", 2), Some(0));
-        assert_eq!(bounded_distance(b"tree", b"tre", 2), Some(1));
-        assert_eq!(bounded_distance(b"ripgrep", b"ripgrap", 2), Some(1));
-        assert_eq!(bounded_distance(b"abc", b"xyz", 2), None);
     }
 }

@@ -8,6 +8,7 @@
 pub mod build;
 pub mod eval;
 pub mod format;
+pub mod names;
 
 use std::fmt;
 

@@ -2,7 +2,8 @@
 //!
 //! The newest index (by creation time) answers requests without `?rev=`; older ones stay
 //! reachable with `?rev=<revision>`. A file that changed on disk is loaded again; if the
-//! new file is bad, the old index keeps serving and the error is logged.
+//! new file is bad (corrupt, not a regular file, over the size limit), the old index keeps
+//! serving and the error is logged.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -25,6 +26,8 @@ struct Entry {
 
 pub struct Indexes {
     entries: RwLock<Vec<Entry>>,
+    /// Largest index file read (`--max-index-size`).
+    max_size: u64,
 }
 
 fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
@@ -33,14 +36,15 @@ fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
 }
 
 impl Indexes {
-    /// Loads every source; any failure is an error (at start-up nothing serves yet).
-    pub fn load(sources: Vec<IndexSource>) -> Result<Indexes, String> {
+    /// Loads every source, files of at most `max_size` bytes; any failure is an error (at
+    /// start-up nothing serves yet).
+    pub fn load(sources: Vec<IndexSource>, max_size: u64) -> Result<Indexes, String> {
         let mut entries = Vec::new();
         for s in sources {
             entries.push(match s {
                 IndexSource::File(path) => {
                     let st = stamp(&path);
-                    let index = Index::load(&path).map_err(|e| e.to_string())?;
+                    let index = Index::load(&path, max_size).map_err(|e| e.to_string())?;
                     Entry {
                         path: Some(path),
                         stamp: st,
@@ -56,6 +60,7 @@ impl Indexes {
         }
         Ok(Indexes {
             entries: RwLock::new(entries),
+            max_size,
         })
     }
 
@@ -92,7 +97,8 @@ impl Indexes {
         };
         for (i, path) in changed {
             let st = stamp(&path);
-            match Index::load(&path) {
+            tracing::info!(path = %path.display(), "reloading index");
+            match Index::load(&path, self.max_size) {
                 Ok(index) => {
                     tracing::info!(path = %path.display(), programs = index.len(), revision = ?index.metadata().revision, "index reloaded");
                     if let Ok(mut entries) = self.entries.write() {

@@ -92,6 +92,8 @@ pub struct Config {
     pub negative_ttl: Duration,
     /// How often index files are checked for changes.
     pub index_poll: Duration,
+    /// Largest index file read, at start-up and at reloads.
+    pub max_index_size: u64,
     /// Least time between two readiness probes of the upstream (see `/-/readyz`).
     pub ready_probe_interval: Duration,
     /// How long the scrubber takes to re-hash the whole disk cache; `None`: no scrubber.
@@ -118,6 +120,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(30),
             index_poll: Duration::from_secs(5),
+            max_index_size: crate::index::format::DEFAULT_MAX_INDEX_SIZE,
             ready_probe_interval: Duration::from_secs(5),
             disk_scrub_period: Some(crate::cache::scrub::DEFAULT_PERIOD),
             hyper_only: false,
@@ -269,7 +272,7 @@ impl App {
         extractor: Extractor,
         files: Files,
     ) -> Result<App, String> {
-        let indexes = Indexes::load(indexes)?;
+        let indexes = Indexes::load(indexes, config.max_index_size)?;
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.negative_ttl)
@@ -398,17 +401,31 @@ impl App {
             ),
             Route::Ready => ("readyz", self.ready(head).await, None),
             Route::Metrics => ("metrics", self.render_metrics(head), None),
-            Route::Search { query } => (
-                "search",
-                page::search(
-                    self.inner.indexes.current().as_deref(),
-                    &self.inner.config.default_system,
-                    &query,
-                    headers,
-                    head,
-                ),
-                None,
-            ),
+            Route::Search { query } => {
+                // Counted like program requests: each one is work a client can repeat.
+                let Some(_slot) = self.client_slot(peer.ip()) else {
+                    return (
+                        "search",
+                        error(
+                            ErrorKind::Overloaded,
+                            "too many requests from this address at once",
+                            head,
+                        ),
+                        None,
+                    );
+                };
+                (
+                    "search",
+                    page::search(
+                        self.inner.indexes.current().as_deref(),
+                        &self.inner.config.default_system,
+                        &query,
+                        headers,
+                        head,
+                    ),
+                    None,
+                )
+            }
             Route::Program(req) => {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
                     return (

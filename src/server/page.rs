@@ -107,14 +107,9 @@ pub fn search(
     }
     let mut results: Vec<(String, String, String)> = Vec::new();
     if let (Some(index), false) = (index, query.is_empty()) {
-        let mut names: Vec<&str> = index
-            .programs()
-            .filter(|(s, n)| *s == system && n.to_ascii_lowercase().contains(&query))
-            .map(|(_, n)| n)
-            .collect();
-        // Exact match first, then prefixes, then shorter names.
-        names.sort_by_key(|n| (*n != query, !n.starts_with(&query), n.len(), n.to_string()));
-        for name in names.into_iter().take(MAX_RESULTS) {
+        // Equal names first, then prefixes, then shorter names; from the names arranged
+        // when the index loaded, not a pass over every name.
+        for name in index.search(system, &query, MAX_RESULTS) {
             if let Lookup::Found(c) = index.resolve(system, name, None) {
                 let chosen = c.chosen();
                 results.push((

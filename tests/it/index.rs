@@ -11,7 +11,7 @@ use std::time::Duration;
 use binplz::error::ErrorKind;
 use binplz::extract::Extractor;
 use binplz::index::build::{self, BuildError, BuildOptions, Built, EvalInput};
-use binplz::index::format::{self, Found};
+use binplz::index::format::{self, Found, DEFAULT_MAX_INDEX_SIZE};
 use binplz::index::{Candidate, Index, IndexError, Lookup};
 use binplz::nar::writer::Entry;
 use binplz::narinfo::Trust;
@@ -973,7 +973,7 @@ async fn written_index_loads_back_with_the_same_answers() {
     let dir = tempdir();
     let path = dir.path().join("idx");
     write_index(&built, &path);
-    let loaded = Index::load(&path).expect("the written index loads");
+    let loaded = Index::load(&path, DEFAULT_MAX_INDEX_SIZE).expect("the written index loads");
     let in_memory = index_of(&built);
     assert_eq!(loaded.metadata(), &built.meta);
     assert_eq!(answers(&loaded), answers(&in_memory));
@@ -995,7 +995,7 @@ async fn writing_an_index_leaves_no_temp_file_behind() {
     // Replacing an existing index too.
     write_index(&built, &path);
     assert_eq!(dir_entries(dir.path()), ["idx"]);
-    Index::load(&path).expect("the replaced index loads");
+    Index::load(&path, DEFAULT_MAX_INDEX_SIZE).expect("the replaced index loads");
 }
 
 #[rstest]
@@ -1015,7 +1015,8 @@ async fn damaged_index_file_is_refused_with_a_clear_error(#[case] damage: fn(&mu
     let mut bytes = std::fs::read(&path).expect("reading the index");
     damage(&mut bytes);
     std::fs::write(&path, &bytes).expect("damaging the index");
-    let err = Index::load(&path).expect_err("a damaged index must be refused");
+    let err =
+        Index::load(&path, DEFAULT_MAX_INDEX_SIZE).expect_err("a damaged index must be refused");
     assert!(matches!(err, IndexError::Corrupt { .. }), "{err:?}");
     let msg = err.to_string();
     assert!(msg.contains(&path.display().to_string()), "{msg}");
@@ -1028,13 +1029,71 @@ fn file_that_is_not_an_index_is_refused() {
     let dir = tempdir();
     let path = write_file(&dir, "idx", "{\"not\": \"an index\"}\n");
     assert!(matches!(
-        Index::load(&path),
+        Index::load(&path, DEFAULT_MAX_INDEX_SIZE),
         Err(IndexError::NotAnIndex { .. })
     ));
     assert!(matches!(
-        Index::load(&dir.path().join("missing")),
+        Index::load(&dir.path().join("missing"), DEFAULT_MAX_INDEX_SIZE),
         Err(IndexError::Io { .. })
     ));
+}
+
+/// Makes a FIFO at `path`: opening it for reading waits for a writer, unless non-blocking.
+pub(crate) fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
+}
+
+#[rstest]
+#[case::dev_zero("/dev/zero", "a character device")]
+#[case::fifo("fifo", "a FIFO")]
+#[case::directory(".", "a directory")]
+fn index_path_that_is_not_a_regular_file_is_refused_without_reading_it(
+    #[case] name: &str,
+    #[case] kind: &str,
+) {
+    let dir = tempdir();
+    let path = dir.path().join(name);
+    if name == "fifo" {
+        mkfifo(&path);
+    }
+    // Neither waits for a writer (FIFO) nor reads without end (`/dev/zero`).
+    let err = Index::load(&path, DEFAULT_MAX_INDEX_SIZE).expect_err("not a regular file");
+    assert!(matches!(err, IndexError::NotAFile { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(kind), "{msg}");
+    assert!(msg.contains("not a regular file"), "{msg}");
+}
+
+#[tokio::test]
+async fn index_over_the_size_limit_is_refused_and_one_at_the_limit_loads() {
+    let up = cache();
+    let built = build(&up, &[jobs_fixture()]).await;
+    let dir = tempdir();
+    let path = dir.path().join("idx");
+    write_index(&built, &path);
+    let len = std::fs::metadata(&path).expect("the index").len();
+    Index::load(&path, len).expect("an index of exactly the limit loads");
+    let err = Index::load(&path, len - 1).expect_err("one byte over the limit");
+    assert!(
+        matches!(err, IndexError::TooLarge { size, limit, .. } if size == len && limit == len - 1),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--max-index-size"), "{err}");
+
+    // A huge file is refused before anything is read (a sparse file: nothing on disk).
+    let huge = dir.path().join("huge");
+    std::fs::File::create(&huge)
+        .and_then(|f| f.set_len(DEFAULT_MAX_INDEX_SIZE + 1))
+        .expect("a sparse file");
+    let err = Index::load(&huge, DEFAULT_MAX_INDEX_SIZE).expect_err("over the default limit");
+    assert!(matches!(err, IndexError::TooLarge { .. }), "{err:?}");
 }
 
 // ─── The command line ──────────────────────────────────────────────────────────────────
@@ -1086,7 +1145,7 @@ fn cli_index_build_writes_the_index_and_prints_a_summary() {
     assert!(err.contains("1 evaluation errors"), "{err}");
     assert!(err.contains(&format!("wrote {}", idx.display())), "{err}");
     assert_eq!(dir_entries(dir.path()), ["idx"]);
-    let index = Index::load(&idx).expect("the written index loads");
+    let index = Index::load(&idx, DEFAULT_MAX_INDEX_SIZE).expect("the written index loads");
     assert_eq!(index.metadata().revision.as_deref(), Some(REVISION));
     assert_eq!(
         location(&index, "hello"),
@@ -1114,7 +1173,7 @@ fn cli_index_build_gives_up_on_a_narinfo_that_never_comes_at_its_deadline() {
         err.contains("hello-1.0 reason=") && err.contains("narinfo was not fetched within 1s"),
         "{err}"
     );
-    let index = Index::load(&idx).expect("the written index loads");
+    let index = Index::load(&idx, DEFAULT_MAX_INDEX_SIZE).expect("the written index loads");
     assert!(
         !matches!(index.resolve(SYSTEM, "hello", None), Lookup::Found(c) if c.chosen().store_path == paths::HELLO),
         "hello was indexed without its narinfo"
@@ -1251,4 +1310,78 @@ fn cli_index_show_on_a_corrupt_index_fails_with_one_line() {
         let line = assert_failure(&out, ErrorKind::BadRequest);
         assert!(line.contains("corrupt or truncated"), "{line}");
     }
+}
+
+#[test]
+fn cli_index_show_and_stats_refuse_a_fifo_and_an_index_over_max_index_size() {
+    let (dir, idx) = cli_index();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    for args in [&["show", "hello"][..], &["stats"][..]] {
+        let out = run(&mut index_cmd(args, &fifo));
+        let line = assert_failure(&out, ErrorKind::BadRequest);
+        assert!(line.contains("is a FIFO, not a regular file"), "{line}");
+
+        let mut cmd = index_cmd(args, &idx);
+        cmd.args(["--max-index-size", "1K"]);
+        let line = assert_failure(&run(&mut cmd), ErrorKind::BadRequest);
+        assert!(
+            line.contains("larger than the limit of 1024 bytes"),
+            "{line}"
+        );
+
+        let mut cmd = index_cmd(args, &idx);
+        cmd.env("BINPLZ_MAX_INDEX_SIZE", "1M");
+        assert_success(&run(&mut cmd));
+    }
+}
+
+/// `binplz serve --index INDEX` against the fixture cache.
+fn serve_with_index(index: &Path, cache_dir: &Path) -> Command {
+    let mut cmd = binplz();
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--index"])
+        .arg(index)
+        .arg("--upstream")
+        .arg(format!("file://{}", support::cache_dir("cache").display()))
+        .args(["--trusted-public-key", &Key::test().public()])
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .env("BINPLZ_LOG", "off")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+#[rstest]
+#[case::dev_zero("/dev/zero", None, "is a character device, not a regular file")]
+#[case::fifo("fifo", None, "is a FIFO, not a regular file")]
+#[case::over_the_limit("idx", Some("1K"), "larger than the limit of 1024 bytes")]
+fn serve_refuses_to_start_on_an_index_it_must_not_read(
+    #[case] name: &str,
+    #[case] limit: Option<&str>,
+    #[case] why: &str,
+) {
+    let (dir, _idx) = cli_index();
+    let path = dir.path().join(name);
+    if name == "fifo" {
+        mkfifo(&path);
+    }
+    let mut cmd = serve_with_index(&path, &dir.path().join("cache"));
+    if let Some(limit) = limit {
+        cmd.args(["--max-index-size", limit]);
+    }
+    let out = run(&mut cmd);
+    let line = assert_failure(&out, ErrorKind::BadRequest);
+    assert!(line.contains(why), "{line}");
+}
+
+#[test]
+fn serve_refuses_a_max_index_size_of_zero() {
+    let (dir, idx) = cli_index();
+    let mut cmd = serve_with_index(&idx, &dir.path().join("cache"));
+    cmd.args(["--max-index-size", "0"]);
+    let line = assert_failure(&run(&mut cmd), ErrorKind::BadRequest);
+    assert!(
+        line.contains("--max-index-size must be more than 0"),
+        "{line}"
+    );
 }

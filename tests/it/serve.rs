@@ -1486,6 +1486,28 @@ async fn client_over_its_concurrency_limit_gets_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn search_counts_against_the_client_limit_like_program_requests() {
+    let up = cache();
+    let dir = tempdir();
+    let nar = fixture_nar_path("cache", paths::HELLO);
+    let gate = Gate::default();
+    let server = gated(&up, dir.path(), &nar, &gate, 1).await;
+    let held = server
+        .client
+        .send("GET", "/hello", &[])
+        .await
+        .expect("sending");
+    gate.arrivals(1).await;
+    let r = server.get("/-/search?q=hel").await;
+    assert_error_script(&r, 503, "too many requests from this address");
+    gate.open();
+    assert_serves(&held.reply().await.expect("a reply"), "hello");
+    let r = server.get("/-/search?q=hel").await;
+    assert_eq!(r.status, 200);
+    assert!(r.text().starts_with("hello\t"), "{}", r.text());
+}
+
+#[tokio::test]
 async fn shutdown_finishes_responses_in_progress_and_refuses_new_connections() {
     let up = cache();
     let dir = tempdir();
@@ -1710,6 +1732,22 @@ impl Running {
         assert!(kill.success());
     }
 
+    /// Whether it exits, cleanly, within `limit` (its log ends when it does).
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return false,
+            }
+        }
+        self.child.wait().is_ok_and(|s| s.success())
+    }
+
     /// Stops it with SIGTERM, checks it exits cleanly, and returns every line it logged.
     fn stop(mut self) -> Vec<String> {
         self.signal("-TERM");
@@ -1856,6 +1894,95 @@ fn sighup_reloads_an_index_file_even_when_it_looks_unchanged() {
     assert!(reloaded.is_some(), "{:#?}", running.seen);
     assert_eq!(revision(running.addr).as_deref(), Some("fixturf"));
     running.stop();
+}
+
+/// `binplz serve` of the index file `index` (the fixture index, written there first) from
+/// the fixture cache, with `extra` arguments.
+fn serve_index_file(dir: &Path, index: &Path, extra: &[&str]) -> Running {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(fixture_index())
+        .write(index);
+    Running::start(
+        crate::support::cli::binplz()
+            .args(["serve", "--listen", "127.0.0.1:0", "--index"])
+            .arg(index)
+            .arg("--upstream")
+            .arg(format!(
+                "file://{}",
+                crate::support::cache_dir("cache").display()
+            ))
+            .args([
+                "--trusted-public-key",
+                &crate::support::Key::test().public(),
+            ])
+            .arg("--cache-dir")
+            .arg(dir.join("cache"))
+            .args(extra),
+        "text",
+    )
+}
+
+/// Puts `make(tmp)`'s result in place of `index` by a rename, as a deploy would.
+fn replace_index(index: &Path, make: impl FnOnce(&Path)) {
+    let tmp = index.with_extension("new");
+    make(&tmp);
+    std::fs::rename(&tmp, index).expect("renaming over the index");
+}
+
+#[test]
+fn a_reload_refuses_what_it_must_not_read_and_the_old_index_keeps_serving() {
+    let dir = tempdir();
+    let index = dir.path().join("fixture.idx");
+    // Room for the fixture index, not for much more.
+    let mut running = serve_index_file(dir.path(), &index, &["--max-index-size", "1M"]);
+    let serves_fixture = |addr| {
+        let r = blocking_get(addr, "/hello");
+        assert_serves(&r, "hello");
+        assert_eq!(r.header("x-nixpkgs-revision"), Some("fixture"));
+    };
+    serves_fixture(running.addr);
+    type Make = fn(&Path);
+    let cases: [(&str, Make); 3] = [
+        ("is a FIFO, not a regular file", crate::index::mkfifo),
+        ("is a character device, not a regular file", |p| {
+            std::os::unix::fs::symlink("/dev/zero", p).expect("a symlink to /dev/zero")
+        }),
+        ("larger than the limit of 1048576 bytes", |p| {
+            std::fs::File::create(p)
+                .and_then(|f| f.set_len((1 << 20) + 1))
+                .expect("a sparse file")
+        }),
+    ];
+    for (why, make) in cases {
+        replace_index(&index, make);
+        running.signal("-HUP");
+        let refused = running.wait_for(|l| l.contains("new index refused"));
+        let refused = refused.unwrap_or_else(|| panic!("no refusal logged: {:#?}", running.seen));
+        assert!(refused.contains(why), "{refused}");
+        serves_fixture(running.addr);
+    }
+    running.stop();
+}
+
+#[test]
+fn sigterm_stops_a_server_whose_index_reload_meets_a_fifo() {
+    let dir = tempdir();
+    let index = dir.path().join("fixture.idx");
+    let mut running = serve_index_file(dir.path(), &index, &[]);
+    // Nothing ever writes to this FIFO: opened as files usually are, it would never open.
+    replace_index(&index, crate::index::mkfifo);
+    running.signal("-HUP");
+    let reloading = running.wait_for(|l| l.contains("reloading index"));
+    assert!(reloading.is_some(), "{:#?}", running.seen);
+    running.signal("-TERM");
+    assert!(
+        running.exits_within(Duration::from_secs(30)),
+        "still running after SIGTERM: {:#?}",
+        running.seen
+    );
 }
 
 #[test]
