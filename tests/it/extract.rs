@@ -1054,25 +1054,28 @@ async fn within_a_while<T>(fut: impl std::future::Future<Output = T>) -> T {
         .expect("the fetch was never ended")
 }
 
+/// The upstream error that ends extracting `bin/hello` with `ex` as timed out.
+async fn hello_times_out(ex: &Extractor) -> UpstreamError {
+    let fut = extract_err(ex, paths::HELLO, "bin/hello", ErrorKind::TimedOut);
+    match within_a_while(fut).await {
+        ExtractError::Upstream(e) => e,
+        other => panic!("not an upstream error: {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn narinfo_that_never_answers_ends_at_the_narinfo_deadline() {
     let up = cache();
     up.set_fault(&narinfo_path(paths::HELLO), Fault::NoAnswer);
     let ex = extractor_with_deadlines(&up, short_deadlines(1));
-    let err = within_a_while(extract_err(
-        &ex,
-        paths::HELLO,
-        "bin/hello",
-        ErrorKind::TimedOut,
-    ))
-    .await;
+    let err = hello_times_out(&ex).await;
     assert!(
         matches!(
             err,
-            ExtractError::Upstream(UpstreamError::Deadline {
+            UpstreamError::Deadline {
                 what: "narinfo",
                 ..
-            })
+            }
         ),
         "{err:?}"
     );
@@ -1093,20 +1096,14 @@ async fn narinfo_retries_end_at_the_narinfo_deadline() {
         .map(|u| Cache::with_deadlines(u, short_deadlines(1)))
         .expect("the fake upstream's URL opens");
     let ex = Extractor::new(vec![cache], trust(), false);
-    let err = within_a_while(extract_err(
-        &ex,
-        paths::HELLO,
-        "bin/hello",
-        ErrorKind::TimedOut,
-    ))
-    .await;
+    let err = hello_times_out(&ex).await;
     assert!(
         matches!(
             err,
-            ExtractError::Upstream(UpstreamError::Deadline {
+            UpstreamError::Deadline {
                 what: "narinfo",
                 ..
-            })
+            }
         ),
         "{err:?}"
     );
@@ -1122,18 +1119,9 @@ async fn nar_that_never_answers_ends_at_the_nar_deadline() {
     up.set_fault(&fixture_nar_path("cache", paths::HELLO), Fault::NoAnswer);
     // NarSize at a byte a second would be minutes: a rate this high leaves the base alone.
     let ex = extractor_with_deadlines(&up, short_deadlines(1 << 30));
-    let err = within_a_while(extract_err(
-        &ex,
-        paths::HELLO,
-        "bin/hello",
-        ErrorKind::TimedOut,
-    ))
-    .await;
+    let err = hello_times_out(&ex).await;
     assert!(
-        matches!(
-            err,
-            ExtractError::Upstream(UpstreamError::Deadline { what: "NAR", .. })
-        ),
+        matches!(err, UpstreamError::Deadline { what: "NAR", .. }),
         "{err:?}"
     );
 }
@@ -1152,17 +1140,8 @@ async fn nar_dripping_under_the_minimum_rate_times_out() {
         },
     );
     let ex = extractor_with_deadlines(&up, short_deadlines(1000));
-    let err = within_a_while(extract_err(
-        &ex,
-        paths::HELLO,
-        "bin/hello",
-        ErrorKind::TimedOut,
-    ))
-    .await;
-    assert!(
-        matches!(err, ExtractError::Upstream(UpstreamError::TooSlow { .. })),
-        "{err:?}"
-    );
+    let err = hello_times_out(&ex).await;
+    assert!(matches!(err, UpstreamError::TooSlow { .. }), "{err:?}");
     assert_eq!(up.hits(&nar), 1);
 }
 
@@ -1175,18 +1154,9 @@ async fn nar_silent_after_its_headers_ends_when_its_rate_window_closes() {
     );
     // The read timeout is ten minutes; a whole window without a byte is under any rate.
     let ex = extractor_with_deadlines(&up, short_deadlines(1));
-    let err = within_a_while(extract_err(
-        &ex,
-        paths::HELLO,
-        "bin/hello",
-        ErrorKind::TimedOut,
-    ))
-    .await;
+    let err = hello_times_out(&ex).await;
     assert!(
-        matches!(
-            err,
-            ExtractError::Upstream(UpstreamError::TooSlow { bytes: 0, .. })
-        ),
+        matches!(err, UpstreamError::TooSlow { bytes: 0, .. }),
         "{err:?}"
     );
 }
