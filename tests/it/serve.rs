@@ -1462,7 +1462,7 @@ async fn garbage_index_file_leaves_the_old_index_serving() {
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn client_over_its_concurrency_limit_gets_503_with_retry_after() {
+async fn client_over_its_concurrency_limit_gets_503_with_retry_after_for_programs_and_searches() {
     let up = cache();
     let dir = tempdir();
     let nar = fixture_nar_path("cache", paths::HELLO);
@@ -1477,31 +1477,14 @@ async fn client_over_its_concurrency_limit_gets_503_with_retry_after() {
     let r = server.get("/goodbye").await;
     assert_error_script(&r, 503, "too many requests from this address");
     assert_eq!(r.header("retry-after"), Some("60"));
-    // Pages other than programs are not limited.
+    // Searches count as program requests do; other pages are not limited.
+    let r = server.get("/-/search?q=hel").await;
+    assert_error_script(&r, 503, "too many requests from this address");
     assert_eq!(server.get("/-/healthz").await.status, 200);
     gate.open();
     assert_serves(&held.reply().await.expect("a reply"), "hello");
     // The slot is free again.
     assert_serves(&server.get("/goodbye").await, "goodbye");
-}
-
-#[tokio::test]
-async fn search_counts_against_the_client_limit_like_program_requests() {
-    let up = cache();
-    let dir = tempdir();
-    let nar = fixture_nar_path("cache", paths::HELLO);
-    let gate = Gate::default();
-    let server = gated(&up, dir.path(), &nar, &gate, 1).await;
-    let held = server
-        .client
-        .send("GET", "/hello", &[])
-        .await
-        .expect("sending");
-    gate.arrivals(1).await;
-    let r = server.get("/-/search?q=hel").await;
-    assert_error_script(&r, 503, "too many requests from this address");
-    gate.open();
-    assert_serves(&held.reply().await.expect("a reply"), "hello");
     let r = server.get("/-/search?q=hel").await;
     assert_eq!(r.status, 200);
     assert!(r.text().starts_with("hello\t"), "{}", r.text());
