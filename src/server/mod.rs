@@ -404,15 +404,7 @@ impl App {
             Route::Search { query } => {
                 // Counted like program requests: each one is work a client can repeat.
                 let Some(_slot) = self.client_slot(peer.ip()) else {
-                    return (
-                        "search",
-                        error(
-                            ErrorKind::Overloaded,
-                            "too many requests from this address at once",
-                            head,
-                        ),
-                        None,
-                    );
+                    return ("search", over_client_limit(head), None);
                 };
                 (
                     "search",
@@ -428,15 +420,7 @@ impl App {
             }
             Route::Program(req) => {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
-                    return (
-                        "program",
-                        error(
-                            ErrorKind::Overloaded,
-                            "too many requests from this address at once",
-                            head,
-                        ),
-                        None,
-                    );
+                    return ("program", over_client_limit(head), None);
                 };
                 match self.program(&req, headers, head, false).await {
                     Ok((resp, tier)) => ("program", resp, Some(tier)),
@@ -445,15 +429,7 @@ impl App {
             }
             Route::Sha256(req) => {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
-                    return (
-                        "sha256",
-                        error(
-                            ErrorKind::Overloaded,
-                            "too many requests from this address at once",
-                            head,
-                        ),
-                        None,
-                    );
+                    return ("sha256", over_client_limit(head), None);
                 };
                 match self.program(&req, headers, head, true).await {
                     Ok((resp, tier)) => ("sha256", resp, Some(tier)),
@@ -996,6 +972,15 @@ impl FileHeaders {
             file,
         }
     }
+}
+
+/// The answer to a request over its client's `max_per_client`.
+fn over_client_limit(head: bool) -> Response<Body> {
+    error(
+        ErrorKind::Overloaded,
+        "too many requests from this address at once",
+        head,
+    )
 }
 
 /// The 200/206/304/416 response for a file, honouring `Range`, `If-Range` and
