@@ -395,10 +395,14 @@ impl Files {
         match self.cached(store_path, path).await {
             Ok(Some(hit)) => return Ok(hit),
             Ok(None) => {}
-            // A disk entry that cannot be read is fetched again rather than failing every
-            // request for it.
+            // A disk entry that cannot be read is dropped and fetched again rather than
+            // failing every request for it: while its key stays, the flight below would
+            // take it as kept and answer from it again.
             Err(e) => {
-                tracing::warn!(store_path, path, err = %e, "cannot read a cached file; fetching it again")
+                tracing::warn!(store_path, path, err = %e, "cannot read a cached file; fetching it again");
+                if let Some(meta) = self.disk.lookup(store_path, path) {
+                    self.disk.remove(&meta.sha256);
+                }
             }
         }
         let (mut flights, mut waits) = (0, 0);

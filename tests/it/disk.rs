@@ -214,3 +214,25 @@ async fn a_cache_directory_removed_while_serving_is_made_again() {
     assert_eq!(server.get("/-/readyz").await.text(), "ready\n");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_cached_file_that_cannot_be_opened_is_fetched_again_not_a_500() {
+    let (up, spill, dir) = (
+        FakeUpstream::serve(support::cache_dir("cache")),
+        tempdir(),
+        tempdir(),
+    );
+    let cache_dir = dir.path().join("cache");
+    let server = start(&up, &cache_dir, spill.path()).await;
+    assert_serves(&server.get("/hello").await, "hello", "upstream");
+    server.app.settled().await;
+
+    // Opening the kept file now fails with ENOTDIR, not "not found".
+    std::fs::remove_dir_all(&cache_dir).expect("removing the cache directory");
+    std::fs::write(&cache_dir, b"x").expect("a plain file in its place");
+    for _ in 0..2 {
+        assert_serves(&server.get("/hello").await, "hello", "upstream");
+    }
+    server.app.settled().await;
+    server.stop().await;
+}
