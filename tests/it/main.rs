@@ -1,11 +1,13 @@
 //! Integration tests, as one test binary: the extractor against a fake binary cache
 //! (`extract`), the `binplz` command line (`cli`), the server with a disk cache that cannot
-//! write (`disk`), and the test support itself (`harness`, checking `support`).
+//! write (`disk`), `flake.nix` and its NixOS module (`flake`), and the test support itself
+//! (`harness`, checking `support`).
 
 mod cli;
 mod differential;
 mod disk;
 mod extract;
+mod flake;
 mod harness;
 mod index;
 mod serve;
