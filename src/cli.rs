@@ -184,7 +184,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 /// Where store paths come from and which signatures count.
 #[derive(Debug, Args)]
 struct UpstreamArgs {
-    /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in
+    /// Binary cache to fetch from: http://, https://, file:///path or
+    /// s3://BUCKET?region=…&endpoint=…&scheme=…&profile=…. May repeat; tried in
     /// order. Default: https://cache.nixos.org (for `serve`: the built-in demo).
     #[arg(
         long = "upstream",
