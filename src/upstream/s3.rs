@@ -310,7 +310,11 @@ pub fn classify(e: &object_store::Error) -> Result<(), S3Cause> {
             code: code.unwrap_or_else(|| "AccessDenied".to_owned()),
         }),
         _ if code.as_deref() == Some("NoSuchBucket") => Err(S3Cause::NoSuchBucket),
-        _ if message.contains("credential") => Err(S3Cause::Credentials { err: message }),
+        // Credential providers fail before any request reaches the bucket; the last one
+        // in the chain asks the instance (or container) metadata address.
+        _ if message.contains("credential") || message.contains("169.254.") => {
+            Err(S3Cause::Credentials { err: message })
+        }
         _ => Err(S3Cause::Request { err: message }),
     }
 }
