@@ -138,6 +138,16 @@ impl Store {
         })
     }
 
+    /// A store over an S3 client configured by the caller (explicit credentials, say):
+    /// `bucket` is for messages and missing-bucket checks.
+    pub fn with_s3_client(bucket: &str, client: object_store::aws::AmazonS3) -> Store {
+        Store {
+            url: format!("s3://{bucket}"),
+            inner: Arc::new(client),
+            s3: true,
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
     }

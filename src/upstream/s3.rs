@@ -300,16 +300,25 @@ fn s3_code(message: &str) -> Option<&str> {
 pub fn classify(e: &object_store::Error) -> Result<(), S3Cause> {
     let message = e.to_string();
     let code = s3_code(&message).map(str::to_owned);
+    // Listings fail as `Generic` errors whatever the status: S3's code decides first.
+    match code.as_deref() {
+        Some("NoSuchBucket") => return Err(S3Cause::NoSuchBucket),
+        Some(
+            c @ ("AccessDenied"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "InvalidToken"
+            | "AllAccessDisabled"),
+        ) => return Err(S3Cause::AccessDenied { code: c.to_owned() }),
+        _ => {}
+    }
     match e {
-        object_store::Error::NotFound { .. } if code.as_deref() == Some("NoSuchBucket") => {
-            Err(S3Cause::NoSuchBucket)
-        }
         object_store::Error::NotFound { .. } => Ok(()),
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. } => Err(S3Cause::AccessDenied {
             code: code.unwrap_or_else(|| "AccessDenied".to_owned()),
         }),
-        _ if code.as_deref() == Some("NoSuchBucket") => Err(S3Cause::NoSuchBucket),
         // Credential providers fail before any request reaches the bucket; the last one
         // in the chain asks the instance (or container) metadata address.
         _ if message.contains("credential") || message.contains("169.254.") => {
@@ -336,12 +345,18 @@ impl S3Upstream {
     pub fn new(url: &str, config: &ClientConfig) -> Result<Self, UpstreamError> {
         let parsed = S3Url::parse(url)?;
         let store = parsed.client(config)?;
-        Ok(S3Upstream {
-            url: format!("s3://{}", parsed.bucket),
-            bucket: parsed.bucket,
-            store: Arc::new(store),
+        Ok(S3Upstream::with_client(&parsed.bucket, store))
+    }
+
+    /// The cache in `bucket`, through a client configured by the caller (explicit
+    /// credentials, say).
+    pub fn with_client(bucket: &str, client: AmazonS3) -> Self {
+        S3Upstream {
+            url: format!("s3://{bucket}"),
+            bucket: bucket.to_owned(),
+            store: Arc::new(client),
             bucket_seen: tokio::sync::OnceCell::new(),
-        })
+        }
     }
 
     /// Lists (at most) one key, once: fails with [`S3Cause::NoSuchBucket`] when the bucket

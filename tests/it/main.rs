@@ -8,5 +8,6 @@ mod disk;
 mod extract;
 mod harness;
 mod index;
+mod s3;
 mod serve;
 mod support;
