@@ -30,7 +30,7 @@ use crate::upstream::s3::{classify, S3Url};
 use crate::upstream::{ClientConfig, S3Cause, UpstreamError};
 
 pub use gc::{gc, GcOptions, GcReport};
-pub use publish::{publish, Fault, PublishOptions, Published};
+pub use publish::{publish, publish_to, Fault, PublishOptions, Published};
 
 /// Size of each part of a multipart upload (S3 wants at least 5 MiB but for the last).
 const PART_SIZE: usize = 8 << 20;

@@ -124,6 +124,13 @@ pub async fn publish(
     Ok(done)
 }
 
+/// [`publish`] to the store at `uri` (`s3://…` or `file:///…`) with the default options and
+/// client settings: the one call a builder needs after `nix copy` into `staging`.
+pub async fn publish_to(staging: &Path, uri: &str) -> Result<Published, StoreError> {
+    let store = Store::open(uri, &crate::upstream::ClientConfig::default())?;
+    publish(staging, &store, &PublishOptions::default()).await
+}
+
 fn fault(opts: &PublishOptions, key: &str) -> Result<(), StoreError> {
     match &opts.fault {
         Some(f) => f(key).map_err(|reason| StoreError::Interrupted {
