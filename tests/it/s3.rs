@@ -140,6 +140,39 @@ fn binplz_extract_reads_a_bucket_published_by_binplz_publish() {
     );
 }
 
+#[test]
+fn binplz_serve_serves_a_bucket_given_as_its_upstream() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    publish_cli(&s3, &staging(&tmp), &s3.url("cache"));
+    let index = tmp.path().join("index");
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(fixture_index())
+        .write(&index);
+    let mut cmd = binplz();
+    s3.env(&mut cmd)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &s3.url("cache"),
+        ])
+        .arg("--trusted-public-key")
+        .arg(Key::test().public())
+        .arg("--index")
+        .arg(&index)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("disk"));
+    let running = crate::serve::Running::start(&mut cmd, "text");
+    let r = crate::serve::blocking_get(running.addr, "/hello");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, prebuilt("hello"));
+    running.stop();
+}
+
 #[tokio::test]
 async fn wrong_credentials_fail_clearly_and_cache_nothing() {
     let s3 = S3Server::start();
