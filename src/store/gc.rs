@@ -13,9 +13,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+
 use super::{Object, Store, StoreError};
 use crate::index::Index;
 use crate::upstream::MAX_NARINFO_SIZE;
+
+/// Narinfos read at once.
+const NARINFO_READS: usize = 16;
 
 #[derive(Debug)]
 pub struct GcOptions {
@@ -83,12 +88,23 @@ fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
 pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> {
     let objects = store.list().await?;
     let by_key: HashMap<&str, &Object> = objects.iter().map(|o| (o.key.as_str(), o)).collect();
+    let narinfo_objects = objects
+        .iter()
+        .filter_map(|o| Some((o.key.strip_suffix(".narinfo")?, o)))
+        .filter(|(hash, _)| !hash.contains('/'));
+    // Narinfos are read a few at a time: a bucket holds one per store path, and each is a
+    // round trip.
+    let read: Vec<(&str, &Object, Option<Vec<u8>>)> = stream::iter(narinfo_objects)
+        .map(|(hash, o)| async move {
+            let bytes = store.read_small(&o.key, MAX_NARINFO_SIZE as u64).await?;
+            Ok::<_, StoreError>((hash, o, bytes))
+        })
+        .buffer_unordered(NARINFO_READS)
+        .try_collect()
+        .await?;
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-    for o in &objects {
-        let Some(hash) = o.key.strip_suffix(".narinfo").filter(|k| !k.contains('/')) else {
-            continue;
-        };
-        let Some(bytes) = store.read_small(&o.key, MAX_NARINFO_SIZE as u64).await? else {
+    for (hash, o, bytes) in read {
+        let Some(bytes) = bytes else {
             continue; // deleted since the listing
         };
         let text = String::from_utf8_lossy(&bytes);

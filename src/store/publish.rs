@@ -12,11 +12,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+
 use super::{Store, StoreError};
 use crate::upstream::{CachePath, MAX_NARINFO_SIZE};
 
 /// Files larger than this go up in parts (Nix's own S3 uploads use multipart from 5 MiB).
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 16 << 20;
+
+/// Files uploaded at once (each large one also sends its parts a few at a time).
+const UPLOADS: usize = 4;
 
 /// What `nix-cache-info` says when the staging cache has none.
 const CACHE_INFO: &str = "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n";
@@ -65,6 +70,18 @@ pub struct Published {
     pub bytes: u64,
 }
 
+impl Published {
+    fn record(&mut self, key: &str, uploaded: Option<u64>) {
+        match uploaded {
+            Some(bytes) => {
+                self.uploaded.push(key.to_owned());
+                self.bytes += bytes;
+            }
+            None => self.skipped.push(key.to_owned()),
+        }
+    }
+}
+
 /// Uploads the staging cache in `staging` to `store` (see the module documentation for
 /// the order and guarantees), then removes the staging files unless told not to. This is
 /// what `binplz builder` calls after `nix copy` into its staging directory, and what
@@ -100,8 +117,16 @@ pub async fn publish(
     } else {
         done.skipped.push("nix-cache-info".to_owned());
     }
-    for (key, path) in &data {
-        send(store, key, path, opts, &mut done).await?;
+    // A few at a time; every one of them ends before the first narinfo starts.
+    let sent: Vec<(&str, Option<u64>)> = stream::iter(&data)
+        .map(|(key, path)| async move {
+            Ok::<_, StoreError>((key.as_str(), send(store, key, path, opts).await?))
+        })
+        .buffer_unordered(UPLOADS)
+        .try_collect()
+        .await?;
+    for (key, bytes) in sent {
+        done.record(key, bytes);
     }
     for (key, path) in &narinfos {
         let text = std::fs::read(path).map_err(|err| StoreError::Local {
@@ -116,7 +141,8 @@ pub async fn publish(
                 url: store.url().to_owned(),
             });
         }
-        send(store, key, path, opts, &mut done).await?;
+        let bytes = send(store, key, path, opts).await?;
+        done.record(key, bytes);
     }
     if opts.remove_staged {
         remove_staged(staging, &files)?;
@@ -141,21 +167,21 @@ fn fault(opts: &PublishOptions, key: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Uploads one file unless the store has it: its size when uploaded.
 async fn send(
     store: &Store,
     key: &str,
     path: &Path,
     opts: &PublishOptions,
-    done: &mut Published,
-) -> Result<(), StoreError> {
+) -> Result<Option<u64>, StoreError> {
     if store.exists(key).await? {
-        done.skipped.push(key.to_owned());
-        return Ok(());
+        return Ok(None);
     }
     fault(opts, key)?;
-    done.bytes += store.upload(key, path, opts.multipart_threshold).await?;
-    done.uploaded.push(key.to_owned());
-    Ok(())
+    store
+        .upload(key, path, opts.multipart_threshold)
+        .await
+        .map(Some)
 }
 
 fn is_narinfo(key: &str) -> bool {
