@@ -141,6 +141,62 @@ fn binplz_extract_reads_a_bucket_published_by_binplz_publish() {
 }
 
 #[test]
+fn a_profile_named_in_the_url_gives_the_keys_from_the_shared_credentials_file() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    publish_cli(&s3, &staging(&tmp), &s3.url("cache"));
+    let credentials = tmp.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = nobody\naws_secret_access_key = wrong\n\n\
+             [edge]\naws_access_key_id = {}\naws_secret_access_key = {SECRET_KEY}\n",
+            crate::support::s3::ACCESS_KEY
+        ),
+    )
+    .expect("writing the credentials file");
+    let extract = |url: &str, out_file: &Path| {
+        let mut cmd = binplz();
+        s3.env(&mut cmd)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+            .args(["extract", "--upstream", url, "--trusted-public-key"])
+            .arg(Key::test().public())
+            .args([paths::HELLO, "bin/hello", "-o"])
+            .arg(out_file);
+        run(&mut cmd)
+    };
+    let out_file = tmp.path().join("hello");
+    assert_success(&extract(
+        &format!("{}&profile=edge", s3.url("cache")),
+        &out_file,
+    ));
+    assert_eq!(
+        std::fs::read(&out_file).expect("the file"),
+        prebuilt("hello")
+    );
+
+    // Without profile=, the default section's (wrong) keys are used.
+    let line = assert_failure(
+        &extract(&s3.url("cache"), &tmp.path().join("again")),
+        ErrorKind::UpstreamBroken,
+    );
+    assert!(line.contains("access denied"), "{line}");
+
+    // A profile the file does not have is named in the error.
+    let line = assert_failure(
+        &extract(
+            &format!("{}&profile=nope", s3.url("cache")),
+            &tmp.path().join("x"),
+        ),
+        ErrorKind::BadRequest,
+    );
+    assert!(line.contains("profile \"nope\""), "{line}");
+}
+
+#[test]
 fn binplz_serve_serves_a_bucket_given_as_its_upstream() {
     let s3 = S3Server::start();
     s3.bucket("cache");
