@@ -22,6 +22,9 @@ use crate::upstream::MAX_NARINFO_SIZE;
 /// Narinfos read at once.
 const NARINFO_READS: usize = 16;
 
+/// Objects deleted at once.
+const DELETES: usize = 16;
+
 #[derive(Debug)]
 pub struct GcOptions {
     /// The loaded indexes; only the `keep_revisions` newest (by creation time) count.
@@ -157,7 +160,7 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .filter(|(_, e)| young(&e.narinfo))
             .map(|(h, _)| h.clone()),
     );
-    let mut kept = closure(&entries, roots);
+    let kept = closure(&entries, roots);
 
     // The files each kept store path needs.
     let files_of = |hash: &str, e: &Entry| -> Vec<String> {
@@ -166,34 +169,33 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         files.extend(e.deriver.as_ref().map(|d| format!("log/{d}")));
         files
     };
-    let needed = |kept: &HashSet<String>| -> HashSet<String> {
-        kept.iter()
-            .filter_map(|h| entries.get(h).map(|e| files_of(h, e)))
-            .flatten()
-            .collect()
-    };
+    // How many kept store paths need each file (a NAR or a build log may be shared).
+    let mut needed: HashMap<String, usize> = HashMap::new();
+    for h in &kept {
+        if let Some(e) = entries.get(h) {
+            for f in files_of(h, e) {
+                *needed.entry(f).or_default() += 1;
+            }
+        }
+    }
     let collectable = |key: &str| {
         key.starts_with("nar/")
             || key.starts_with("log/")
             || (!key.contains('/') && (key.ends_with(".narinfo") || key.ends_with(".ls")))
     };
-    let mut keep_files = needed(&kept);
     let mut doomed_keys: HashSet<String> = objects
         .iter()
-        .filter(|o| collectable(&o.key) && !young(o) && !keep_files.contains(&o.key))
+        .filter(|o| collectable(&o.key) && !young(o) && !needed.contains_key(&o.key))
         .map(|o| o.key.clone())
         .collect();
 
     let mut over_max_size = 0;
     if let Some(max) = opts.max_size {
-        let size_of = |keys: &HashSet<String>| -> u64 {
-            objects
-                .iter()
-                .filter(|o| !keys.contains(&o.key))
-                .map(|o| o.size)
-                .sum()
-        };
-        let mut total = size_of(&doomed_keys);
+        let mut total: u64 = objects
+            .iter()
+            .filter(|o| !doomed_keys.contains(&o.key))
+            .map(|o| o.size)
+            .sum();
         // Least recently built first: the narinfo is uploaded last, so its time is the
         // build's.
         let mut candidates: Vec<(&String, &Entry)> = entries
@@ -201,20 +203,24 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .filter(|(h, _)| kept.contains(*h) && !protected.contains(*h))
             .collect();
         candidates.sort_by_key(|(h, e)| (e.narinfo.modified, (*h).clone()));
-        for (hash, _) in candidates {
+        for (hash, e) in candidates {
             if total <= max {
                 break;
             }
-            kept.remove(hash);
-            keep_files = needed(&kept);
-            if let Some(e) = entries.get(hash) {
-                for key in files_of(hash, e) {
-                    if by_key.contains_key(key.as_str()) && !keep_files.contains(&key) {
-                        doomed_keys.insert(key);
+            for key in files_of(hash, e) {
+                let Some(n) = needed.get_mut(&key) else {
+                    continue;
+                };
+                *n -= 1;
+                if *n == 0 {
+                    needed.remove(&key);
+                    if let Some(o) = by_key.get(key.as_str()) {
+                        if doomed_keys.insert(key) {
+                            total = total.saturating_sub(o.size);
+                        }
                     }
                 }
             }
-            total = size_of(&doomed_keys);
         }
         over_max_size = total.saturating_sub(max);
     }
@@ -249,8 +255,17 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         doomed,
     };
     if opts.delete {
-        for d in &report.doomed {
-            store.delete(&d.key).await?;
+        // Every narinfo is gone before any NAR, listing or log goes.
+        let (narinfos, rest): (Vec<&Doomed>, Vec<&Doomed>) = report
+            .doomed
+            .iter()
+            .partition(|d| d.key.ends_with(".narinfo"));
+        for batch in [narinfos, rest] {
+            stream::iter(batch)
+                .map(|d| store.delete(&d.key))
+                .buffer_unordered(DELETES)
+                .try_collect::<Vec<()>>()
+                .await?;
         }
     }
     Ok(report)
