@@ -126,7 +126,7 @@ async fn the_fixture_cache_published_to_a_bucket_is_served_from_it() {
 }
 
 #[test]
-fn binplz_extract_reads_a_bucket_published_by_binplz_publish() {
+fn binplz_extract_and_index_build_read_a_bucket_published_by_binplz_publish() {
     let s3 = S3Server::start();
     s3.bucket("cache");
     let tmp = TempDir::new().expect("a temp dir");
@@ -138,6 +138,32 @@ fn binplz_extract_reads_a_bucket_published_by_binplz_publish() {
         std::fs::read(&out_file).expect("the extracted file"),
         prebuilt("hello")
     );
+
+    // The index built from the bucket says what the one built from the directory says.
+    let show = |upstream: &str, name: &str| {
+        let idx = tmp.path().join(name);
+        let mut cmd = binplz();
+        s3.env(&mut cmd)
+            .args(["index", "build", "--eval"])
+            .arg(support::fixtures().join("eval/nix-eval-jobs.jsonl"))
+            .args(["--upstream", upstream, "--trusted-public-key"])
+            .arg(Key::test().public())
+            .args(["--revision", "r1", "-o"])
+            .arg(&idx);
+        assert_success(&run(&mut cmd));
+        let out = run(binplz()
+            .args(["index", "show"])
+            .arg(&idx)
+            .args(["hello", "--json"]));
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let from_dir = show(
+        &format!("file://{}", support::cache_dir("cache").display()),
+        "dir-index",
+    );
+    assert!(from_dir.contains(paths::HELLO), "{from_dir}");
+    assert_eq!(show(&s3.url("cache"), "s3-index"), from_dir);
 }
 
 #[test]
