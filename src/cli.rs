@@ -39,6 +39,11 @@ enum Command {
     ///
     /// With no --upstream and no --index, serves a built-in demo (offline).
     Serve(ServeArgs),
+    /// Upload a staging cache (written by `nix copy --to file://DIR`) to a store, each
+    /// narinfo last.
+    Publish(crate::store::command::PublishArgs),
+    /// Delete what no loaded index needs from a store (a dry run unless --delete).
+    Gc(crate::store::command::GcArgs),
 }
 
 #[derive(Debug, Args)]
@@ -146,7 +151,7 @@ struct ServeArgs {
 
 /// How much of an index file may be read.
 #[derive(Debug, Args)]
-struct IndexLimitArgs {
+pub(crate) struct IndexLimitArgs {
     /// Largest index file read; anything larger (or not a regular file) is refused, and a
     /// server keeps serving the index it has. The file is held in memory whole.
     #[arg(long, value_name = "BYTES", env = "BINPLZ_MAX_INDEX_SIZE", default_value = "1G", value_parser = parse_bytes)]
@@ -155,7 +160,7 @@ struct IndexLimitArgs {
 
 impl IndexLimitArgs {
     /// The limit, validated: zero would refuse every index.
-    fn bytes(&self) -> Result<u64, CliError> {
+    pub(crate) fn bytes(&self) -> Result<u64, CliError> {
         if self.max_index_size == 0 {
             return Err(bad("--max-index-size must be more than 0".into()));
         }
@@ -164,7 +169,7 @@ impl IndexLimitArgs {
 }
 
 /// Parses `1048576`, `512K`, `256M`, `10G` (powers of 1024).
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, mult) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
@@ -184,7 +189,8 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
 /// Where store paths come from and which signatures count.
 #[derive(Debug, Args)]
 struct UpstreamArgs {
-    /// Binary cache to fetch from: http://, https:// or file:///path. May repeat; tried in
+    /// Binary cache to fetch from: http://, https://, file:///path or
+    /// s3://BUCKET?region=…&endpoint=…&scheme=…&profile=…. May repeat; tried in
     /// order. Default: https://cache.nixos.org (for `serve`: the built-in demo).
     #[arg(
         long = "upstream",
@@ -338,6 +344,8 @@ pub fn main() -> ExitCode {
         Command::Index(IndexCommand::Show(args)) => run_index_show(args),
         Command::Index(IndexCommand::Stats { index, limit }) => run_index_stats(&index, &limit),
         Command::Serve(args) => run_serve(args),
+        Command::Publish(args) => crate::store::command::run_publish(args),
+        Command::Gc(args) => crate::store::command::run_gc(args),
     };
     log.flush();
     match result {
@@ -423,7 +431,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     }
 }
 
-type CliError = (ErrorKind, String);
+pub(crate) type CliError = (ErrorKind, String);
 
 fn fail(e: ExtractError) -> CliError {
     (e.kind(), e.to_string())
@@ -433,7 +441,7 @@ fn bad(msg: String) -> CliError {
     (ErrorKind::BadRequest, msg)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -19,11 +19,12 @@
 //! | [`resolve`] | following symlinks inside (and out of) a store path |
 //! | [`verdict`] | will the file run outside Nix? |
 //! | [`pipeline`] | one verified pass over a NAR on two threads |
-//! | [`upstream`] | fetching from binary caches (http, https, file) |
+//! | [`upstream`] | fetching from binary caches (http, https, file, s3) |
 //! | [`extract`] | narinfo + NAR + resolution + verdict: one verified file |
 //! | [`index`] | evaluations → the program index file, and lookups in it |
 //! | [`cache`] | keeping extracted files: disk, memory, single flight |
 //! | [`server`] | HTTP: routes, responses, limits, metrics |
+//! | [`store`] | the operator's own cache (S3 or a directory): publishing to it, `gc` |
 //! | [`demo`] | the built-in demo cache |
 //! | [`error`] | the error taxonomy the CLI and the server share |
 //! | [`cli`] | the command line |
@@ -44,5 +45,6 @@ pub mod narinfo;
 pub mod pipeline;
 pub mod resolve;
 pub mod server;
+pub mod store;
 pub mod upstream;
 pub mod verdict;

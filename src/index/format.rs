@@ -763,6 +763,19 @@ impl Index {
             .map(|r| (self.str_at(r, 8), self.str_at(r, 16)))
     }
 
+    /// Every store path the index names: each candidate's output and the store path its
+    /// file is in, and each output not built yet (so that a build in flight counts).
+    /// Repeats are not removed.
+    pub fn store_paths(&self) -> impl Iterator<Item = &str> + '_ {
+        let candidates = (0..self.n_candidates).flat_map(|i| {
+            let r = self.record(S_CANDIDATES, CANDIDATE_REC, i);
+            [self.str_at(r, 16), self.str_at(r, 24)]
+        });
+        let not_built = (0..self.n_not_built)
+            .map(|i| self.str_at(self.record(S_NOT_BUILT, NOT_BUILT_REC, i), 8));
+        candidates.chain(not_built)
+    }
+
     /// Evaluation failures recorded at build time.
     pub fn failures(&self) -> impl Iterator<Item = EvalFailure> + '_ {
         (0..self.n_failures).map(|i| {

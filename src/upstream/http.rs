@@ -37,8 +37,15 @@ impl HttpUpstream {
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
+        // The provider is named, not left to rustls' process-wide default: with more than
+        // one provider compiled in (object_store's S3 client brings aws-lc-rs) rustls
+        // cannot pick one and panics.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|e| UpstreamError::Connect {
+                url: url.to_owned(),
+                err: e.to_string(),
+            })?
             .https_or_http()
             .enable_http1()
             .enable_http2()

@@ -1,14 +1,15 @@
 //! Upstream Nix binary caches: where narinfos and NARs come from.
 //!
 //! Every transport sits behind one small trait, [`Upstream`] (`get(path)` → a byte stream,
-//! or `None` when the cache does not have it), so S3 can be added later without touching
-//! extraction. [`Cache`] adds what every transport shares: the `nix-cache-info` check,
+//! or `None` when the cache does not have it): http(s), file and S3 alike, and extraction
+//! knows none of them. [`Cache`] adds what every transport shares: the `nix-cache-info` check,
 //! the size-capped narinfo fetch, confining a narinfo's unsigned `URL` to the cache, and
 //! the [`Deadlines`] that bound whole fetches (see `deadline`).
 
 mod deadline;
 mod file;
 mod http;
+pub mod s3;
 
 use std::fmt;
 use std::future::Future;
@@ -24,6 +25,7 @@ use tokio::time::Instant;
 pub use deadline::{Deadlines, DeadlinesError};
 pub use file::FileUpstream;
 pub use http::HttpUpstream;
+pub use s3::{S3Cause, S3Upstream};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -132,6 +134,14 @@ pub enum UpstreamError {
     Io { url: String, err: String },
     #[error("{url}: the cache is for store {found:?}, not {STORE_DIR}")]
     StoreDir { url: String, found: String },
+    #[error("s3://{bucket}/{key}: {cause}")]
+    S3 {
+        bucket: String,
+        key: String,
+        cause: S3Cause,
+    },
+    #[error("{url}: {err}")]
+    S3Config { url: String, err: String },
 }
 
 impl UpstreamError {
@@ -198,10 +208,12 @@ impl Default for ClientConfig {
     }
 }
 
-/// Opens the transport for a cache URL: `http://`, `https://` or `file:///`.
+/// Opens the transport for a cache URL: `http://`, `https://`, `file:///` or `s3://`.
 pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, UpstreamError> {
     let url = url.trim_end_matches('/');
-    if let Some(path) = url.strip_prefix("file://") {
+    if url.starts_with("s3://") {
+        Ok(Arc::new(S3Upstream::new(url, config)?))
+    } else if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(UpstreamError::InvalidUrl {
                 url: url.to_owned(),
@@ -214,7 +226,7 @@ pub fn open(url: &str, config: &ClientConfig) -> Result<Arc<dyn Upstream>, Upstr
     } else {
         Err(UpstreamError::InvalidUrl {
             url: url.to_owned(),
-            reason: "expected http://, https:// or file://",
+            reason: "expected http://, https://, file:// or s3://",
         })
     }
 }

@@ -1,7 +1,7 @@
-//! Integration tests, as one test binary: the extractor against a fake binary cache
-//! (`extract`), the `binplz` command line (`cli`), the server with a disk cache that cannot
-//! write (`disk`), `flake.nix` and its NixOS module (`flake`), and the test support itself
-//! (`harness`, checking `support`).
+//! Integration tests, as one test binary: one module per part of binplz (the extractor, the
+//! command line, the server, the substituter, S3, the builder, the flake, …), each opening
+//! with what it covers; `support` holds the fakes and real servers they start, and
+//! `harness` checks `support` itself.
 
 mod cli;
 mod differential;
@@ -10,5 +10,6 @@ mod extract;
 mod flake;
 mod harness;
 mod index;
+mod s3;
 mod serve;
 mod support;

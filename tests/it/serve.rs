@@ -1572,7 +1572,7 @@ async fn several_serving_threads_share_one_fetch_and_all_drain_on_shutdown() {
 // The real binary
 // ---------------------------------------------------------------------------------------
 
-fn blocking_get(addr: std::net::SocketAddr, target: &str) -> Reply {
+pub(crate) fn blocking_get(addr: std::net::SocketAddr, target: &str) -> Reply {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1640,9 +1640,9 @@ fn binary_serves_its_builtin_demo_and_exits_cleanly_on_sigterm() {
 }
 
 /// The real binary, serving: its address, and its log lines as they come.
-struct Running {
+pub(crate) struct Running {
     child: std::process::Child,
-    addr: std::net::SocketAddr,
+    pub(crate) addr: std::net::SocketAddr,
     /// Every line logged so far is kept in `seen` once received.
     lines: std::sync::mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -1651,7 +1651,7 @@ struct Running {
 impl Running {
     /// Starts `binplz serve` with `args` and the log format `format` (`text` or `json`), and
     /// waits until it listens.
-    fn start(cmd: &mut Command, format: &str) -> Running {
+    pub(crate) fn start(cmd: &mut Command, format: &str) -> Running {
         let mut child = cmd
             .args(["--log-format", format])
             .env_remove("BINPLZ_LOG")
@@ -1732,7 +1732,7 @@ impl Running {
     }
 
     /// Stops it with SIGTERM, checks it exits cleanly, and returns every line it logged.
-    fn stop(mut self) -> Vec<String> {
+    pub(crate) fn stop(mut self) -> Vec<String> {
         self.signal("-TERM");
         assert!(self.child.wait().expect("waiting for binplz").success());
         // The rest of the log, flushed at exit at the latest.

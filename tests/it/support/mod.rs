@@ -2,6 +2,7 @@
 //! narinfo editing, synthetic store paths, and the fake binary cache in [`upstream`].
 
 pub mod cli;
+pub mod s3;
 pub mod sign;
 pub mod upstream;
 

@@ -1,0 +1,302 @@
+//! `binplz gc`: the storage bound of the operator's cache.
+//!
+//! Kept: the closure (through narinfo `References`) of every store path the last K loaded
+//! indexes name, and of every store path uploaded within the grace period (builds in
+//! flight, which no index names yet), with their NARs, listings and logs. Everything else
+//! in `nar/`, `*.ls`, `*.narinfo` and `log/` that is older than the grace period goes.
+//! Then, with a size bound, the least recently built of what is left goes too, oldest
+//! first, until the store fits, but never the closure of what the newest index names.
+//!
+//! A store path is deleted narinfo first, then its NAR, listing and log: a reader that
+//! finds the narinfo always finds the NAR, just as while publishing.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, SystemTime};
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+
+use super::{Object, Store, StoreError};
+use crate::index::Index;
+use crate::upstream::MAX_NARINFO_SIZE;
+
+/// Narinfos read at once.
+const NARINFO_READS: usize = 16;
+
+/// Objects deleted at once.
+const DELETES: usize = 16;
+
+#[derive(Debug)]
+pub struct GcOptions {
+    /// The loaded indexes; only the `keep_revisions` newest (by creation time) count.
+    pub indexes: Vec<Index>,
+    /// How many of the newest indexes count; `None`: all of them.
+    pub keep_revisions: Option<usize>,
+    /// Anything uploaded within this long ago is kept.
+    pub grace: Duration,
+    /// Delete the least recently built until the store holds at most this many bytes.
+    pub max_size: Option<u64>,
+    /// Delete for real; otherwise only report.
+    pub delete: bool,
+    /// The time "now" is, for the grace period.
+    pub now: SystemTime,
+}
+
+/// One object to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doomed {
+    pub key: String,
+    pub size: u64,
+}
+
+/// What gc found (and, with `delete`, did).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// In deletion order: each store path's narinfo before its other files.
+    pub doomed: Vec<Doomed>,
+    /// Store paths whose narinfo is deleted.
+    pub paths_deleted: usize,
+    pub bytes_freed: u64,
+    pub paths_kept: usize,
+    pub bytes_kept: u64,
+    /// Bytes over `max_size` that could not be freed: the newest index's closure alone
+    /// is larger.
+    pub over_max_size: u64,
+}
+
+/// One store path as the store holds it.
+#[derive(Debug)]
+struct Entry {
+    narinfo: Object,
+    nar: Option<String>,
+    references: Vec<String>,
+    deriver: Option<String>,
+}
+
+/// The 32-character hash part of a store path or a store path's base name.
+fn hash_of(path: &str) -> Option<&str> {
+    let base = path.strip_prefix("/nix/store/").unwrap_or(path);
+    let hash = base.get(..32)?;
+    hash.chars()
+        .all(|c| c.is_ascii_alphanumeric())
+        .then_some(hash)
+}
+
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
+
+/// Plans (and with `opts.delete` does) a collection of `store`.
+pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> {
+    let objects = store.list().await?;
+    let by_key: HashMap<&str, &Object> = objects.iter().map(|o| (o.key.as_str(), o)).collect();
+    let narinfo_objects = objects
+        .iter()
+        .filter_map(|o| Some((o.key.strip_suffix(".narinfo")?, o)))
+        .filter(|(hash, _)| !hash.contains('/'));
+    // Narinfos are read a few at a time: a bucket holds one per store path, and each is a
+    // round trip.
+    let read: Vec<(&str, &Object, Option<Vec<u8>>)> = stream::iter(narinfo_objects)
+        .map(|(hash, o)| async move {
+            let bytes = store.read_small(&o.key, MAX_NARINFO_SIZE as u64).await?;
+            Ok::<_, StoreError>((hash, o, bytes))
+        })
+        .buffer_unordered(NARINFO_READS)
+        .try_collect()
+        .await?;
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    for (hash, o, bytes) in read {
+        let Some(bytes) = bytes else {
+            continue; // deleted since the listing
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let nar = field(&text, "URL").map(|u| u.split('?').next().unwrap_or(u).to_owned());
+        let references = field(&text, "References")
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(hash_of)
+            .map(str::to_owned)
+            .collect();
+        let deriver = field(&text, "Deriver")
+            .filter(|d| *d != "unknown-deriver")
+            .map(|d| d.rsplit('/').next().unwrap_or(d).to_owned());
+        entries.insert(
+            hash.to_owned(),
+            Entry {
+                narinfo: o.clone(),
+                nar,
+                references,
+                deriver,
+            },
+        );
+    }
+
+    let now = opts
+        .now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let grace = i64::try_from(opts.grace.as_secs()).unwrap_or(i64::MAX);
+    let young = |o: &Object| o.modified > now.saturating_sub(grace);
+
+    let mut indexes: Vec<&Index> = opts.indexes.iter().collect();
+    indexes.sort_by_key(|i| std::cmp::Reverse(i.metadata().created));
+    indexes.truncate(opts.keep_revisions.unwrap_or(usize::MAX));
+    let roots_of = |index: &Index| -> Vec<String> {
+        index
+            .store_paths()
+            .filter_map(hash_of)
+            .map(str::to_owned)
+            .collect()
+    };
+    let protected = closure(
+        &entries,
+        indexes.first().map(|i| roots_of(i)).unwrap_or_default(),
+    );
+    let mut roots: Vec<String> = indexes.iter().flat_map(|i| roots_of(i)).collect();
+    roots.extend(
+        entries
+            .iter()
+            .filter(|(_, e)| young(&e.narinfo))
+            .map(|(h, _)| h.clone()),
+    );
+    let kept = closure(&entries, roots);
+
+    // The files each kept store path needs.
+    let files_of = |hash: &str, e: &Entry| -> Vec<String> {
+        let mut files = vec![e.narinfo.key.clone(), format!("{hash}.ls")];
+        files.extend(e.nar.clone());
+        files.extend(e.deriver.as_ref().map(|d| format!("log/{d}")));
+        files
+    };
+    // How many kept store paths need each file (a NAR or a build log may be shared).
+    let mut needed: HashMap<String, usize> = HashMap::new();
+    for h in &kept {
+        if let Some(e) = entries.get(h) {
+            for f in files_of(h, e) {
+                *needed.entry(f).or_default() += 1;
+            }
+        }
+    }
+    let collectable = |key: &str| {
+        key.starts_with("nar/")
+            || key.starts_with("log/")
+            || (!key.contains('/') && (key.ends_with(".narinfo") || key.ends_with(".ls")))
+    };
+    let mut doomed_keys: HashSet<String> = objects
+        .iter()
+        .filter(|o| collectable(&o.key) && !young(o) && !needed.contains_key(&o.key))
+        .map(|o| o.key.clone())
+        .collect();
+
+    let mut over_max_size = 0;
+    if let Some(max) = opts.max_size {
+        let mut total: u64 = objects
+            .iter()
+            .filter(|o| !doomed_keys.contains(&o.key))
+            .map(|o| o.size)
+            .sum();
+        // Least recently built first: the narinfo is uploaded last, so its time is the
+        // build's.
+        let mut candidates: Vec<(&String, &Entry)> = entries
+            .iter()
+            .filter(|(h, _)| kept.contains(*h) && !protected.contains(*h))
+            .collect();
+        candidates.sort_by_key(|(h, e)| (e.narinfo.modified, (*h).clone()));
+        for (hash, e) in candidates {
+            if total <= max {
+                break;
+            }
+            for key in files_of(hash, e) {
+                let Some(n) = needed.get_mut(&key) else {
+                    continue;
+                };
+                *n -= 1;
+                if *n == 0 {
+                    needed.remove(&key);
+                    if let Some(o) = by_key.get(key.as_str()) {
+                        if doomed_keys.insert(key) {
+                            total = total.saturating_sub(o.size);
+                        }
+                    }
+                }
+            }
+        }
+        over_max_size = total.saturating_sub(max);
+    }
+
+    // Deletion order: every doomed narinfo first, then the other files.
+    let mut doomed: Vec<Doomed> = doomed_keys
+        .iter()
+        .filter_map(|k| by_key.get(k.as_str()))
+        .map(|o| Doomed {
+            key: o.key.clone(),
+            size: o.size,
+        })
+        .collect();
+    doomed.sort_by_key(|d| (!d.key.ends_with(".narinfo"), d.key.clone()));
+    let report = GcReport {
+        paths_deleted: doomed
+            .iter()
+            .filter(|d| d.key.ends_with(".narinfo"))
+            .count(),
+        bytes_freed: doomed.iter().map(|d| d.size).sum(),
+        paths_kept: entries.len()
+            - doomed
+                .iter()
+                .filter(|d| d.key.ends_with(".narinfo"))
+                .count(),
+        bytes_kept: objects
+            .iter()
+            .filter(|o| !doomed_keys.contains(&o.key))
+            .map(|o| o.size)
+            .sum(),
+        over_max_size,
+        doomed,
+    };
+    if opts.delete {
+        // Every narinfo is gone before any NAR, listing or log goes.
+        let (narinfos, rest): (Vec<&Doomed>, Vec<&Doomed>) = report
+            .doomed
+            .iter()
+            .partition(|d| d.key.ends_with(".narinfo"));
+        for batch in [narinfos, rest] {
+            stream::iter(batch)
+                .map(|d| store.delete(&d.key))
+                .buffer_unordered(DELETES)
+                .try_collect::<Vec<()>>()
+                .await?;
+        }
+    }
+    Ok(report)
+}
+
+/// The hashes reachable from `roots` through `References` (roots without a narinfo are
+/// kept as names, so a path being uploaded now is not lost).
+fn closure(entries: &BTreeMap<String, Entry>, roots: Vec<String>) -> HashSet<String> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut queue: VecDeque<String> = roots.into();
+    while let Some(hash) = queue.pop_front() {
+        if !seen.insert(hash.clone()) {
+            continue;
+        }
+        if let Some(e) = entries.get(&hash) {
+            queue.extend(e.references.iter().cloned());
+        }
+    }
+    seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_come_from_full_paths_and_base_names() {
+        let h = "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d";
+        assert_eq!(hash_of(&format!("/nix/store/{h}-hello-1.0")), Some(h));
+        assert_eq!(hash_of(&format!("{h}-hello-1.0")), Some(h));
+        assert_eq!(hash_of("short"), None);
+        assert_eq!(hash_of("../../../../../../../../../../etc/passwd"), None);
+    }
+}

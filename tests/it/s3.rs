@@ -1,0 +1,599 @@
+//! The operator's cache on S3 (a real `s3s-fs` checking signatures) and in a directory:
+//! publishing a staging cache, serving and extracting from the bucket, clear failures for
+//! wrong credentials and missing buckets, interrupted uploads, and `binplz gc`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use binplz::error::ErrorKind;
+use binplz::extract::Extractor;
+use binplz::nar::writer::{write_nar, Entry};
+use binplz::resolve::RelPath;
+use binplz::store::{self, PublishOptions, Store, StoreError};
+use binplz::upstream::{Cache, S3Upstream, Upstream};
+use tempfile::TempDir;
+
+use crate::support::cli::{assert_failure, assert_success, binplz, run, stderr};
+use crate::support::s3::{tree, S3Server, SECRET_KEY};
+use crate::support::server::{fixture_index, trust, FixtureIndex, Server, Setup};
+use crate::support::{
+    self, copy_cache, hash_part, narinfo_path, narinfo_text, paths, prebuilt, synthetic_store_path,
+    Key,
+};
+
+/// A copy of the fixture cache to publish (publishing removes it).
+fn staging(tmp: &TempDir) -> PathBuf {
+    let dir = tmp.path().join("staging");
+    copy_cache("cache", &dir);
+    dir
+}
+
+/// Adds to `staging` a signed store path named `name` that no index names.
+fn stage_extra(staging: &Path, name: &str) -> String {
+    let nar = write_nar(&Entry::file(name.as_bytes().to_vec()));
+    let file = zstd::stream::encode_all(nar.as_slice(), 3).expect("zstd into memory");
+    let store_path = synthetic_store_path(name).to_absolute_path();
+    let nar_path = format!(
+        "nar/{}.nar.zst",
+        binplz::hash::nix32(&support::sha256(&file))
+    );
+    let narinfo = Key::test().sign(&narinfo_text(&store_path, &nar_path, "zstd", &nar, &file));
+    std::fs::create_dir_all(staging.join("nar")).expect("creating nar/");
+    std::fs::write(staging.join(&nar_path), &file).expect("writing the NAR");
+    std::fs::write(staging.join(narinfo_path(&store_path)), narinfo).expect("writing the narinfo");
+    store_path
+}
+
+fn publish_cli(server: &S3Server, from: &Path, to: &str) {
+    let out = run(server
+        .env(&mut binplz())
+        .args(["publish", "--from"])
+        .arg(from)
+        .args(["--to", to]));
+    assert_success(&out);
+}
+
+fn extract_cli(
+    server: &S3Server,
+    secret: &str,
+    url: &str,
+    out_file: &Path,
+) -> std::process::Output {
+    run(server
+        .env_with(&mut binplz(), crate::support::s3::ACCESS_KEY, secret)
+        .args(["extract", "--upstream", url, "--trusted-public-key"])
+        .arg(Key::test().public())
+        .args([paths::HELLO, "bin/hello", "-o"])
+        .arg(out_file))
+}
+
+fn s3_upstream(server: &S3Server, bucket: &str, secret: &str) -> Arc<dyn Upstream> {
+    Arc::new(S3Upstream::with_client(
+        bucket,
+        server.client(bucket, secret),
+    ))
+}
+
+#[tokio::test]
+async fn the_fixture_cache_published_to_a_bucket_is_served_from_it() {
+    let s3 = S3Server::start();
+    let bucket = s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    let from = staging(&tmp);
+    let store = Store::with_s3_client("cache", s3.client("cache", SECRET_KEY));
+    // A threshold under the NARs' sizes: the larger ones go up in parts.
+    let opts = PublishOptions {
+        multipart_threshold: 4 << 10,
+        ..PublishOptions::default()
+    };
+    let done = store::publish(&from, &store, &opts)
+        .await
+        .expect("publishing the fixture cache");
+    assert!(!from.exists(), "the staging copy is removed");
+    assert_eq!(tree(&bucket), tree(&support::cache_dir("cache")));
+    let last_nar = done
+        .uploaded
+        .iter()
+        .rposition(|k| !k.ends_with(".narinfo"))
+        .expect("NARs were uploaded");
+    let first_narinfo = done
+        .uploaded
+        .iter()
+        .position(|k| k.ends_with(".narinfo"))
+        .expect("narinfos were uploaded");
+    assert!(last_nar < first_narinfo, "{:?}", done.uploaded);
+
+    // Published again: everything is already there.
+    let again = staging(&tmp);
+    let done = store::publish(&again, &store, &opts)
+        .await
+        .expect("publishing again");
+    assert!(done.uploaded.is_empty(), "{:?}", done.uploaded);
+
+    let cache_dir = tmp.path().join("disk");
+    let setup = Setup::fixture(&crate::support::FakeUpstream::empty(), &cache_dir)
+        .await
+        .upstream(s3_upstream(&s3, "cache", SECRET_KEY));
+    let server = Server::start(setup).await;
+    let r = server.get("/hello").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, prebuilt("hello"));
+    let r = server.get("/goodbye").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, prebuilt("goodbye"));
+    server.stop().await;
+}
+
+#[test]
+fn binplz_extract_and_index_build_read_a_bucket_published_by_binplz_publish() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    publish_cli(&s3, &staging(&tmp), &s3.url("cache"));
+    let out_file = tmp.path().join("hello");
+    let out = extract_cli(&s3, SECRET_KEY, &s3.url("cache"), &out_file);
+    assert_success(&out);
+    assert_eq!(
+        std::fs::read(&out_file).expect("the extracted file"),
+        prebuilt("hello")
+    );
+
+    // The index built from the bucket says what the one built from the directory says.
+    let show = |upstream: &str, name: &str| {
+        let idx = tmp.path().join(name);
+        let mut cmd = binplz();
+        s3.env(&mut cmd)
+            .args(["index", "build", "--eval"])
+            .arg(support::fixtures().join("eval/nix-eval-jobs.jsonl"))
+            .args(["--upstream", upstream, "--trusted-public-key"])
+            .arg(Key::test().public())
+            .args(["--revision", "r1", "-o"])
+            .arg(&idx);
+        assert_success(&run(&mut cmd));
+        let out = run(binplz()
+            .args(["index", "show"])
+            .arg(&idx)
+            .args(["hello", "--json"]));
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let from_dir = show(
+        &format!("file://{}", support::cache_dir("cache").display()),
+        "dir-index",
+    );
+    assert!(from_dir.contains(paths::HELLO), "{from_dir}");
+    assert_eq!(show(&s3.url("cache"), "s3-index"), from_dir);
+}
+
+#[test]
+fn a_profile_named_in_the_url_gives_the_keys_from_the_shared_credentials_file() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    publish_cli(&s3, &staging(&tmp), &s3.url("cache"));
+    let credentials = tmp.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        format!(
+            "[default]\naws_access_key_id = nobody\naws_secret_access_key = wrong\n\n\
+             [edge]\naws_access_key_id = {}\naws_secret_access_key = {SECRET_KEY}\n",
+            crate::support::s3::ACCESS_KEY
+        ),
+    )
+    .expect("writing the credentials file");
+    let extract = |url: &str, out_file: &Path| {
+        let mut cmd = binplz();
+        s3.env(&mut cmd)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env("AWS_SHARED_CREDENTIALS_FILE", &credentials)
+            .args(["extract", "--upstream", url, "--trusted-public-key"])
+            .arg(Key::test().public())
+            .args([paths::HELLO, "bin/hello", "-o"])
+            .arg(out_file);
+        run(&mut cmd)
+    };
+    let out_file = tmp.path().join("hello");
+    assert_success(&extract(
+        &format!("{}&profile=edge", s3.url("cache")),
+        &out_file,
+    ));
+    assert_eq!(
+        std::fs::read(&out_file).expect("the file"),
+        prebuilt("hello")
+    );
+
+    // Without profile=, the default section's (wrong) keys are used.
+    let line = assert_failure(
+        &extract(&s3.url("cache"), &tmp.path().join("again")),
+        ErrorKind::UpstreamBroken,
+    );
+    assert!(line.contains("access denied"), "{line}");
+
+    // A profile the file does not have is named in the error.
+    let line = assert_failure(
+        &extract(
+            &format!("{}&profile=nope", s3.url("cache")),
+            &tmp.path().join("x"),
+        ),
+        ErrorKind::BadRequest,
+    );
+    assert!(line.contains("profile \"nope\""), "{line}");
+}
+
+#[test]
+fn binplz_serve_serves_a_bucket_given_as_its_upstream() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    publish_cli(&s3, &staging(&tmp), &s3.url("cache"));
+    let index = tmp.path().join("index");
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(fixture_index())
+        .write(&index);
+    let mut cmd = binplz();
+    s3.env(&mut cmd)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &s3.url("cache"),
+        ])
+        .arg("--trusted-public-key")
+        .arg(Key::test().public())
+        .arg("--index")
+        .arg(&index)
+        .arg("--cache-dir")
+        .arg(tmp.path().join("disk"));
+    let running = crate::serve::Running::start(&mut cmd, "text");
+    let r = crate::serve::blocking_get(running.addr, "/hello");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, prebuilt("hello"));
+    running.stop();
+}
+
+#[tokio::test]
+async fn wrong_credentials_fail_clearly_and_cache_nothing() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    let store = Store::with_s3_client("cache", s3.client("cache", SECRET_KEY));
+    store::publish(&staging(&tmp), &store, &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+
+    let out_file = tmp.path().join("hello");
+    let out = extract_cli(&s3, "not-the-secret", &s3.url("cache"), &out_file);
+    let line = assert_failure(&out, ErrorKind::UpstreamBroken);
+    assert!(line.contains("s3://cache/"), "{line}");
+    assert!(
+        line.contains("access denied (SignatureDoesNotMatch)"),
+        "{line}"
+    );
+    // Nothing left next to where the file would have gone, not even a temp file.
+    support::assert_dir_empty(tmp.path());
+
+    let cache_dir = tmp.path().join("disk");
+    let setup = Setup::fixture(&crate::support::FakeUpstream::empty(), &cache_dir)
+        .await
+        .upstream(s3_upstream(&s3, "cache", "not-the-secret"));
+    let server = Server::start(setup).await;
+    let r = server.get("/hello").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    server.stop().await;
+    let kept: Vec<_> = tree(&cache_dir)
+        .into_iter()
+        .filter(|(_, bytes)| bytes == &prebuilt("hello"))
+        .collect();
+    assert!(kept.is_empty(), "the disk cache kept hello");
+
+    // Publishing with the wrong secret is refused before anything is uploaded.
+    let wrong = Store::with_s3_client("cache", s3.client("cache", "not-the-secret"));
+    let err = store::publish(&staging(&tmp), &wrong, &PublishOptions::default())
+        .await
+        .expect_err("wrong credentials");
+    assert!(err.to_string().contains("access denied"), "{err}");
+}
+
+#[test]
+fn a_missing_bucket_is_named_not_taken_for_an_empty_cache() {
+    let s3 = S3Server::start();
+    let tmp = TempDir::new().expect("a temp dir");
+    let out_file = tmp.path().join("hello");
+    let out = extract_cli(&s3, SECRET_KEY, &s3.url("no-such-bucket"), &out_file);
+    let line = assert_failure(&out, ErrorKind::UpstreamBroken);
+    assert!(line.contains("s3://no-such-bucket/"), "{line}");
+    assert!(line.contains("no such bucket"), "{line}");
+    assert!(!out_file.exists());
+
+    let out = run(s3
+        .env(&mut binplz())
+        .args(["publish", "--from"])
+        .arg(staging(&tmp))
+        .args(["--to", &s3.url("no-such-bucket")]));
+    let line = assert_failure(&out, ErrorKind::UpstreamBroken);
+    assert!(line.contains("no such bucket"), "{line}");
+    assert!(
+        tmp.path().join("staging").exists(),
+        "the staging copy is kept"
+    );
+}
+
+#[tokio::test]
+async fn an_upload_interrupted_after_the_nars_leaves_no_narinfo() {
+    let s3 = S3Server::start();
+    let bucket = s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    let from = staging(&tmp);
+    let store = Store::with_s3_client("cache", s3.client("cache", SECRET_KEY));
+    let opts = PublishOptions {
+        fault: Some(Arc::new(|key: &str| {
+            if key.ends_with(".narinfo") {
+                Err("the builder was killed".to_owned())
+            } else {
+                Ok(())
+            }
+        })),
+        ..PublishOptions::default()
+    };
+    let err = store::publish(&from, &store, &opts)
+        .await
+        .expect_err("the fault stops the upload");
+    assert!(matches!(err, StoreError::Interrupted { .. }), "{err}");
+    let held = tree(&bucket);
+    assert!(
+        held.iter().any(|(k, _)| k.starts_with("nar/")),
+        "no NAR uploaded"
+    );
+    let narinfos: Vec<_> = held
+        .iter()
+        .filter(|(k, _)| k.ends_with(".narinfo"))
+        .collect();
+    assert!(narinfos.is_empty(), "{narinfos:?}");
+    assert!(
+        from.exists(),
+        "the staging copy is kept for the next attempt"
+    );
+
+    // An edge sees nothing (not a broken path), and the next attempt completes.
+    let out_file = tmp.path().join("hello");
+    let out = extract_cli(&s3, SECRET_KEY, &s3.url("cache"), &out_file);
+    assert_failure(&out, ErrorKind::NotInCache);
+    store::publish(&from, &store, &PublishOptions::default())
+        .await
+        .expect("publishing again");
+    assert_eq!(tree(&bucket), tree(&support::cache_dir("cache")));
+}
+
+/// Where a gc test keeps its store: a bucket, or a directory.
+enum Target {
+    S3(S3Server),
+    File(PathBuf),
+}
+
+impl Target {
+    fn uri(&self) -> String {
+        match self {
+            Target::S3(s) => s.url("cache"),
+            Target::File(dir) => format!("file://{}", dir.display()),
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        match self {
+            Target::S3(s) => s.bucket_dir("cache"),
+            Target::File(dir) => dir.clone(),
+        }
+    }
+
+    fn cmd(&self) -> std::process::Command {
+        let mut cmd = binplz();
+        if let Target::S3(s) = self {
+            s.env(&mut cmd);
+        }
+        cmd
+    }
+
+    fn new(kind: &str, tmp: &TempDir) -> Target {
+        match kind {
+            "s3" => {
+                let s = S3Server::start();
+                s.bucket("cache");
+                Target::S3(s)
+            }
+            _ => Target::File(tmp.path().join("store")),
+        }
+    }
+
+    /// Publishes the fixture cache plus `extras`, all built `age` ago.
+    fn fill(&self, tmp: &TempDir, extras: &[&str], age: Duration) -> Vec<String> {
+        let from = staging(tmp);
+        let extra = extras.iter().map(|e| stage_extra(&from, e)).collect();
+        let out = run(self
+            .cmd()
+            .args(["publish", "--from"])
+            .arg(&from)
+            .args(["--to", &self.uri()]));
+        assert_success(&out);
+        backdate(&self.dir(), age);
+        extra
+    }
+
+    fn gc(&self, index: &[&Path], args: &[&str]) -> String {
+        let mut cmd = self.cmd();
+        cmd.args(["gc", "--store-uri", &self.uri()]);
+        for i in index {
+            cmd.arg("--index").arg(i);
+        }
+        let out = run(cmd.args(args));
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Sets every file's modification time (S3's last-modified, for s3s-fs) `age` back.
+fn backdate(dir: &Path, age: Duration) {
+    let when = SystemTime::now() - age;
+    for (rel, _) in tree(dir) {
+        let f = std::fs::File::options()
+            .write(true)
+            .open(dir.join(&rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"));
+        f.set_modified(when)
+            .unwrap_or_else(|e| panic!("{rel}: {e}"));
+    }
+}
+
+/// Extracts every program of `index` from the store at `dir` (read as a directory).
+async fn every_program_extracts(index: &FixtureIndex, dir: &Path) {
+    let cache = binplz::upstream::open(
+        &format!("file://{}", dir.display()),
+        &binplz::upstream::ClientConfig::default(),
+    )
+    .expect("the store opens");
+    let extractor = Extractor::new(vec![Cache::new(cache)], trust(), true);
+    let tmp = TempDir::new().expect("a temp dir");
+    for p in &index.programs {
+        for c in &p.candidates {
+            let sp = support::store_path(&c.store_path);
+            extractor
+                .extract(&sp, &RelPath::parse(c.path.as_bytes()), tmp.path())
+                .await
+                .unwrap_or_else(|e| panic!("{} ({}): {e}", p.program, c.store_path));
+        }
+    }
+}
+
+fn has(dir: &Path, key: &str) -> bool {
+    dir.join(key).exists()
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_keeps_every_path_the_index_needs_and_deletes_the_rest(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index = fixture_index().await;
+    let index_file = tmp.path().join("index");
+    index.write(&index_file);
+    let extras = target.fill(
+        &tmp,
+        &["orphan-1.0", "orphan-2.0"],
+        Duration::from_secs(3 * 86400),
+    );
+    let dir = target.dir();
+    let before = tree(&dir);
+
+    // A dry run names the orphans' files and deletes nothing.
+    let dry = target.gc(&[&index_file], &[]);
+    for e in &extras {
+        assert!(
+            dry.contains(&format!(
+                "would delete {}/{}",
+                target_url(&target),
+                narinfo_path(e)
+            )),
+            "{dry}"
+        );
+    }
+    assert!(!dry.contains(hash_part(paths::HELLO)), "{dry}");
+    assert_eq!(tree(&dir), before);
+
+    // Within the grace period nothing goes.
+    let young = target.gc(&[&index_file], &["--grace", "4d", "--delete"]);
+    assert!(young.starts_with("0 store paths, 0 files"), "{young}");
+
+    let out = target.gc(&[&index_file], &["--delete"]);
+    assert!(out.starts_with("deleted "), "{out}");
+    for e in &extras {
+        assert!(!has(&dir, &narinfo_path(e)), "{e} is still there");
+    }
+    let left: Vec<String> = tree(&dir).into_iter().map(|(k, _)| k).collect();
+    assert!(left.iter().all(|k| !k.contains("orphan")), "{left:?}");
+    // busybox is named by no index, but scripts refers to it.
+    assert!(has(&dir, &narinfo_path(paths::BUSYBOX)));
+    every_program_extracts(&index, &dir).await;
+}
+
+fn target_url(target: &Target) -> String {
+    match target {
+        Target::S3(_) => "s3://cache".to_owned(),
+        Target::File(dir) => format!("file://{}", dir.display()),
+    }
+}
+
+fn store_bytes(dir: &Path) -> u64 {
+    tree(dir).iter().map(|(_, b)| b.len() as u64).sum()
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_max_size_deletes_the_least_recently_built_but_never_the_newest_index(
+    #[case] kind: &str,
+) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let old = fixture_index().await.revision("old", 1_000);
+    let new = fixture_index()
+        .await
+        .revision("new", 2_000)
+        .without("goodbye");
+    let (old_file, new_file) = (tmp.path().join("old"), tmp.path().join("new"));
+    old.write(&old_file);
+    new.write(&new_file);
+    target.fill(&tmp, &[], Duration::from_secs(3 * 86400));
+    let dir = target.dir();
+    // goodbye was built long before everything else.
+    let goodbye = narinfo_path(paths::GOODBYE);
+    let f = std::fs::File::options()
+        .write(true)
+        .open(dir.join(&goodbye))
+        .expect("goodbye's narinfo");
+    f.set_modified(SystemTime::now() - Duration::from_secs(30 * 86400))
+        .expect("backdating");
+
+    // What neither revision needs goes first; then, without a bound, nothing more.
+    target.gc(&[&old_file, &new_file], &["--delete"]);
+    let all = target.gc(&[&old_file, &new_file], &["--delete"]);
+    assert!(all.starts_with("0 store paths"), "{all}");
+    let total = store_bytes(&dir);
+    let narinfos = |dir: &Path| {
+        tree(dir)
+            .iter()
+            .filter(|(k, _)| k.ends_with(".narinfo"))
+            .count()
+    };
+    let paths_before = narinfos(&dir);
+
+    // One byte less than all: the least recently built (goodbye) goes first, and only it.
+    let bound = (total - 1).to_string();
+    let out = target.gc(&[&old_file, &new_file], &["--max-size", &bound, "--delete"]);
+    assert!(out.contains(&goodbye), "{out}");
+    assert!(!has(&dir, &goodbye));
+    assert!(store_bytes(&dir) < total);
+    every_program_extracts(&new, &dir).await;
+    assert_eq!(narinfos(&dir), paths_before - 1, "only goodbye went");
+
+    // A bound nothing can meet: all but the newest index's closure goes, with a warning.
+    let mut cmd = target.cmd();
+    cmd.args(["gc", "--store-uri", &target.uri(), "--index"])
+        .arg(&old_file)
+        .arg("--index")
+        .arg(&new_file)
+        .args(["--max-size", "1", "--delete"]);
+    let out = run(&mut cmd);
+    assert_success(&out);
+    assert!(stderr(&out).contains("over --max-size"), "{}", stderr(&out));
+    every_program_extracts(&new, &dir).await;
+
+    // Only the newest revision counts with --keep-revisions 1.
+    let kept = target.gc(&[&old_file, &new_file], &["--keep-revisions", "1"]);
+    assert!(kept.starts_with("0 store paths"), "{kept}");
+}
