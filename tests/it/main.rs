@@ -9,4 +9,5 @@ mod extract;
 mod harness;
 mod index;
 mod serve;
+mod substituter;
 mod support;
