@@ -72,6 +72,9 @@ struct ServeArgs {
     #[command(flatten)]
     index_limit: IndexLimitArgs,
 
+    #[command(flatten)]
+    substituter: crate::server::substituter::SubstituterArgs,
+
     /// Directory of the disk cache [default: $XDG_CACHE_HOME/binplz or ~/.cache/binplz].
     #[arg(long, value_name = "DIR", env = "BINPLZ_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -732,9 +735,9 @@ fn cache_dir_from(xdg: Option<std::ffi::OsString>, home: Option<std::ffi::OsStri
 fn run_serve(args: ServeArgs) -> Result<(), CliError> {
     use crate::server::{App, Config, IndexSource};
     let demo = args.upstream.upstreams.is_empty() && args.indexes.is_empty();
-    if args.upstream.upstreams.is_empty() != args.indexes.is_empty() {
+    if args.upstream.upstreams.is_empty() && !args.indexes.is_empty() {
         return Err(bad(
-            "give both --upstream and --index (or neither, for the built-in demo)".into(),
+            "give --upstream with --index (--upstream alone serves a substituter only)".into(),
         ));
     }
     let config = Config {
@@ -749,6 +752,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         disk_scrub_period: (args.disk_scrub_period > 0)
             .then(|| std::time::Duration::from_secs(args.disk_scrub_period)),
         max_index_size: args.index_limit.bytes()?,
+        cache: args.substituter.config().map_err(bad)?,
         ..Config::default()
     };
     let extractor = if demo {

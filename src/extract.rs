@@ -14,6 +14,7 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use nix_derivation::StorePath;
@@ -206,6 +207,14 @@ pub struct Extractor {
     caches: Vec<Cache>,
     trust: Trust,
     allow_nix_store_deps: bool,
+    /// Whole NARs kept locally (the server's, for Nix clients), read instead of fetching.
+    local_nars: Option<Arc<dyn LocalNars>>,
+}
+
+/// Whole NARs kept on this machine, verified when kept.
+pub trait LocalNars: Send + Sync + std::fmt::Debug {
+    /// The kept NAR of `info` (compressed as its narinfo says), if there is one. Blocking.
+    fn open(&self, info: &VerifiedNarInfo) -> Option<std::fs::File>;
 }
 
 /// What went wrong in the async feeder, carried through the pipeline as an `io::Error`.
@@ -235,7 +244,14 @@ impl Extractor {
             caches,
             trust,
             allow_nix_store_deps,
+            local_nars: None,
         }
+    }
+
+    /// Reads NARs from `local` when it has them, before asking an upstream.
+    pub fn with_local_nars(mut self, local: Arc<dyn LocalNars>) -> Self {
+        self.local_nars = Some(local);
+        self
     }
 
     /// Fetches and verifies the narinfo of `store_path` from the first cache that has it.
@@ -243,7 +259,55 @@ impl Extractor {
         &self,
         store_path: &StorePath,
     ) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
-        let hash_part = &store_path.to_basename()[..32];
+        let base = store_path.to_basename();
+        self.find_narinfo(&base[..32], &store_path.to_absolute_path(), |bytes| {
+            narinfo::verify(bytes, store_path, &self.trust)
+        })
+        .await
+    }
+
+    /// [`Extractor::narinfo`] for a store path known only by its hash part (as a Nix
+    /// client asks a substituter): the narinfo's `StorePath` must have that hash.
+    pub async fn narinfo_by_hash(
+        &self,
+        hash_part: &str,
+    ) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
+        let described = format!("{}/{hash_part}-…", crate::upstream::STORE_DIR);
+        self.find_narinfo(hash_part, &described, |bytes| {
+            narinfo::verify_hash_part(bytes, hash_part, &self.trust)
+        })
+        .await
+    }
+
+    /// Fetches `path` (a side file: a listing, a build log) whole from the first cache that
+    /// has it, caches that failed recently last; `None` when none has it. At most `limit`
+    /// bytes.
+    pub async fn side_file(
+        &self,
+        path: &CachePath,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, ExtractError> {
+        let mut first_error = None;
+        let (up, down): (Vec<&Cache>, Vec<&Cache>) = self.caches.iter().partition(|c| !c.is_down());
+        for cache in up.into_iter().chain(down) {
+            match cache.get_whole(path, limit).await {
+                Ok(Some(bytes)) => return Ok(Some(bytes)),
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(ExtractError::Upstream(e));
+                }
+            }
+        }
+        first_error.map_or(Ok(None), Err)
+    }
+
+    async fn find_narinfo(
+        &self,
+        hash_part: &str,
+        described: &str,
+        verify: impl Fn(&[u8]) -> Result<VerifiedNarInfo, narinfo::NarInfoError>,
+    ) -> Result<(Cache, VerifiedNarInfo), ExtractError> {
+        let store_path = described;
         // As Nix does with substituters: a cache that fails (or serves a narinfo that does
         // not verify) does not stop the search; its error is reported only if no other
         // cache has the path.
@@ -254,7 +318,7 @@ impl Extractor {
         let (up, down): (Vec<&Cache>, Vec<&Cache>) = self.caches.iter().partition(|c| !c.is_down());
         for cache in up.into_iter().chain(down) {
             let error = match cache.narinfo(hash_part).await {
-                Ok(Some(bytes)) => match narinfo::verify(&bytes, store_path, &self.trust) {
+                Ok(Some(bytes)) => match verify(&bytes) {
                     Ok(info) => return Ok((cache.clone(), info)),
                     Err(e) => ExtractError::NarInfo(e),
                 },
@@ -281,7 +345,7 @@ impl Extractor {
             return Err(e);
         }
         Err(ExtractError::NotInCache {
-            store_path: store_path.to_absolute_path(),
+            store_path: store_path.to_owned(),
             tried: self
                 .caches
                 .iter()
@@ -422,6 +486,39 @@ impl Extractor {
         tmp_dir: &Path,
     ) -> Result<PassResult, ExtractError> {
         let store_path = info.store_path().to_absolute_path();
+        if let Some(local) = &self.local_nars {
+            let (local, i) = (local.clone(), info.clone());
+            let expected = Expected {
+                nar_hash: Some(info.nar_hash),
+                nar_size: Some(info.nar_size),
+            };
+            let (codec, wanted, dir) = (info.codec, wanted.cloned(), tmp_dir.to_owned());
+            let siblings = siblings.cloned();
+            // Verified again as it is read: the pass checks NarHash whatever the source.
+            let pass = tokio::task::spawn_blocking(move || {
+                let file = local.open(&i)?;
+                Some(match wanted {
+                    Some(wanted) => pipeline::run_pass_with_siblings(
+                        file,
+                        codec,
+                        expected,
+                        &wanted,
+                        siblings.as_ref(),
+                        &dir,
+                    ),
+                    None => pipeline::list_nar(file, codec, expected),
+                })
+            })
+            .await
+            .map_err(|e| io::Error::other(format!("extraction thread failed: {e}")))?;
+            match pass {
+                Some(Ok(pass)) => return Ok(pass),
+                Some(Err(err)) => {
+                    tracing::warn!(%store_path, %err, "kept NAR failed; fetching it again");
+                }
+                None => {}
+            }
+        }
         let Some(mut fetched) = cache.nar(info.url(), info.nar_size).await? else {
             return Err(ExtractError::NarMissing {
                 cache: cache.url().to_owned(),

@@ -6,8 +6,10 @@
 //! `URL`, `Compression`, `FileHash` and `FileSize` are not signed: they are treated as
 //! hints and checked against the bytes.
 
+use base64::Engine as _;
+use ed25519_dalek::Signer as _;
 use nix_derivation::{NixHash, StoreDir, StorePath};
-use nix_narinfo::{NarInfo, TrustedPublicKey};
+use nix_narinfo::{NarInfo, NixSignature, TrustedPublicKey};
 
 use crate::codec::{Codec, CodecError};
 
@@ -109,17 +111,47 @@ pub fn verify(
     requested: &StorePath,
     trust: &Trust,
 ) -> Result<VerifiedNarInfo, NarInfoError> {
+    check(bytes, trust, |got| {
+        (got != requested).then(|| requested.to_absolute_path())
+    })
+}
+
+/// [`verify`] for a request that names only the store path's hash part (a substituter's
+/// `<hash>.narinfo`): the `StorePath` must have exactly that hash; Nix checks the name.
+pub fn verify_hash_part(
+    bytes: &[u8],
+    hash_part: &str,
+    trust: &Trust,
+) -> Result<VerifiedNarInfo, NarInfoError> {
+    check(bytes, trust, |got| {
+        let base = got.to_basename();
+        (base.get(..HASH_PART_LEN) != Some(hash_part)).then(|| format!("{STORE_DIR}/{hash_part}-…"))
+    })
+}
+
+/// Length of a store path's hash part, in nix32 characters.
+pub const HASH_PART_LEN: usize = 32;
+
+const STORE_DIR: &str = "/nix/store";
+
+/// Parses `bytes`, then checks its store path with `wrong` (which names what was expected
+/// when the path is not it) and its signatures with `trust`.
+fn check(
+    bytes: &[u8],
+    trust: &Trust,
+    wrong: impl FnOnce(&StorePath) -> Option<String>,
+) -> Result<VerifiedNarInfo, NarInfoError> {
     if let Some((offset, byte)) = control_character(bytes) {
         return Err(NarInfoError::ControlCharacter { offset, byte });
     }
     let store_dir = StoreDir::default();
     let info =
         NarInfo::parse_in(&store_dir, bytes).map_err(|e| NarInfoError::Parse(e.to_string()))?;
-    let path = requested.to_absolute_path();
-    if info.store_path() != requested {
+    let path = info.store_path().to_absolute_path();
+    if let Some(expected) = wrong(info.store_path()) {
         return Err(NarInfoError::WrongStorePath {
-            expected: path,
-            got: info.store_path().to_absolute_path(),
+            expected,
+            got: path,
         });
     }
     if trust.require_sigs && !info.has_valid_signature(&store_dir, &trust.keys) {
@@ -169,6 +201,127 @@ pub fn verify(
         file_hash,
         info,
     })
+}
+
+/// A node's own signing key, in Nix's secret key format (`NAME:BASE64` of the 32-byte seed
+/// and the 32-byte public key, as `nix key generate-secret` writes it). Its `Debug` shows
+/// the name only.
+#[derive(Clone)]
+pub struct SecretKey {
+    name: String,
+    key: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretKeyError {
+    #[error("a secret key is NAME:BASE64")]
+    NoSeparator,
+    #[error("the secret key's name is empty")]
+    EmptyName,
+    #[error("the secret key is not base64")]
+    NotBase64,
+    #[error("the secret key is {0} bytes, not 64 (seed and public key)")]
+    Length(usize),
+    #[error("the secret key's public half does not match its seed")]
+    Mismatch,
+}
+
+impl SecretKey {
+    pub fn parse(text: &str) -> Result<SecretKey, SecretKeyError> {
+        let (name, encoded) = text
+            .trim()
+            .split_once(':')
+            .ok_or(SecretKeyError::NoSeparator)?;
+        if name.is_empty() {
+            return Err(SecretKeyError::EmptyName);
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| SecretKeyError::NotBase64)?;
+        let bytes: [u8; 64] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| SecretKeyError::Length(b.len()))?;
+        let key = ed25519_dalek::SigningKey::from_keypair_bytes(&bytes)
+            .map_err(|_| SecretKeyError::Mismatch)?;
+        Ok(SecretKey {
+            name: name.to_owned(),
+            key,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The public key clients trust, `NAME:BASE64`.
+    pub fn public(&self) -> String {
+        let public = self.key.verifying_key().to_bytes();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(public);
+        format!("{}:{encoded}", self.name)
+    }
+}
+
+/// The narinfo of `info` as this node serves it: every field as verified, `URL` replaced by
+/// `url`, and with `key` a signature of this node's added (replacing one of the same name).
+/// Written from the parsed values, so nothing of the upstream's text but what was checked
+/// reaches a client.
+pub fn rewrite(
+    info: &VerifiedNarInfo,
+    url: &str,
+    key: Option<&SecretKey>,
+) -> Result<Vec<u8>, NarInfoError> {
+    let i = &info.info;
+    let mut sigs: Vec<NixSignature> = i.signatures().to_vec();
+    if let Some(key) = key {
+        let fingerprint = i.fingerprint(&StoreDir::default());
+        let sig = key.key.sign(fingerprint.as_bytes()).to_bytes();
+        sigs.retain(|s| s.key_name != key.name);
+        if let Ok(s) = NixSignature::from_bytes(key.name.clone(), &sig) {
+            sigs.push(s);
+        }
+    }
+    let built = NarInfo::builder(
+        i.store_path().clone(),
+        url,
+        i.nar_hash().clone(),
+        i.nar_size(),
+    )
+    .compression(i.compression().clone())
+    .references(i.references().iter().cloned())
+    .deriver(i.deriver().cloned())
+    .signatures(sigs)
+    .content_address(i.content_address().cloned())
+    .file_hash(i.file_hash().cloned())
+    .file_size(i.file_size())
+    .build();
+    built
+        .map(|n| n.to_canonical_bytes())
+        .map_err(|e| NarInfoError::Parse(e.to_string()))
+}
+
+/// The file name of a NAR as Nix names it in a cache: `<NarHash in nix32>.nar` and the
+/// compression's extension. Names only: the bytes are what `Compression` says.
+pub fn nar_file_name(info: &VerifiedNarInfo) -> String {
+    let ext = match info.info.compression().as_str() {
+        "none" => "",
+        "xz" => ".xz",
+        "zstd" => ".zst",
+        "bzip2" | "" => ".bz2",
+        "gzip" => ".gz",
+        "br" => ".br",
+        "lz4" => ".lz4",
+        "lzip" => ".lzip",
+        _ => ".bin",
+    };
+    format!("{}.nar{ext}", crate::hash::nix32(&info.nar_hash))
 }
 
 /// The first control character other than a line end (LF or CRLF), with its offset. Nix

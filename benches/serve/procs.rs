@@ -237,6 +237,39 @@ pub fn binplz_bin() -> PathBuf {
         )
 }
 
+/// `binplz serve --upstream URL` alone: a substituter-only node with an empty cache
+/// directory of its own. For `benches/substituter.rs`.
+#[allow(dead_code)]
+pub fn binplz_substituter(
+    name: &'static str,
+    public_key: &str,
+    upstream: &str,
+) -> BenchResult<Server> {
+    let dir = tempfile::Builder::new()
+        .prefix("binplz-bench-subst")
+        .tempdir()?;
+    let port = free_port()?;
+    let mut cmd = Command::new(binplz_bin());
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--upstream")
+        .arg(upstream)
+        .arg("--trusted-public-key")
+        .arg(public_key)
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .env("BINPLZ_LOG", "warn");
+    let mut proc = Proc::spawn(name, cmd, dir.path().join("stderr.log"))?;
+    proc.wait_ready(port, "/nix-cache-info")?;
+    Ok(Server {
+        name,
+        port,
+        proc,
+        _dir: dir,
+    })
+}
+
 /// `binplz serve` (the bench-profile build) with an empty cache directory of its own.
 pub fn binplz(
     name: &'static str,

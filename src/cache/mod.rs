@@ -6,4 +6,5 @@ pub mod disk;
 pub mod files;
 pub mod flight;
 pub mod health;
+pub mod nars;
 pub mod scrub;

@@ -1,5 +1,6 @@
-//! The one response body type: nothing, bytes in memory, or a range of a file (in the disk
-//! cache, or a sealed memory file). hyper streams it by frames; binplz's own HTTP/1 path
+//! The one response body type: nothing, bytes in memory, a range of a file (in the disk
+//! cache, or a sealed memory file), or chunks of known total length from a channel (a NAR
+//! passed on while it is fetched). hyper streams it by frames; binplz's own HTTP/1 path
 //! ([`super::h1`]) takes it apart with [`Body::into_out`] and sends a file with `sendfile`.
 
 use std::fs::File;
@@ -37,6 +38,14 @@ enum Kind {
         /// Counts such reads.
         waits: Arc<AtomicU64>,
     },
+    Channel(Chunks),
+}
+
+/// Chunks that add up to `len` bytes unless an error comes first: the sender ends with
+/// one rather than with a short body, so that the connection is cut, never ended cleanly.
+pub struct Chunks {
+    pub rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
+    pub len: u64,
 }
 
 /// A body taken apart, for a writer that sends each kind its own way.
@@ -49,6 +58,7 @@ pub enum Out {
         offset: u64,
         len: u64,
     },
+    Channel(Chunks),
 }
 
 impl Body {
@@ -77,9 +87,17 @@ impl Body {
         }
     }
 
+    /// `chunks`, sent as they come.
+    pub fn channel(chunks: Chunks) -> Body {
+        Body {
+            kind: Kind::Channel(chunks),
+        }
+    }
+
     /// What is left to send.
     pub fn into_out(self) -> Out {
         match self.kind {
+            Kind::Channel(c) => Out::Channel(c),
             Kind::Empty | Kind::Full(None) => Out::Empty,
             Kind::Full(Some(b)) => Out::Bytes(b),
             Kind::File { remaining: 0, .. } => Out::Empty,
@@ -131,6 +149,18 @@ impl hyper::body::Body for Body {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match &mut self.kind {
             Kind::Empty => Poll::Ready(None),
+            Kind::Channel(c) => match std::task::ready!(c.rx.poll_recv(cx)) {
+                Some(Ok(b)) => {
+                    c.len = c.len.saturating_sub(b.len() as u64);
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
+                Some(Err(e)) => Poll::Ready(Some(Err(e))),
+                None if c.len == 0 => Poll::Ready(None),
+                None => Poll::Ready(Some(Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "body ended early",
+                )))),
+            },
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Kind::File {
                 file,
@@ -204,6 +234,8 @@ impl hyper::body::Body for Body {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
             Kind::File { remaining, .. } => *remaining == 0,
+            // Only the channel's end says the body is over.
+            Kind::Channel(_) => false,
         }
     }
 
@@ -212,6 +244,7 @@ impl hyper::body::Body for Body {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::File { remaining, .. } => SizeHint::with_exact(*remaining),
+            Kind::Channel(c) => SizeHint::with_exact(c.len),
         }
     }
 }

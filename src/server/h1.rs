@@ -37,7 +37,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::body::{Body, Out};
+use super::body::{Body, Chunks, Out};
 use super::io::EscapeTargets;
 use super::metrics::Metrics;
 use super::App;
@@ -505,6 +505,7 @@ async fn respond(
         Out::Empty => 0,
         Out::Bytes(b) => b.len() as u64,
         Out::File { len, .. } => *len,
+        Out::Channel(c) => c.len,
     };
     let declared = parts.headers.get(header::CONTENT_LENGTH);
     let declared_size = declared.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
@@ -567,9 +568,41 @@ async fn respond(
             }
             Err(e) => Err(e),
         },
+        Out::Channel(c) => match send_more(stream, out, t).await {
+            Ok(()) => {
+                written = head_len;
+                send_chunks(stream, c, t, &mut written).await
+            }
+            Err(e) => Err(e),
+        },
     };
     *sent += written.saturating_sub(head_len);
     result
+}
+
+/// Sends `chunks` as they come. An error from the channel, or an end before its length, is
+/// an error here: the caller closes the connection, so the client sees a cut transfer.
+async fn send_chunks(
+    stream: &TcpStream,
+    mut chunks: Chunks,
+    t: Duration,
+    written: &mut u64,
+) -> io::Result<()> {
+    while let Some(chunk) = chunks.rx.recv().await {
+        let chunk = chunk?;
+        if chunk.len() as u64 > chunks.len {
+            return Err(io::Error::other("body longer than announced"));
+        }
+        chunks.len -= chunk.len() as u64;
+        write_all(stream, &mut [IoSlice::new(&chunk)], t, written).await?;
+    }
+    if chunks.len != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "body ended early",
+        ));
+    }
+    Ok(())
 }
 
 fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {

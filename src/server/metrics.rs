@@ -16,8 +16,20 @@ const BUCKETS: [f64; 12] = [
 ];
 
 /// The routes requests are counted by.
-pub const ROUTES: [&str; 8] = [
-    "home", "healthz", "readyz", "metrics", "search", "program", "sha256", "other",
+pub const ROUTES: [&str; 13] = [
+    "home",
+    "healthz",
+    "readyz",
+    "metrics",
+    "search",
+    "program",
+    "sha256",
+    "nix-cache-info",
+    "narinfo",
+    "nar",
+    "ls",
+    "log",
+    "other",
 ];
 /// The statuses the server answers with; any other is counted in `other_requests`.
 const STATUSES: [u16; 12] = [200, 206, 304, 400, 404, 405, 416, 422, 500, 502, 503, 504];

@@ -22,6 +22,7 @@ pub mod metrics;
 mod page;
 pub mod respond;
 pub mod routes;
+pub mod substituter;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -55,6 +56,7 @@ use crate::index::Lookup;
 use crate::resolve::RelPath;
 
 pub use indexes::IndexSource;
+pub use substituter::CacheConfig;
 
 /// Provenance header names, built once: inserting by `&str` parses the name and allocates
 /// a copy of it on every request.
@@ -98,6 +100,8 @@ pub struct Config {
     pub ready_probe_interval: Duration,
     /// How long the scrubber takes to re-hash the whole disk cache; `None`: no scrubber.
     pub disk_scrub_period: Option<Duration>,
+    /// The Nix binary cache routes' settings.
+    pub cache: CacheConfig,
     /// Every connection goes to hyper from its first byte, binplz's own HTTP/1 path
     /// ([`h1`]) unused: for tests that check both paths answer alike. Not an option; read
     /// once per connection.
@@ -123,6 +127,7 @@ impl Default for Config {
             max_index_size: crate::index::format::DEFAULT_MAX_INDEX_SIZE,
             ready_probe_interval: Duration::from_secs(5),
             disk_scrub_period: Some(crate::cache::scrub::DEFAULT_PERIOD),
+            cache: CacheConfig::default(),
             hyper_only: false,
         }
     }
@@ -152,6 +157,10 @@ struct Inner {
     readiness: Readiness,
     /// Makes concurrent `/-/readyz` requests share one probe.
     probe: tokio::sync::Mutex<()>,
+    /// The Nix binary cache routes: narinfos, NARs, listings and logs.
+    subst: substituter::State,
+    /// Whether index files were given: without, the node is a substituter only.
+    has_indexes: bool,
 }
 
 /// How long an upstream failure with no success since keeps `/-/readyz` unready, and how
@@ -272,7 +281,16 @@ impl App {
         extractor: Extractor,
         files: Files,
     ) -> Result<App, String> {
+        let has_indexes = !indexes.is_empty();
         let indexes = Indexes::load(indexes, config.max_index_size)?;
+        let subst = substituter::State::new(
+            config.cache.clone(),
+            files.disk_handle(),
+            config.negative_ttl,
+        );
+        // A NAR kept for Nix clients also serves program requests, without a second
+        // download.
+        let extractor = extractor.with_local_nars(subst.nars().clone());
         let negative = moka::future::Cache::builder()
             .max_capacity(100_000)
             .time_to_live(config.negative_ttl)
@@ -292,6 +310,8 @@ impl App {
                 negative,
                 readiness: Readiness::new(),
                 probe: tokio::sync::Mutex::new(()),
+                subst,
+                has_indexes,
             }),
         })
     }
@@ -427,6 +447,7 @@ impl App {
                     Err(f) => ("program", error(f.kind, &f.message, head), None),
                 }
             }
+            Route::Cache(req) => self.cache_route(req, headers, head, peer).await,
             Route::Sha256(req) => {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
                     return ("sha256", over_client_limit(head), None);
@@ -445,7 +466,7 @@ impl App {
     /// since makes a load balancer look elsewhere; probes do not overrule it.
     async fn ready(&self, head: bool) -> Response<Body> {
         let inner = &self.inner;
-        if inner.indexes.current().is_none() {
+        if inner.has_indexes && inner.indexes.current().is_none() {
             return error_status(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: no index loaded",

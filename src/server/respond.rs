@@ -27,6 +27,9 @@ pub const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
 pub const TEXT_HTML: &str = "text/html; charset=utf-8";
 pub const APPLICATION_JSON: &str = "application/json";
 pub const SHELL_SCRIPT: &str = "text/x-shellscript; charset=utf-8";
+pub const NIX_CACHE_INFO: &str = "text/x-nix-cache-info";
+pub const NIX_NARINFO: &str = "text/x-nix-narinfo";
+pub const NIX_NAR: &str = "application/x-nix-nar";
 pub const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Seconds a client should wait before asking again for something not built or while

@@ -106,6 +106,118 @@ pub enum Route {
     Program(ProgramRequest),
     /// `<program>.sha256`: prints `<sha256>  <program>`.
     Sha256(ProgramRequest),
+    /// The Nix binary cache routes (see [`CacheRequest`]).
+    Cache(CacheRequest),
+}
+
+/// A request of a Nix client using this node as a substituter. Matched by exact shape only,
+/// before program routes: anything else under these names is a program or an attribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheRequest {
+    /// `/nix-cache-info`.
+    Info,
+    /// `/<32 nix32 characters>.narinfo`.
+    NarInfo(HashPart),
+    /// `/<32 nix32 characters>.ls`.
+    Listing(HashPart),
+    /// `/nar/<hash part>-<NarHash in nix32>.nar[.ext]`: this node's own NAR names (see
+    /// [`NarName`]).
+    Nar(NarName),
+    /// `/log/<drv base name>`.
+    Log(String),
+}
+
+/// A store path's hash part: 32 characters of Nix's base-32 alphabet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HashPart(String);
+
+/// Nix's base-32 alphabet (no `e`, `o`, `t`, `u`).
+const NIX32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+
+fn is_nix32(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| NIX32.contains(&b))
+}
+
+impl HashPart {
+    pub fn parse(s: &str) -> Option<HashPart> {
+        is_nix32(s, 32).then(|| HashPart(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The name this node gives a NAR in the narinfos it serves: the store path's hash part
+/// (to find the checked narinfo again, which says where the upstream keeps the NAR) and
+/// the NarHash it must have (so that a narinfo changed upstream since does not serve
+/// another NAR under this name). Nothing in it is trusted: both are checked against the
+/// verified narinfo.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NarName {
+    pub hash_part: HashPart,
+    /// NarHash, nix32 (52 characters).
+    pub nar_hash: String,
+    /// The extension after `.nar` (`.zst`, `.xz`, or empty).
+    pub ext: String,
+}
+
+/// Longest extension after `.nar` (`.lzip` is the longest Nix writes).
+const MAX_NAR_EXT: usize = 8;
+
+impl NarName {
+    pub fn parse(s: &str) -> Option<NarName> {
+        let (hash_part, rest) = s.split_once('-')?;
+        let hash_part = HashPart::parse(hash_part)?;
+        let (nar_hash, ext) = rest.split_once(".nar")?;
+        let ext_ok = ext.is_empty()
+            || (ext.len() <= MAX_NAR_EXT
+                && ext.starts_with('.')
+                && ext[1..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        (is_nix32(nar_hash, 52) && ext_ok).then(|| NarName {
+            hash_part,
+            nar_hash: nar_hash.to_owned(),
+            ext: ext.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for NarName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}.nar{}", self.hash_part.0, self.nar_hash, self.ext)
+    }
+}
+
+/// Longest derivation base name accepted in `/log/…` (a store path name is at most 211).
+const MAX_DRV_NAME: usize = 211;
+
+/// The Nix binary cache route `segments` name, by exact shape; `None` for anything else.
+fn cache_route(segments: &[&str]) -> Option<CacheRequest> {
+    match segments {
+        ["nix-cache-info"] => Some(CacheRequest::Info),
+        [one] => {
+            if let Some(h) = one.strip_suffix(".narinfo") {
+                HashPart::parse(h).map(CacheRequest::NarInfo)
+            } else {
+                one.strip_suffix(".ls")
+                    .and_then(HashPart::parse)
+                    .map(CacheRequest::Listing)
+            }
+        }
+        ["nar", name] => NarName::parse(name).map(CacheRequest::Nar),
+        ["log", drv] => {
+            let (hash, name) = drv.split_once('-')?;
+            let ok = HashPart::parse(hash).is_some()
+                && drv.len() <= MAX_DRV_NAME
+                && name.len() > ".drv".len()
+                && name.ends_with(".drv")
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
+            ok.then(|| CacheRequest::Log((*drv).to_owned()))
+        }
+        _ => None,
+    }
 }
 
 /// Why a path is not a valid request. The text is safe to show (no request bytes in it).
@@ -146,6 +258,9 @@ pub fn parse(path: &str, query: Option<&str>) -> Result<Route, RouteError> {
         }
         ["-", ..] => return Err(RouteError::NotFound),
         _ => {}
+    }
+    if let Some(c) = cache_route(&segments) {
+        return Ok(Route::Cache(c));
     }
     let rev = match query_param(query, "rev")? {
         Some(r) => Some(Revision::parse(&r).ok_or(RouteError::BadRequest("invalid revision"))?),

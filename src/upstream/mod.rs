@@ -417,6 +417,17 @@ impl Cache {
         }
     }
 
+    /// Fetches `path` whole, at most `limit` bytes, within the narinfo deadline; `None`
+    /// when the cache does not have it.
+    pub async fn get_whole(
+        &self,
+        path: &CachePath,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, UpstreamError> {
+        let fetch = self.get_small(path, limit);
+        self.within_narinfo_deadline(path, "response", fetch).await
+    }
+
     async fn get_small(
         &self,
         path: &CachePath,

@@ -12,4 +12,5 @@ mod harness;
 mod index;
 mod s3;
 mod serve;
+mod substituter;
 mod support;
