@@ -38,6 +38,7 @@
           { name = "shutdownGrace"; flag = "--shutdown-grace"; type = "nullOrInt"; default = null; description = "Seconds to finish responses in progress at stop."; }
           { name = "threads"; flag = "--threads"; type = "nullOrInt"; default = null; description = "Threads serving connections (default: the number of CPUs)."; }
           { name = "diskScrubPeriod"; flag = "--disk-scrub-period"; type = "nullOrInt"; default = null; description = "Seconds the scrubber takes to re-hash the disk cache once (0: none)."; }
+          { name = "priority"; flag = "--priority"; type = "nullOrInt"; default = null; description = "Priority announced in nix-cache-info to Nix clients (lower is preferred)."; }
           { name = "logFormat"; flag = "--log-format"; type = "enum"; values = [ "text" "json" ]; default = "json"; description = "Log format."; }
         ];
 
@@ -63,7 +64,7 @@
 
       # Flags the module sets itself, never from a table row: the files systemd manages.
       managedFlags = {
-        serve = [ "--cache-dir" ];
+        serve = [ "--cache-dir" "--sign-key-file" ];
         builder = [ "--state-dir" "--secret-key-file" "--operator-token-file" ];
         index = [ "--eval" "--output" "--revision" ];
       };
@@ -190,6 +191,11 @@
                 defaultText = lib.literalExpression "the local builder's URL when services.binplz.builder is enabled";
                 description = "URL of a binplz builder to ask for programs the index knows but no cache holds.";
               };
+              signKeyFile = lib.mkOption {
+                type = lib.types.nullOr lib.types.str;
+                default = null;
+                description = "Path (outside the Nix store) of a Nix secret key: narinfos served to Nix clients also carry this node's signature. Passed with LoadCredential.";
+              };
               extraArgs = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; description = "More arguments for binplz serve."; };
             };
 
@@ -247,10 +253,12 @@
                   ExecStart = lib.escapeShellArgs ([ (lib.getExe package) "serve" "--cache-dir" "/var/cache/binplz" ]
                     ++ toArgs flags.serve (cfg.edge // { indexes = indexesOr cfg.edge.indexes; })
                     ++ lib.optionals (cfg.edge.builder != null) [ "--builder" cfg.edge.builder ]
+                    ++ lib.optionals (cfg.edge.signKeyFile != null) [ "--sign-key-file" "%d/sign-key" ]
                     ++ cfg.edge.extraArgs);
                   ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
                   DynamicUser = true;
                   CacheDirectory = "binplz";
+                  LoadCredential = lib.optional (cfg.edge.signKeyFile != null) "sign-key:${cfg.edge.signKeyFile}";
                   # The index files are read, never written.
                   ReadOnlyPaths = lib.optional cfg.index.enable indexDir;
                   # The memory cache, the loaded indexes and the connections' buffers.
