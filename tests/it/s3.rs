@@ -509,6 +509,31 @@ async fn an_upload_interrupted_after_the_nars_leaves_no_narinfo() {
     assert_eq!(tree(&bucket), tree(&support::cache_dir("cache")));
 }
 
+#[tokio::test]
+async fn a_narinfo_whose_nar_is_nowhere_is_not_published() {
+    let tmp = TempDir::new().expect("a temp dir");
+    let from = tmp.path().join("staging");
+    let extra = stage_extra(&from, "lonely-1.0");
+    for nar in std::fs::read_dir(from.join("nar")).expect("listing nar/") {
+        std::fs::remove_file(nar.expect("an entry").path()).expect("removing the NAR");
+    }
+    let dir = tmp.path().join("store");
+    let store = Store::open(
+        &format!("file://{}", dir.display()),
+        &binplz::upstream::ClientConfig::default(),
+    )
+    .expect("a directory store");
+    let err = store::publish(&from, &store, &PublishOptions::default())
+        .await
+        .expect_err("the NAR is missing");
+    assert!(matches!(err, StoreError::MissingNar { .. }), "{err}");
+    assert!(!has(&dir, &narinfo_path(&extra)));
+    assert!(
+        from.join(narinfo_path(&extra)).exists(),
+        "the staging copy is kept"
+    );
+}
+
 /// Where a gc test keeps its store: a bucket, or a directory.
 enum Target {
     S3(S3Server),
