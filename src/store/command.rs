@@ -61,7 +61,7 @@ pub struct GcArgs {
     max_size: Option<u64>,
 
     /// Delete; without it, only print what would be deleted.
-    #[arg(long)]
+    #[arg(long, env = "BINPLZ_GC_DELETE")]
     delete: bool,
 
     #[command(flatten)]

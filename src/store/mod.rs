@@ -175,10 +175,10 @@ impl Store {
             Ok(_) => Ok(()),
             Err(object_store::Error::NotFound { .. }) => Err(StoreError::Remote {
                 url: self.url.clone(),
-                key: String::new(),
+                key: "nix-cache-info".to_owned(),
                 cause: S3Cause::NoSuchBucket,
             }),
-            Err(e) => Err(self.remote("", &e)),
+            Err(e) => Err(self.remote("nix-cache-info", &e)),
         }
     }
 
@@ -190,7 +190,8 @@ impl Store {
             .list(None)
             .try_collect()
             .await
-            .map_err(|e| self.remote("", &e))?;
+            // `*`: the whole listing, in messages.
+            .map_err(|e| self.remote("*", &e))?;
         Ok(metas
             .into_iter()
             .map(|m| Object {

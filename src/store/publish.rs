@@ -260,18 +260,20 @@ fn remove_staged(staging: &Path, files: &[(String, PathBuf)]) -> Result<(), Stor
             }
         }
     }
-    let mut dirs: Vec<&Path> = files
-        .iter()
-        .filter_map(|(_, p)| p.parent())
-        .filter(|d| d.starts_with(staging))
-        .collect();
-    dirs.push(staging);
-    dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-    dirs.dedup();
-    for dir in dirs {
-        // Only empty directories go: anything else the builder keeps there stays.
+    // Then every directory left empty, deepest first (`nix copy` also makes directories it
+    // leaves empty, such as `log/`). Anything else kept there stays, and so does its
+    // directory.
+    fn prune(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    prune(&entry.path());
+                }
+            }
+        }
         let _ = std::fs::remove_dir(dir);
     }
+    prune(staging);
     Ok(())
 }
 

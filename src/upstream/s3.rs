@@ -5,7 +5,8 @@
 //! web identity, container and instance metadata), plus static keys from the shared
 //! credentials file (`~/.aws/credentials`, or `AWS_SHARED_CREDENTIALS_FILE`): the section
 //! `profile=` names, else `AWS_PROFILE`, else `default` when nothing else is configured.
-//! A custom `endpoint` is addressed path-style (`ENDPOINT/BUCKET/KEY`), as Nix does.
+//! A custom `endpoint` is addressed path-style (`ENDPOINT/BUCKET/KEY`), as Nix does; AWS
+//! itself virtual-hosted style (`BUCKET.s3.REGION.amazonaws.com/KEY`).
 //!
 //! A missing key is "not in this cache", exactly as a 404 is. Everything else S3 says no
 //! with (no such bucket, access denied, bad credentials) is an error naming the bucket, the
@@ -160,6 +161,15 @@ impl S3Url {
             builder = builder
                 .with_endpoint(endpoint)
                 .with_virtual_hosted_style_request(false);
+        } else if builder
+            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .is_none()
+            && !self.bucket.contains('.')
+        {
+            // AWS itself: `BUCKET.s3.REGION.amazonaws.com`, as Nix's SDK addresses it (a
+            // dotted name would not match the certificate's wildcard, so it stays
+            // path-style).
+            builder = builder.with_virtual_hosted_style_request(true);
         }
         let has_env_keys = builder
             .get_config_value(&AmazonS3ConfigKey::AccessKeyId)

@@ -255,6 +255,147 @@ fn binplz_serve_serves_a_bucket_given_as_its_upstream() {
     running.stop();
 }
 
+/// Runs a Nix command as the builder does (single-user, no sandbox, no substituters);
+/// returns its standard output.
+#[track_caller]
+fn nix(program: &str, args: &[&str], stdin: Option<&Path>) -> String {
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env(
+        "NIX_CONFIG",
+        "experimental-features = nix-command\nsandbox = false\nbuild-users-group =\nsubstituters =",
+    );
+    if let Some(f) = stdin {
+        cmd.stdin(std::fs::File::open(f).expect("opening the input"));
+    }
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("running {program} (Debian's nix-bin; .ci/run installs it): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// What a builder does, with real Nix: build a store path (the static busybox as
+/// `bin/greet`), sign it into a `file://` staging cache with `nix copy`, and publish that to
+/// the bucket; then an index built from the bucket, and an edge serving from it.
+#[test]
+fn a_nix_build_published_to_a_bucket_is_indexed_and_served_from_it() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    let tmp = TempDir::new().expect("a temp dir");
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("bb")).expect("creating bb/");
+    std::fs::copy("/bin/busybox", dir.join("bb/busybox"))
+        .expect("copying /bin/busybox (busybox-static; .ci/run installs it)");
+    std::os::unix::fs::symlink("busybox", dir.join("bb/sh")).expect("linking sh");
+    // A nonce in the environment: every run builds its own store path.
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let expr = format!(
+        r#"let dir = builtins.path {{ path = {bb}; name = "s3-test-busybox"; }}; in
+derivation {{
+  name = "greet-1.0";
+  system = "x86_64-linux";
+  builder = "${{dir}}/sh";
+  args = [ "-c" "${{dir}}/busybox mkdir -p $out/bin && ${{dir}}/busybox cp ${{dir}}/busybox $out/bin/greet" ];
+  nonce = "{nonce}";
+}}"#,
+        bb = dir.join("bb").display()
+    );
+    std::fs::write(dir.join("greet.nix"), expr).expect("writing greet.nix");
+    let drv = nix(
+        "nix-instantiate",
+        &[dir.join("greet.nix").to_str().expect("a UTF-8 path")],
+        None,
+    );
+    let out = nix("nix-store", &["--realise", &drv], None);
+    let secret = dir.join("secret");
+    std::fs::write(
+        &secret,
+        nix(
+            "nix",
+            &["key", "generate-secret", "--key-name", "builder-1"],
+            None,
+        ),
+    )
+    .expect("writing the secret key");
+    let public = nix("nix", &["key", "convert-secret-to-public"], Some(&secret));
+    let staging = dir.join("staging");
+    nix(
+        "nix",
+        &[
+            "copy",
+            "--to",
+            &format!(
+                "file://{}?compression=zstd&write-nar-listing=true&secret-key={}",
+                staging.display(),
+                secret.display()
+            ),
+            &out,
+        ],
+        None,
+    );
+    publish_cli(&s3, &staging, &s3.url("cache"));
+    assert!(!staging.exists(), "the staging copy is removed");
+
+    let eval = dir.join("eval.jsonl");
+    std::fs::write(
+        &eval,
+        format!(
+            "{}\n",
+            serde_json::json!({
+                "attr": "greet", "attrPath": ["greet"], "drvPath": drv, "name": "greet-1.0",
+                "outputs": {"out": out}, "system": "x86_64-linux",
+            })
+        ),
+    )
+    .expect("writing the evaluation");
+    let index = dir.join("index");
+    let mut cmd = binplz();
+    s3.env(&mut cmd)
+        .args(["index", "build", "--eval"])
+        .arg(&eval)
+        .args([
+            "--upstream",
+            &s3.url("cache"),
+            "--trusted-public-key",
+            &public,
+            "-o",
+        ])
+        .arg(&index);
+    assert_success(&run(&mut cmd));
+
+    let mut cmd = binplz();
+    s3.env(&mut cmd)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &s3.url("cache"),
+        ])
+        .args(["--trusted-public-key", &public, "--index"])
+        .arg(&index)
+        .arg("--cache-dir")
+        .arg(dir.join("disk"));
+    let running = crate::serve::Running::start(&mut cmd, "text");
+    let r = crate::serve::blocking_get(running.addr, "/greet");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.body,
+        std::fs::read("/bin/busybox").expect("reading /bin/busybox")
+    );
+    running.stop();
+}
+
 #[tokio::test]
 async fn wrong_credentials_fail_clearly_and_cache_nothing() {
     let s3 = S3Server::start();
@@ -366,6 +507,31 @@ async fn an_upload_interrupted_after_the_nars_leaves_no_narinfo() {
         .await
         .expect("publishing again");
     assert_eq!(tree(&bucket), tree(&support::cache_dir("cache")));
+}
+
+#[tokio::test]
+async fn a_narinfo_whose_nar_is_nowhere_is_not_published() {
+    let tmp = TempDir::new().expect("a temp dir");
+    let from = tmp.path().join("staging");
+    let extra = stage_extra(&from, "lonely-1.0");
+    for nar in std::fs::read_dir(from.join("nar")).expect("listing nar/") {
+        std::fs::remove_file(nar.expect("an entry").path()).expect("removing the NAR");
+    }
+    let dir = tmp.path().join("store");
+    let store = Store::open(
+        &format!("file://{}", dir.display()),
+        &binplz::upstream::ClientConfig::default(),
+    )
+    .expect("a directory store");
+    let err = store::publish(&from, &store, &PublishOptions::default())
+        .await
+        .expect_err("the NAR is missing");
+    assert!(matches!(err, StoreError::MissingNar { .. }), "{err}");
+    assert!(!has(&dir, &narinfo_path(&extra)));
+    assert!(
+        from.join(narinfo_path(&extra)).exists(),
+        "the staging copy is kept"
+    );
 }
 
 /// Where a gc test keeps its store: a bucket, or a directory.
