@@ -1,0 +1,152 @@
+//! Peak memory of each measure, each in a fresh process.
+//!
+//! Memory is measured in a child process per measure (`binplz bench --memory-probe KIND`,
+//! hidden): within the benchmark's own process the allocator keeps the pages of earlier
+//! runs, so a pass would reuse them and seem to need nothing. The child reads the input
+//! file into memory (and, for the SHA-256-only measure, decodes it first, as the benchmark
+//! holds the NAR), then resets its peak RSS (`VmHWM`, see [`machine::reset_peak_rss`]),
+//! runs the measure once and prints its peak RSS and the rise over its RSS just before:
+//! the memory the measure itself needed.
+
+use std::io;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use super::machine;
+use super::recompress::SharedReader;
+use crate::codec::Codec;
+use crate::pipeline::{run_pass, Expected};
+use crate::resolve::RelPath;
+
+/// Peak memory of one run: the process's peak, and its rise over the RSS at the start.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct Memory {
+    pub peak_rss_bytes: u64,
+    pub added_rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    Extract,
+    Decode,
+    Hash,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Extract => "extract",
+            Kind::Decode => "decode",
+            Kind::Hash => "hash",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot run the memory probe {exe}: {err}")]
+    Spawn { exe: String, err: io::Error },
+    #[error("the {kind} memory probe failed ({status}): {stderr}")]
+    Failed {
+        kind: &'static str,
+        status: String,
+        stderr: String,
+    },
+    #[error("the {kind} memory probe printed no figures: {output:?}")]
+    Output { kind: &'static str, output: String },
+    #[error("{0}")]
+    Probe(String),
+}
+
+/// Peak memory of one `kind` run on `file` (a NAR, compressed or not), in a child process
+/// of `exe` (binplz).
+pub fn measure(
+    exe: &Path,
+    kind: Kind,
+    file: &Path,
+    wanted: &RelPath,
+) -> Result<Memory, MemoryError> {
+    let out = Command::new(exe)
+        .args(["bench", "--memory-probe", kind.as_str(), "--nar"])
+        .arg(file)
+        .arg("--memory-probe-wanted")
+        .arg(wanted.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|err| MemoryError::Spawn {
+            exe: exe.display().to_string(),
+            err,
+        })?;
+    if !out.status.success() {
+        return Err(MemoryError::Failed {
+            kind: kind.as_str(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|_| MemoryError::Output {
+        kind: kind.as_str(),
+        output: String::from_utf8_lossy(&out.stdout).into_owned(),
+    })
+}
+
+/// The child's side: one `kind` run on `file`, its memory printed as JSON on stdout.
+pub fn probe(kind: Kind, file: &Path, wanted: &RelPath) -> Result<Memory, MemoryError> {
+    let fail = |e: &dyn std::fmt::Display| MemoryError::Probe(format!("{}: {e}", file.display()));
+    let data: std::sync::Arc<[u8]> = std::fs::read(file).map_err(|e| fail(&e))?.into();
+    let name = file.file_name().and_then(|n| n.to_str());
+    let codec = Codec::sniff(&data[..data.len().min(32)], name).map_err(|e| fail(&e))?;
+    let nar = match kind {
+        Kind::Hash => {
+            let mut nar = Vec::new();
+            io::copy(
+                &mut codec
+                    .decoder(SharedReader::new(data.clone()))
+                    .map_err(|e| fail(&e))?,
+                &mut nar,
+            )
+            .map_err(|e| fail(&e))?;
+            nar
+        }
+        _ => Vec::new(),
+    };
+    let tmp = tempfile::tempdir().map_err(|e| fail(&e))?;
+    let reset = machine::reset_peak_rss();
+    let before = machine::rss();
+    match kind {
+        Kind::Extract => {
+            run_pass(
+                SharedReader::new(data),
+                codec,
+                Expected::default(),
+                wanted,
+                tmp.path(),
+            )
+            .map_err(|e| fail(&e))?;
+        }
+        Kind::Decode => {
+            io::copy(
+                &mut codec
+                    .decoder(SharedReader::new(data))
+                    .map_err(|e| fail(&e))?,
+                &mut io::sink(),
+            )
+            .map_err(|e| fail(&e))?;
+        }
+        Kind::Hash => {
+            std::hint::black_box(Sha256::digest(&nar));
+        }
+    }
+    let after = machine::rss();
+    match (reset, before, after) {
+        (true, Some(before), Some(after)) => Ok(Memory {
+            peak_rss_bytes: after.peak,
+            added_rss_bytes: after.peak.saturating_sub(before.current),
+        }),
+        _ => Err(MemoryError::Probe(
+            "this kernel does not report or reset peak RSS (/proc/self/status, clear_refs)".into(),
+        )),
+    }
+}
