@@ -104,6 +104,8 @@ pub struct Row {
     pub recompressed: bool,
     /// The file the verified pass kept.
     pub wanted: String,
+    /// The NarHash every pass of this row verified (`sha256:` and Nix's base-32).
+    pub nar_hash: String,
     pub nar_bytes: u64,
     pub compressed_bytes: u64,
     /// NAR bytes per compressed byte.
@@ -313,6 +315,7 @@ fn row(
         codec: setting.to_string(),
         recompressed,
         wanted: input.wanted.to_string(),
+        nar_hash: format!("sha256:{}", crate::hash::nix32(&input.nar_hash)),
         nar_bytes: input.nar.len() as u64,
         compressed_bytes: data.len() as u64,
         compression_ratio: n / (data.len() as f64).max(1.0),
@@ -374,7 +377,7 @@ pub fn table(report: &Report) -> String {
             _ => format!("{:.0}", r.decode_mb_s),
         };
         let mut line = format!(
-            "{:<28} {:>8} {:>8.1} {:>8.1} {:>5.2}x {:>4} {:>8.0} {:>7.0} {:>7} {:>6.0} {:>6.0} {:>7.3} {:>5.1}% {:>5.1}% {:>6}",
+            "{:<28} {:>8} {:>8.2} {:>8.2} {:>5.2}x {:>4} {:>8.0} {:>7.0} {:>7} {:>6.0} {:>6.0} {:>7.3} {:>5.1}% {:>5.1}% {:>6}",
             shorten(&r.input, 28),
             r.codec,
             mb(r.nar_bytes),

@@ -1,7 +1,9 @@
 //! Integration tests, as one test binary: the extractor against a fake binary cache
 //! (`extract`), the `binplz` command line (`cli`), the server with a disk cache that cannot
-//! write (`disk`), and the test support itself (`harness`, checking `support`).
+//! write (`disk`), the benchmark command (`bench`), and the test support itself (`harness`,
+//! checking `support`).
 
+mod bench;
 mod cli;
 mod differential;
 mod disk;
