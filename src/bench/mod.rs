@@ -141,7 +141,8 @@ impl Row {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub binplz_version: &'static str,
-    pub cpu_model: Option<String>,
+    /// `/proc/cpuinfo`'s model name, or the architecture where it has none.
+    pub cpu_model: String,
     pub cores: usize,
     pub rows: Vec<Row>,
     pub failures: Vec<inputs::Failure>,
@@ -154,7 +155,7 @@ impl Report {
     pub fn new() -> Report {
         Report {
             binplz_version: env!("CARGO_PKG_VERSION"),
-            cpu_model: machine::cpu_model(),
+            cpu_model: machine::cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
             cores: machine::cores(),
             rows: Vec::new(),
             failures: Vec::new(),
@@ -342,9 +343,7 @@ pub fn table(report: &Report) -> String {
     let _ = writeln!(
         out,
         "binplz {} NAR extraction on {} ({} cores)",
-        report.binplz_version,
-        report.cpu_model.as_deref().unwrap_or("an unknown CPU"),
-        report.cores
+        report.binplz_version, report.cpu_model, report.cores
     );
     let nix = report.rows.iter().any(|r| r.nix.is_some());
     let mut head = format!(
