@@ -275,7 +275,7 @@ pub async fn sample_cache(
     order: Order,
     max_nar_size: u64,
 ) -> Result<Vec<Result<Input, Failure>>, InputError> {
-    let hashes: Vec<String> = if store_paths.is_empty() {
+    let mut hashes: Vec<String> = if store_paths.is_empty() {
         list_file_cache(cache.url())?
     } else {
         store_paths
@@ -283,33 +283,36 @@ pub async fn sample_cache(
             .map(|p| p.to_basename()[..32].to_owned())
             .collect()
     };
+    hashes.sort();
+    hashes.dedup();
+    // A random sample needs only its own narinfos; the largest NARs need the NarSize of
+    // every candidate, so at most MAX_RANKED are read.
+    let ranked = match order {
+        Order::Largest => MAX_RANKED,
+        Order::Random(seed) => {
+            let mut rng = Rng::new(seed);
+            for i in (1..hashes.len()).rev() {
+                let j = rng.below(i as u64 + 1) as usize;
+                hashes.swap(i, j);
+            }
+            n
+        }
+    };
     let mut out = Vec::new();
     let mut candidates: Vec<(StorePath, u64)> = Vec::new();
-    let ranked = match order {
-        Order::Largest => hashes.len().min(MAX_RANKED),
-        Order::Random(_) => hashes.len(),
-    };
     for hash in hashes.iter().take(ranked) {
         // Read only to choose the sample: each chosen path is fetched again and verified.
         match unverified(cache, hash).await {
             Ok(found) => candidates.push(found),
-            Err(error) => out.push(Err(Failure::new(
+            Err((kind, error)) => out.push(Err(Failure::new(
                 format!("{}/{hash}.narinfo", cache.url()),
-                ErrorKind::UpstreamBroken,
+                kind,
                 error,
             ))),
         }
     }
-    match order {
-        Order::Largest => candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0))),
-        Order::Random(seed) => {
-            candidates.sort();
-            let mut rng = Rng::new(seed);
-            for i in (1..candidates.len()).rev() {
-                let j = rng.below(i as u64 + 1) as usize;
-                candidates.swap(i, j);
-            }
-        }
+    if let Order::Largest = order {
+        candidates.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     }
     for (store_path, _) in candidates.into_iter().take(n) {
         let label = store_path.to_absolute_path();
@@ -348,13 +351,14 @@ fn list_file_cache(url: &str) -> Result<Vec<String>, InputError> {
 }
 
 /// The store path and NarSize a narinfo claims, before any check.
-async fn unverified(cache: &Cache, hash: &str) -> Result<(StorePath, u64), String> {
+async fn unverified(cache: &Cache, hash: &str) -> Result<(StorePath, u64), (ErrorKind, String)> {
+    let broken = |e: &dyn std::fmt::Display| (ErrorKind::UpstreamBroken, e.to_string());
     let bytes = cache
         .narinfo(hash)
         .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| "not in the cache".to_owned())?;
-    let info = NarInfo::parse_in(&StoreDir::default(), &bytes).map_err(|e| e.to_string())?;
+        .map_err(|e| broken(&e))?
+        .ok_or_else(|| (ErrorKind::NotInCache, "not in the cache".to_owned()))?;
+    let info = NarInfo::parse_in(&StoreDir::default(), &bytes).map_err(|e| broken(&e))?;
     Ok((info.store_path().clone(), info.nar_size()))
 }
 
