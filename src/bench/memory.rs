@@ -2,20 +2,20 @@
 //!
 //! Memory is measured in a child process per measure (`binplz bench --memory-probe KIND`,
 //! hidden): within the benchmark's own process the allocator keeps the pages of earlier
-//! runs, so a pass would reuse them and seem to need nothing. The child reads the input
-//! file into memory (and, for the SHA-256-only measure, decodes it first, as the benchmark
-//! holds the NAR), then resets its peak RSS (`VmHWM`, see [`machine::reset_peak_rss`]),
-//! runs the measure once and prints its peak RSS and the rise over its RSS just before:
-//! the memory the measure itself needed.
+//! runs, so a pass would reuse them and seem to need nothing, and the inputs held in
+//! memory would count. The child streams the input file, as `binplz extract --nar` does
+//! and as a server streams a download (for the SHA-256-only measure it first decodes the
+//! NAR into memory, as the benchmark holds it), resets its peak RSS (`VmHWM`, see
+//! [`machine::reset_peak_rss`]), runs the measure once and prints its peak RSS and the
+//! rise over its RSS just before: the memory the measure itself needed.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
 use super::machine;
-use super::recompress::SharedReader;
 use crate::codec::Codec;
 use crate::pipeline::{run_pass, Expected};
 use crate::resolve::RelPath;
@@ -95,45 +95,38 @@ pub fn measure(
 /// The child's side: one `kind` run on `file`, its memory printed as JSON on stdout.
 pub fn probe(kind: Kind, file: &Path, wanted: &RelPath) -> Result<Memory, MemoryError> {
     let fail = |e: &dyn std::fmt::Display| MemoryError::Probe(format!("{}: {e}", file.display()));
-    let data: std::sync::Arc<[u8]> = std::fs::read(file).map_err(|e| fail(&e))?.into();
+    let open = || std::fs::File::open(file).map_err(|e| fail(&e));
+    let mut head = Vec::with_capacity(32);
+    io::Read::take(open()?, 32)
+        .read_to_end(&mut head)
+        .map_err(|e| fail(&e))?;
     let name = file.file_name().and_then(|n| n.to_str());
-    let codec = Codec::sniff(&data[..data.len().min(32)], name).map_err(|e| fail(&e))?;
+    let codec = Codec::sniff(&head, name).map_err(|e| fail(&e))?;
     let nar = match kind {
         Kind::Hash => {
             let mut nar = Vec::new();
-            io::copy(
-                &mut codec
-                    .decoder(SharedReader::new(data.clone()))
-                    .map_err(|e| fail(&e))?,
-                &mut nar,
-            )
-            .map_err(|e| fail(&e))?;
+            codec
+                .decoder(open()?)
+                .and_then(|mut d| d.read_to_end(&mut nar))
+                .map_err(|e| fail(&e))?;
             nar
         }
         _ => Vec::new(),
     };
     let tmp = tempfile::tempdir().map_err(|e| fail(&e))?;
+    let input = open()?;
     let reset = machine::reset_peak_rss();
     let before = machine::rss();
     match kind {
         Kind::Extract => {
-            run_pass(
-                SharedReader::new(data),
-                codec,
-                Expected::default(),
-                wanted,
-                tmp.path(),
-            )
-            .map_err(|e| fail(&e))?;
+            run_pass(input, codec, Expected::default(), wanted, tmp.path())
+                .map_err(|e| fail(&e))?;
         }
         Kind::Decode => {
-            io::copy(
-                &mut codec
-                    .decoder(SharedReader::new(data))
-                    .map_err(|e| fail(&e))?,
-                &mut io::sink(),
-            )
-            .map_err(|e| fail(&e))?;
+            codec
+                .decoder(input)
+                .and_then(|mut d| io::copy(&mut d, &mut io::sink()))
+                .map_err(|e| fail(&e))?;
         }
         Kind::Hash => {
             std::hint::black_box(Sha256::digest(&nar));

@@ -422,7 +422,7 @@ pub fn table(report: &Report) -> String {
         out,
         "MB/s of NAR (10^6 bytes), median of `runs`; (file) = the same pass in MB/s of the \
          compressed file; limit = min(decode, hash), or hash for none; RSS MB = peak RSS of \
-         binplz doing the pass alone, input in memory; others = CPU share other processes took (at most {:.1}%); {:.0} s",
+         a binplz process doing the pass alone, streaming the file; others = CPU share other processes took (at most {:.1}%); {:.0} s",
         report.others_cpu_max * 100.0,
         report.seconds
     );
