@@ -202,6 +202,17 @@ pub fn run_bench(args: BenchArgs) -> Result<(), CommandError> {
 
     let started = Instant::now();
     let progress = Progress::new();
+    // Cells (an input at one setting) to measure, known before the inputs are read so that
+    // the time left can be told from the start.
+    let per_found = plan.settings.len().max(1);
+    let per_generated = match plan.settings.len() {
+        0 => super::DEFAULT_GENERATED.len(),
+        n => n,
+    };
+    progress.add(
+        (args.nars.len() + caches.len() * args.sample) * per_found
+            + args.generate.len() * per_generated,
+    );
     let mut report = Report::new();
     // Files first, all of them: a bad file is an error before anything is measured.
     let mut files = Vec::new();
@@ -235,12 +246,18 @@ pub fn run_bench(args: BenchArgs) -> Result<(), CommandError> {
                     args.max_nar_size,
                 ))
                 .map_err(|e| bad(e.to_string()))?;
+            let mut measured = 0;
             for sample in sampled {
                 match sample {
-                    Ok(input) => measure(&input, &plan, &progress, &mut report)?,
+                    Ok(input) => {
+                        measure(&input, &plan, &progress, &mut report)?;
+                        measured += 1;
+                    }
                     Err(failure) => report.failures.push(failure),
                 }
             }
+            // Fewer paths than --sample, or some failed: their cells will not come.
+            progress.remove(args.sample.saturating_sub(measured) * per_found);
         }
     }
     progress.finish();
@@ -273,7 +290,6 @@ fn measure(
     progress: &Progress,
     report: &mut Report,
 ) -> Result<(), CommandError> {
-    progress.add(super::settings_for(input, plan).len());
     let rows = super::measure_input(
         input,
         plan,
@@ -327,6 +343,13 @@ impl Progress {
     fn add(&self, cells: usize) {
         if let Some(bar) = &self.0 {
             bar.inc_length(cells as u64);
+        }
+    }
+
+    fn remove(&self, cells: usize) {
+        if let Some(bar) = &self.0 {
+            let len = bar.length().unwrap_or(0);
+            bar.set_length(len.saturating_sub(cells as u64).max(bar.position()));
         }
     }
 
