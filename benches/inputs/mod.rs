@@ -42,7 +42,8 @@ pub fn compressed(nars: &[Nar], codecs: &[Codec]) -> io::Result<Vec<Vec<Compress
                         Codec::Zstd => Setting::ZSTD_19,
                         Codec::Xz => Setting::XZ_6,
                         Codec::Bzip2 => Setting::BZIP2_9,
-                        _ => Setting::NONE,
+                        Codec::None => Setting::NONE,
+                        other => return Err(io::Error::other(format!("no encoder for {other}"))),
                     };
                     let keep = Some((dir.as_path(), stem.as_str()));
                     recompress::compressed(&nar.bytes, &nar.sha256, setting, keep)

@@ -464,6 +464,38 @@ pub async fn fetch_verified(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest;
+
+    #[test]
+    fn the_file_kept_is_the_largest_regular_one() {
+        use crate::nar::writer::{write_nar, Entry};
+        let nar: Arc<[u8]> = write_nar(&Entry::dir([
+            ("a", Entry::file(vec![0u8; 10])),
+            (
+                "bin",
+                Entry::dir([
+                    ("big", Entry::executable(vec![1u8; 30])),
+                    ("link", Entry::symlink("big")),
+                ]),
+            ),
+            ("z", Entry::file(vec![2u8; 30])),
+        ]))
+        .into();
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("t.nar");
+        std::fs::write(&path, &nar[..]).expect("writing");
+        let input = from_file(&path, 1 << 20).expect("a valid NAR");
+        assert_eq!(input.wanted.to_string(), "bin/big");
+        assert_eq!(input.wanted_size, 30);
+        assert_eq!(
+            input.nar_hash,
+            <[u8; 32]>::from(sha2::Sha256::digest(&nar[..]))
+        );
+        assert!(matches!(
+            from_file(&path, 10),
+            Err(InputError::TooLarge { limit: 10, .. })
+        ));
+    }
 
     #[test]
     fn sizes_print_in_mb() {

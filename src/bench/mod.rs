@@ -441,3 +441,20 @@ fn shorten(s: &str, width: usize) -> String {
     let tail: String = s.chars().skip(n - (width - 9)).collect();
     format!("{head}…{tail}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_store_paths_keep_their_hash_start_and_name() {
+        assert_eq!(shorten("/nix/store/abc-x", 28), "abc-x");
+        let long = "/nix/store/zpya58m9bxib49ddjq6jdk22xiy6219w-busybox";
+        let short = shorten(long, 28);
+        assert_eq!(short.chars().count(), 28);
+        assert!(
+            short.starts_with("zpya58m9…") && short.ends_with("-busybox"),
+            "{short}"
+        );
+    }
+}
