@@ -35,6 +35,11 @@ enum Command {
     /// Build and query program indexes.
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Measure NAR extraction on NAR files, a cache's NARs or generated ones.
+    ///
+    /// binplz bench [--nar FILE]... [--cache URL [--sample N]] [--generate 100M,...]
+    /// [--codecs zstd:3,zstd:19,xz:6,none] [--runs N] [--json] [--compare-nix]
+    Bench(crate::bench::command::BenchArgs),
     /// Serve programs over HTTP: `curl -fsSL http://HOST/tree -o tree`.
     ///
     /// With no --upstream and no --index, serves a built-in demo (offline).
@@ -349,6 +354,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Publish(args) => crate::store::command::run_publish(args),
         Command::Gc(args) => crate::store::command::run_gc(args),
+        Command::Bench(args) => crate::bench::command::run_bench(args),
     };
     log.flush();
     match result {

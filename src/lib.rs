@@ -25,10 +25,12 @@
 //! | [`cache`] | keeping extracted files: disk, memory, single flight |
 //! | [`server`] | HTTP: routes, responses, limits, metrics |
 //! | [`store`] | the operator's own cache (S3 or a directory): publishing to it, `gc` |
+//! | [`bench`] | the NAR-extraction benchmark (`binplz bench`, `cargo bench --bench extract`) |
 //! | [`demo`] | the built-in demo cache |
 //! | [`error`] | the error taxonomy the CLI and the server share |
 //! | [`cli`] | the command line |
 
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod codec;

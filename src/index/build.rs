@@ -178,13 +178,16 @@ pub async fn build(
         });
     }
     let progress = (opts.progress && std::io::stderr().is_terminal()).then(|| {
-        let (counters, total) = (counters.clone(), outputs.len());
-        tokio::spawn(async move {
+        let bar = progress_bar(outputs.len(), attrs.len());
+        let (counters, shown) = (counters.clone(), bar.clone());
+        let attributes = attrs.len();
+        let task = tokio::spawn(async move {
             loop {
-                draw(&counters, total);
+                draw(&shown, &counters, attributes);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        })
+        });
+        (bar, task)
     });
     let mut scans: HashMap<String, Scan> = HashMap::new();
     while let Some(joined) = tasks.join_next().await {
@@ -206,9 +209,10 @@ pub async fn build(
             Err(e) => tracing::error!(err = %e, "scan task failed"),
         }
     }
-    if let Some(p) = progress {
-        p.abort();
-        draw(&counters, outputs.len());
+    if let Some((bar, task)) = progress {
+        task.abort();
+        draw(&bar, &counters, built.summary.attributes);
+        bar.finish();
         eprintln!();
     }
     built.summary.skipped_links = scanner.skipped_links.load(Ordering::Relaxed);
@@ -231,14 +235,29 @@ pub async fn build(
     Ok(built)
 }
 
-fn draw(c: &Counters, total: usize) {
-    eprint!(
-        "\r[{}/{total}] outputs · {} programs · {} not built · {} failed ",
-        c.done.load(Ordering::Relaxed),
+/// A progress bar on standard error: listings fetched of all outputs, their rate and the
+/// time left.
+fn progress_bar(outputs: usize, attributes: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(outputs as u64);
+    let style = indicatif::ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:24}] {pos}/{len} listings, {per_sec}, ETA {eta}  {wide_msg}",
+    )
+    .map(|s| s.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("{attributes} attributes read"));
+    bar
+}
+
+fn draw(bar: &indicatif::ProgressBar, c: &Counters, attributes: usize) {
+    bar.set_position(c.done.load(Ordering::Relaxed) as u64);
+    bar.set_message(format!(
+        "{attributes} attributes · {} programs · {} not built · {} failed",
         c.programs.load(Ordering::Relaxed),
         c.not_built.load(Ordering::Relaxed),
         c.failed.load(Ordering::Relaxed),
-    );
+    ));
 }
 
 /// Turns scans into candidates grouped by `(system, program)`, best first.

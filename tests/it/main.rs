@@ -3,6 +3,7 @@
 //! with what it covers; `support` holds the fakes and real servers they start, and
 //! `harness` checks `support` itself.
 
+mod bench;
 mod cli;
 mod differential;
 mod disk;

@@ -1,4 +1,5 @@
-//! How busy the rest of the machine is while the benchmark runs.
+//! The machine the benchmark runs on: how busy the rest of it is, what CPU it has, and
+//! this process's memory.
 //!
 //! A two-stage pipeline needs both cores: a compiler or a load test running beside it
 //! takes one of them and halves the pipeline's speed while barely touching the
@@ -17,7 +18,7 @@ const TICKS_PER_SEC: f64 = 100.0;
 pub const QUIET: f64 = 0.05;
 
 /// CPU time used so far by the whole machine and by this process, in ticks.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct Snapshot {
     at: Instant,
     machine: u64,
@@ -86,4 +87,41 @@ pub fn wait_quiet(limit: Duration) -> bool {
             return false;
         }
     }
+}
+
+/// The CPU's model name, as `/proc/cpuinfo` gives it.
+pub fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    info.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim() == "model name")
+        .map(|(_, v)| v.trim().to_owned())
+}
+
+/// This process's resident set size now and its peak since start or the last
+/// [`reset_peak_rss`], in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Rss {
+    pub current: u64,
+    pub peak: u64,
+}
+
+pub fn rss() -> Option<Rss> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(key))?;
+        let n = line[key.len()..].trim().trim_end_matches("kB").trim();
+        n.parse::<u64>().ok().map(|k| k * 1024)
+    };
+    Some(Rss {
+        current: kib("VmRSS:")?,
+        peak: kib("VmHWM:")?,
+    })
+}
+
+/// Sets the peak RSS (`VmHWM`) back to the current RSS, so that the next reading is the
+/// peak of what ran in between (Linux 4.0+: `5` written to `/proc/self/clear_refs`).
+/// Returns whether the kernel took it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
