@@ -244,9 +244,19 @@ impl Tee {
                     self.file.write_all(&chunk)?;
                     self.hasher.update(&chunk);
                     self.len += chunk.len() as u64;
-                    self.progress.send_replace(Progress::Growing {
+                    // The decode thread may still drain buffered chunks after the fetch
+                    // ended: a final state is never replaced, or readers would wait on a
+                    // fetch that is over.
+                    let growing = Progress::Growing {
                         have: self.len,
                         len: self.announced,
+                    };
+                    self.progress.send_if_modified(|p| {
+                        let grows = !p.is_final();
+                        if grows {
+                            *p = growing;
+                        }
+                        grows
                     });
                     self.cur = chunk;
                 }
@@ -435,5 +445,38 @@ impl crate::extract::LocalNars for Nars {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_drained_after_the_fetch_failed_never_replaces_the_failure() {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let failed = Progress::Failed {
+            early: false,
+            kind: ErrorKind::VerificationFailed,
+        };
+        let progress = watch::Sender::new(failed);
+        let mut seen = progress.subscribe();
+        seen.borrow_and_update();
+        let mut tee = Tee {
+            rx,
+            cur: Bytes::new(),
+            file: tempfile::tempfile().expect("a temp file"),
+            progress: progress.clone(),
+            announced: Some(8),
+            hasher: Sha256::new(),
+            len: 0,
+            ended: false,
+        };
+        tx.try_send(Ok(Bytes::from_static(b"12345678")))
+            .expect("room in the channel");
+        let mut buf = [0u8; 8];
+        assert_eq!(tee.read_some(&mut buf).expect("a chunk"), 8);
+        assert_eq!(*progress.borrow(), failed);
+        assert!(!seen.has_changed().expect("the sender lives"));
     }
 }

@@ -61,6 +61,11 @@ const FOLLOW_CHUNK: u64 = 256 << 10;
 /// Chunks buffered per response ahead of the socket.
 const FOLLOW_DEPTH: usize = 4;
 
+/// Longest a reader waits for a fetch to move before it gives up on it. A backstop: the
+/// fetch's own deadlines (a minimum rate over 30 s) end a stalled upstream sooner, so this
+/// only frees the client's slot if a fetch ever stops without saying so.
+const FOLLOW_IDLE: Duration = Duration::from_secs(120);
+
 /// The substituter's settings.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -565,9 +570,18 @@ fn follow(flight: Arc<Flight>, len: u64) -> Body {
             if let Progress::Done { .. } = p {
                 return;
             }
-            if progress.changed().await.is_err() {
-                let _ = tx.send(Err(io::Error::other("the NAR fetch ended"))).await;
-                return;
+            match tokio::time::timeout(FOLLOW_IDLE, progress.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    let _ = tx.send(Err(io::Error::other("the NAR fetch ended"))).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx
+                        .send(Err(io::Error::other("the NAR fetch stalled")))
+                        .await;
+                    return;
+                }
             }
         }
     });
