@@ -477,3 +477,33 @@ async fn programs_named_like_the_cache_routes_are_still_served() {
     let narinfo = server.get(&format!("/{}", narinfo_path(HELLO))).await;
     assert_eq!(narinfo.header("content-type"), Some("text/x-nix-narinfo"));
 }
+
+#[test]
+fn signing_narinfos_whose_signatures_are_not_checked_is_refused_at_start_up() {
+    use crate::support::cli::{assert_failure, binplz};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = binplz()
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(format!("file://{}", cache_dir("cache").display()))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--sign-key-file")
+        .arg(crate::support::fixtures().join("keys/binplz-test-1.secret"))
+        .arg("--no-require-sigs")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running binplz");
+    // A server that started would run until killed: give it a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("waiting on binplz").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("binplz's output");
+    let line = assert_failure(&out, binplz::error::ErrorKind::BadRequest);
+    assert!(line.contains("--no-require-sigs"), "{line}");
+}
