@@ -507,3 +507,17 @@ fn signing_narinfos_whose_signatures_are_not_checked_is_refused_at_start_up() {
     let line = assert_failure(&out, binplz::error::ErrorKind::BadRequest);
     assert!(line.contains("--no-require-sigs"), "{line}");
 }
+
+#[tokio::test]
+async fn a_log_name_cannot_smuggle_a_query_to_the_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let hash = hash_part(HELLO);
+    let other = format!("log/{hash}-a");
+    up.put(&other, b"another object's bytes".to_vec());
+    let server = node(&up, dir.path()).await;
+    let reply = server.get(&format!("/log/{hash}-a%3Fb=c.drv")).await;
+    assert_ne!(reply.status, 200, "{}", reply.text());
+    assert!(!reply.text().contains("another object"), "{}", reply.text());
+    assert_eq!(up.hits(&other), 0);
+}
