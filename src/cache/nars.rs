@@ -174,10 +174,13 @@ impl Ended {
             Ok(size) => Progress::Done { size },
             Err((early, e)) => {
                 tracing::warn!(store_path = %self.key.0, err = %e, "NAR not kept");
-                Progress::Failed {
-                    early,
-                    kind: e.kind(),
-                }
+                // A narinfo whose NAR the upstream lacks: the path is not to be had here,
+                // and Nix tries its next substituter after a 404.
+                let kind = match e {
+                    ExtractError::NarMissing { .. } => ErrorKind::NotInCache,
+                    _ => e.kind(),
+                };
+                Progress::Failed { early, kind }
             }
         };
         self.flight.progress.send_replace(progress);

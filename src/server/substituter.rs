@@ -29,7 +29,9 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::{Body, Chunks};
 use super::conditional::{self, Answer};
-use super::respond::{text, APPLICATION_JSON, NIX_CACHE_INFO, NIX_NAR, NIX_NARINFO, TEXT_PLAIN};
+use super::respond::{
+    text, APPLICATION_JSON, NIX_CACHE_INFO, NIX_NAR, NIX_NARINFO, RETRY_AFTER_SECS, TEXT_PLAIN,
+};
 use super::routes::{CacheRequest, HashPart, NarName};
 use super::App;
 use crate::cache::disk::DiskCache;
@@ -200,7 +202,13 @@ fn status_of(kind: ErrorKind) -> StatusCode {
 }
 
 fn failure(kind: ErrorKind, message: &str, head: bool) -> Response<Body> {
-    text(status_of(kind), TEXT_PLAIN, format!("{message}\n"), head)
+    let status = status_of(kind);
+    let mut resp = text(status, TEXT_PLAIN, format!("{message}\n"), head);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    resp
 }
 
 fn not_found(head: bool) -> Response<Body> {
@@ -208,12 +216,15 @@ fn not_found(head: bool) -> Response<Body> {
 }
 
 /// Whether an upstream error means the path is simply not to be had (remembered for the
-/// negative TTL), rather than the upstream failing (never remembered).
+/// negative TTL), rather than the upstream failing (never remembered). A narinfo this node
+/// cannot use (a compression it does not decode, a hash it does not check, one it cannot
+/// parse) is missing too: Nix then tries its next substituter, which a 502 would not do.
 fn is_missing(e: &ExtractError) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::NotInCache | ErrorKind::VerificationFailed | ErrorKind::BadRequest
-    )
+    matches!(e, ExtractError::NarInfo(_))
+        || matches!(
+            e.kind(),
+            ErrorKind::NotInCache | ErrorKind::VerificationFailed | ErrorKind::BadRequest
+        )
 }
 
 /// The NAR name this node gives the NAR of `info` (see [`NarName`]).
@@ -377,10 +388,11 @@ impl App {
         }
         let flight = match nars.fetch(&checked.cache, info) {
             Ok(f) => f,
+            // No temp file (a full disk, most likely): a passing condition, worth a retry.
             Err(e) => {
                 tracing::warn!(err = %e, "cannot start a NAR fetch");
                 return (
-                    failure(ErrorKind::Internal, "cannot fetch the NAR", head),
+                    failure(ErrorKind::Overloaded, "cannot fetch the NAR now", head),
                     None,
                 );
             }

@@ -521,3 +521,44 @@ async fn a_log_name_cannot_smuggle_a_query_to_the_upstream() {
     assert!(!reply.text().contains("another object"), "{}", reply.text());
     assert_eq!(up.hits(&other), 0);
 }
+
+#[tokio::test]
+async fn a_narinfo_the_node_cannot_use_is_a_404_remembered_for_a_while() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    // Compression is not signed: the signature still checks out.
+    let narinfo = set_field(&fixture_narinfo("cache", HELLO), "Compression", "lz4");
+    up.put(&narinfo_path(HELLO), narinfo.into_bytes());
+    let server = node(&up, dir.path()).await;
+    for _ in 0..2 {
+        let reply = server.get(&format!("/{}", narinfo_path(HELLO))).await;
+        assert_eq!(reply.status, 404, "{}", reply.text());
+    }
+    assert_eq!(up.hits(&narinfo_path(HELLO)), 1);
+}
+
+#[tokio::test]
+async fn a_nar_the_upstream_lacks_is_a_404() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    up.set_fault(&fixture_nar_path("cache", HELLO), Fault::NotFound);
+    let server = node(&up, dir.path()).await;
+    let nar = node_nar_url(&server, HELLO).await;
+    let reply = server.get(&nar).await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn a_nar_fetch_without_room_for_its_temp_file_is_a_503_with_retry_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let server = node(&up, dir.path()).await;
+    let nar = node_nar_url(&server, HELLO).await;
+    // No temp file can be made where the temp directory was.
+    let tmp = dir.path().join("cache/tmp");
+    std::fs::remove_dir_all(&tmp).expect("removing the temp directory");
+    std::fs::write(&tmp, b"").expect("a file in its place");
+    let reply = server.get(&nar).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.header("retry-after").is_some());
+}
