@@ -315,6 +315,17 @@ impl Job {
             }
         }
         let announced = fetched.len.or(info.file_size);
+        // NarSize is never 0, so neither is a NAR file: an empty one must fail before any
+        // reader answers, or a reader following it would end a clean, empty 200.
+        if announced == Some(0) {
+            return Err(early(ExtractError::Pipeline {
+                store_path,
+                err: pipeline::PipelineError::SizeMismatch {
+                    expected: info.nar_size,
+                    got: 0,
+                },
+            }));
+        }
         flight.progress.send_replace(Progress::Growing {
             have: 0,
             len: announced,

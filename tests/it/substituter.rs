@@ -562,3 +562,24 @@ async fn a_nar_fetch_without_room_for_its_temp_file_is_a_503_with_retry_after() 
     assert_eq!(reply.status, 503, "{}", reply.text());
     assert!(reply.header("retry-after").is_some());
 }
+
+#[tokio::test]
+async fn an_empty_nar_from_the_upstream_is_never_an_empty_200() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::empty();
+    let nar = write_nar(&Entry::dir([(
+        "f",
+        Entry::File {
+            executable: false,
+            contents: b"contents".to_vec(),
+        },
+    )]));
+    // No FileSize: only the upstream's Content-Length says how long the file is.
+    let published = publish_bytes(&up, "empty-1.0", &nar, &nar, "none", false);
+    up.set_fault(&published.nar_path, Fault::override_with(Vec::new()));
+    let server = node(&up, dir.path()).await;
+    let url = node_nar_url(&server, &published.store_path).await;
+    let reply = server.get(&url).await;
+    assert_ne!(reply.status, 200, "an empty NAR served");
+    assert_cache_empty(&dir.path().join("cache"));
+}
