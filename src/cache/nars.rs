@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tempfile::TempPath;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::disk::{DiskCache, KeyMeta};
 use crate::error::ErrorKind;
@@ -114,8 +114,26 @@ impl Nars {
         Ok(self.disk.open_file(&meta.sha256)?.map(|f| (f, meta.size)))
     }
 
-    /// The fetch of the NAR of `info` from `cache`: the one under way, or a new one.
-    pub fn fetch(&self, cache: &Cache, info: &VerifiedNarInfo) -> io::Result<Arc<Flight>> {
+    /// The fetch of the NAR of `info` under way, if there is one.
+    pub fn under_way(&self, info: &VerifiedNarInfo) -> Option<Arc<Flight>> {
+        self.flights.lock().ok()?.get(&key(info)).cloned()
+    }
+
+    /// Whether the NAR file of `info` could be kept: one larger than the whole disk cache
+    /// would fill the disk while it is fetched, and then not be kept. Without FileSize,
+    /// NarSize stands in (compression does not make a NAR larger).
+    pub fn fits(&self, info: &VerifiedNarInfo) -> bool {
+        info.file_size.unwrap_or(info.nar_size) <= self.disk.capacity()
+    }
+
+    /// The fetch of the NAR of `info` from `cache`: the one under way, or a new one, which
+    /// holds `permit` (an upstream fetch slot) until it ends, whoever still reads it.
+    pub fn fetch(
+        &self,
+        cache: &Cache,
+        info: &VerifiedNarInfo,
+        permit: OwnedSemaphorePermit,
+    ) -> io::Result<Arc<Flight>> {
         let key = key(info);
         let mut flights = self
             .flights
@@ -149,6 +167,7 @@ impl Nars {
         tokio::spawn(async move {
             let outcome = job.run(&ended.flight).await;
             ended.finish(outcome);
+            drop(permit);
         });
         Ok(flight)
     }

@@ -386,7 +386,29 @@ impl App {
             }
             return (resp, None);
         }
-        let flight = match nars.fetch(&checked.cache, info) {
+        if !nars.fits(info) {
+            let msg = "the NAR is larger than this node's cache";
+            return (failure(ErrorKind::Refused, msg, head), None);
+        }
+        let fetched = match nars.under_way(info) {
+            Some(f) => Ok(f),
+            None => {
+                // The download holds an upstream fetch slot as program requests do, for as
+                // long as it runs: clients that leave cannot pile up downloads.
+                let inner = &self.inner;
+                let permit = tokio::time::timeout(
+                    inner.config.upstream_queue_timeout,
+                    inner.upstream_permits.clone().acquire_owned(),
+                )
+                .await;
+                let Ok(Ok(permit)) = permit else {
+                    let msg = "no upstream fetch slot came free";
+                    return (failure(ErrorKind::Overloaded, msg, head), None);
+                };
+                nars.fetch(&checked.cache, info, permit)
+            }
+        };
+        let flight = match fetched {
             Ok(f) => f,
             // No temp file (a full disk, most likely): a passing condition, worth a retry.
             Err(e) => {

@@ -583,3 +583,66 @@ async fn an_empty_nar_from_the_upstream_is_never_an_empty_200() {
     assert_ne!(reply.status, 200, "an empty NAR served");
     assert_cache_empty(&dir.path().join("cache"));
 }
+
+#[tokio::test]
+async fn a_nar_download_holds_an_upstream_slot_after_its_client_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let busybox_nar = fixture_nar_path("cache", BUSYBOX);
+    let gate = Gate::default();
+    let inner =
+        crate::support::server::http_upstream(&up, &crate::support::server::client_config());
+    let config = Config {
+        max_upstream_fetches: 1,
+        upstream_queue_timeout: std::time::Duration::from_millis(100),
+        ..Config::default()
+    };
+    let setup = Setup::new(&up, vec![], &dir.path().join("cache"))
+        .upstream(Gated::wrap(inner, &busybox_nar, &gate))
+        .config(config);
+    let server = Server::start(setup).await;
+    let busybox = node_nar_url(&server, BUSYBOX).await;
+    let hello = node_nar_url(&server, HELLO).await;
+    // The client leaves while the download waits on the upstream: the download goes on,
+    // holding the one slot.
+    let pending = server
+        .client
+        .send("GET", &busybox, &[])
+        .await
+        .expect("send");
+    gate.arrivals(1).await;
+    drop(pending);
+    let reply = server.get(&hello).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(up.hits(&fixture_nar_path("cache", HELLO)), 0);
+    // Once that download ends, its slot serves the next one.
+    gate.open();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let reply = server.get(&hello).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came free"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_nar_larger_than_the_disk_cache_is_refused_before_any_download() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let mut setup = Setup::new(&up, vec![], &dir.path().join("cache"));
+    // The busybox NAR file is some 900 KB.
+    setup.disk_bytes = 100_000;
+    let server = Server::start(setup).await;
+    let nar = node_nar_url(&server, BUSYBOX).await;
+    let reply = server.get(&nar).await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert_eq!(up.hits(&fixture_nar_path("cache", BUSYBOX)), 0);
+}
