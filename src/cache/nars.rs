@@ -50,8 +50,9 @@ pub enum Progress {
     /// `have` bytes of the file written; `len` is its length when the upstream announced it
     /// (or the narinfo's FileSize did).
     Growing { have: u64, len: Option<u64> },
-    /// Verified: the file is whole, `size` bytes.
-    Done { size: u64 },
+    /// Verified: the file is whole, `size` bytes with this SHA-256 (the file's own: two
+    /// upstreams may compress one NAR differently).
+    Done { size: u64, sha256: [u8; 32] },
     /// The fetch failed: `early` when before any byte was written (a reader may still
     /// answer with an error status), otherwise every byte a reader sent is void.
     Failed { early: bool, kind: ErrorKind },
@@ -104,14 +105,17 @@ impl Nars {
         }
     }
 
-    /// The kept NAR of `info` and its length, checked as every disk cache read is. Blocking:
-    /// a file not checked since start-up is hashed whole first.
-    pub fn kept(&self, info: &VerifiedNarInfo) -> io::Result<Option<(File, u64)>> {
+    /// The kept NAR of `info`, its length and its SHA-256, checked as every disk cache read
+    /// is. Blocking: a file not checked since start-up is hashed whole first.
+    pub fn kept(&self, info: &VerifiedNarInfo) -> io::Result<Option<(File, u64, [u8; 32])>> {
         let (store_path, path) = key(info);
         let Some(meta) = self.disk.lookup(&store_path, &path) else {
             return Ok(None);
         };
-        Ok(self.disk.open_file(&meta.sha256)?.map(|f| (f, meta.size)))
+        Ok(self
+            .disk
+            .open_file(&meta.sha256)?
+            .map(|f| (f, meta.size, meta.sha256)))
     }
 
     /// The fetch of the NAR of `info` under way, if there is one.
@@ -188,9 +192,9 @@ struct Ended {
 }
 
 impl Ended {
-    fn finish(&self, outcome: Result<u64, (bool, ExtractError)>) {
+    fn finish(&self, outcome: Result<(u64, [u8; 32]), (bool, ExtractError)>) {
         let progress = match outcome {
-            Ok(size) => Progress::Done { size },
+            Ok((size, sha256)) => Progress::Done { size, sha256 },
             Err((early, e)) => {
                 tracing::warn!(store_path = %self.key.0, err = %e, "NAR not kept");
                 // A narinfo whose NAR the upstream lacks: the path is not to be had here,
@@ -307,7 +311,7 @@ enum FeedError {
 impl Job {
     /// Fetches, writes and verifies the NAR, then keeps it: its size, or the error and
     /// whether it came before any byte was written.
-    async fn run(self, flight: &Flight) -> Result<u64, (bool, ExtractError)> {
+    async fn run(self, flight: &Flight) -> Result<(u64, [u8; 32]), (bool, ExtractError)> {
         let Job {
             disk,
             cache,
@@ -465,14 +469,14 @@ impl Job {
             Ok(Err(e)) => tracing::warn!(%store_path, err = %e, "verified NAR not kept"),
             Err(e) => tracing::warn!(%store_path, err = %e, "verified NAR not kept"),
         }
-        Ok(len)
+        Ok((len, sha256))
     }
 }
 
 impl crate::extract::LocalNars for Nars {
     fn open(&self, info: &VerifiedNarInfo) -> Option<File> {
         match self.kept(info) {
-            Ok(kept) => kept.map(|(f, _)| f),
+            Ok(kept) => kept.map(|(f, ..)| f),
             Err(e) => {
                 tracing::warn!(store_path = %info.store_path(), err = %e, "kept NAR unreadable");
                 None

@@ -368,9 +368,9 @@ impl App {
             let (nars, info) = (nars.clone(), info.clone());
             tokio::task::spawn_blocking(move || nars.kept(&info)).await
         };
-        let etag = format!("\"{}\"", name.nar_hash);
         match kept {
-            Ok(Ok(Some((file, size)))) => {
+            Ok(Ok(Some((file, size, sha256)))) => {
+                let etag = file_etag(&sha256);
                 let resp = kept_response(Arc::new(file), size, &etag, headers, head, self);
                 return (resp, Some("disk"));
             }
@@ -437,7 +437,8 @@ impl App {
             Progress::Growing { len: None, .. } | Progress::Opening => {
                 let done = progress.wait_for(|p| p.is_final()).await.map(|p| *p);
                 match done {
-                    Ok(Progress::Done { size }) => {
+                    Ok(Progress::Done { size, sha256 }) => {
+                        let etag = file_etag(&sha256);
                         let resp =
                             kept_response(flight.file.clone(), size, &etag, headers, head, self);
                         (resp, Some("upstream"))
@@ -451,7 +452,8 @@ impl App {
                     ),
                 }
             }
-            Progress::Done { size } => {
+            Progress::Done { size, sha256 } => {
+                let etag = file_etag(&sha256);
                 let resp = kept_response(flight.file.clone(), size, &etag, headers, head, self);
                 (resp, Some("upstream"))
             }
@@ -518,6 +520,12 @@ fn nar_head(len: Option<u64>) -> Response<Body> {
     resp
 }
 
+/// The `ETag` of a NAR file: its own SHA-256, not NarHash, which names the NAR whatever
+/// compressed it (an `If-Range` resume must never splice two upstreams' files).
+fn file_etag(sha256: &[u8; 32]) -> String {
+    format!("\"{}\"", crate::hash::nix32(sha256))
+}
+
 /// A verified NAR file of `size` bytes, honouring `Range` and `If-None-Match`.
 fn kept_response(
     file: Arc<std::fs::File>,
@@ -580,7 +588,7 @@ fn follow(flight: Arc<Flight>, len: u64) -> Body {
             let limit = match p {
                 Progress::Opening => 0,
                 Progress::Growing { have, .. } => have.min(len.saturating_sub(1)),
-                Progress::Done { size } => size.min(len),
+                Progress::Done { size, .. } => size.min(len),
                 Progress::Failed { .. } => {
                     let _ = tx
                         .send(Err(io::Error::other("the NAR failed verification")))

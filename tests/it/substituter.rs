@@ -646,3 +646,45 @@ async fn a_nar_larger_than_the_disk_cache_is_refused_before_any_download() {
     assert_eq!(reply.status, 404, "{}", reply.text());
     assert_eq!(up.hits(&fixture_nar_path("cache", BUSYBOX)), 0);
 }
+
+#[tokio::test]
+async fn a_resume_never_splices_two_upstreams_compressions_of_one_nar() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let contents: Vec<u8> = (0..64u32 << 10).map(|i| (i % 251) as u8).collect();
+    let nar = write_nar(&Entry::dir([(
+        "f",
+        Entry::File {
+            executable: false,
+            contents,
+        },
+    )]));
+    // One store path and NarHash, compressed differently by two upstreams: one NAR name.
+    let (up1, up2) = (FakeUpstream::empty(), FakeUpstream::empty());
+    let fast = zstd::stream::encode_all(nar.as_slice(), 1).expect("zstd");
+    let small = zstd::stream::encode_all(nar.as_slice(), 19).expect("zstd");
+    assert_ne!(fast, small);
+    let published = publish_bytes(&up1, "twice-1.0", &nar, &fast, "zstd", true);
+    publish_bytes(&up2, "twice-1.0", &nar, &small, "zstd", true);
+    let node1 = Server::start(Setup::new(&up1, vec![], &dir.path().join("c1"))).await;
+    let node2 = Server::start(Setup::new(&up2, vec![], &dir.path().join("c2"))).await;
+    let url = node_nar_url(&node1, &published.store_path).await;
+    assert_eq!(node_nar_url(&node2, &published.store_path).await, url);
+    // Whole from one node (fetched, then kept), then a resume asked of the other.
+    let first = node1.get(&url).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, fast);
+    let first = node1.get(&url).await;
+    let etag = first.header("etag").expect("an ETag").to_owned();
+    assert_eq!(node2.get(&url).await.status, 200);
+    let resumed = node2
+        .request("GET", &url, &[("Range", "bytes=10-"), ("If-Range", &etag)])
+        .await;
+    assert_eq!(resumed.status, 200, "a part of another file");
+    assert_eq!(resumed.body, small);
+    // The same node's own tag still resumes.
+    let again = node1
+        .request("GET", &url, &[("Range", "bytes=10-"), ("If-Range", &etag)])
+        .await;
+    assert_eq!(again.status, 206);
+    assert_eq!(again.body, &fast[10..]);
+}
