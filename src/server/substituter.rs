@@ -45,8 +45,13 @@ use crate::upstream::{Cache, CachePath};
 /// its upstream re-signs or collects it.
 const NARINFO_TTL: Duration = Duration::from_secs(600);
 
-/// Narinfos remembered (found or not): a few hundred bytes each.
-const NARINFO_ENTRIES: u64 = 100_000;
+/// Bytes of narinfos remembered (found or not). Most are a few hundred bytes, but one
+/// with many references or long unknown fields may be up to the 64 KiB fetch cap.
+const NARINFO_BYTES: u64 = 64 << 20;
+
+/// What a remembered narinfo costs beyond its text: the cache entry and the parsed
+/// values' allocations.
+const NARINFO_OVERHEAD: usize = 512;
 
 /// Largest `.ls` listing passed through (one of a large package is a few MiB).
 const MAX_LISTING: usize = 32 << 20;
@@ -152,6 +157,16 @@ impl moka::Expiry<String, Lookup> for Expiry {
     }
 }
 
+/// The memory a remembered lookup of `hash` takes, about: the parsed narinfo holds each
+/// field of its text about twice (a value and its parts).
+fn narinfo_weight(hash: &str, lookup: &Lookup) -> u32 {
+    let text = match lookup {
+        Lookup::Found(c) => 2 * c.info.info.to_canonical_bytes().len(),
+        Lookup::Missing(why) => why.len(),
+    };
+    u32::try_from(hash.len() + text + NARINFO_OVERHEAD).unwrap_or(u32::MAX)
+}
+
 /// The substituter's state, part of [`App`].
 pub(super) struct State {
     config: CacheConfig,
@@ -166,7 +181,8 @@ impl State {
             config,
             nars: Arc::new(Nars::new(disk)),
             narinfos: moka::future::Cache::builder()
-                .max_capacity(NARINFO_ENTRIES)
+                .max_capacity(NARINFO_BYTES)
+                .weigher(|hash: &String, lookup: &Lookup| narinfo_weight(hash, lookup))
                 .expire_after(Expiry { negative })
                 .build(),
             side_files: moka::future::Cache::builder()
@@ -628,4 +644,38 @@ fn follow(flight: Arc<Flight>, len: u64) -> Body {
         }
     });
     Body::channel(Chunks { rx, len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::narinfo::{verify_hash_part, Trust};
+
+    const HASH: &str = "35383awm6lh2kgm1l52g8f7y9kc9vp2y";
+
+    /// The fixture narinfo of [`HASH`] with `extra` lines, as remembered once checked.
+    fn found(extra: &str) -> Lookup {
+        let path = format!(
+            "{}/fixtures/cache/{HASH}.narinfo",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("the fixture narinfo");
+        let trust = Trust::new::<&str>(&[], false).expect("no keys, no signatures checked");
+        let info = verify_hash_part(format!("{text}{extra}").as_bytes(), HASH, &trust)
+            .expect("the fixture narinfo checks out");
+        let cache = Cache::new(Arc::new(crate::demo::DemoUpstream));
+        Lookup::Found(Arc::new(Checked { cache, info }))
+    }
+
+    #[test]
+    fn a_remembered_narinfo_weighs_at_least_its_text() {
+        let small = narinfo_weight(HASH, &found(""));
+        let padding = "x".repeat(60_000);
+        let large = narinfo_weight(HASH, &found(&format!("Padding: {padding}\n")));
+        assert!(large >= small + 60_000, "{small} then {large}");
+        // So the cache holds about a thousand such narinfos, not a hundred thousand.
+        assert!(NARINFO_BYTES / u64::from(large) < 2_000);
+        let missing = Lookup::Missing("not in any cache".into());
+        assert!(narinfo_weight(HASH, &missing) < small);
+    }
 }
