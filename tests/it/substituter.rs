@@ -688,3 +688,66 @@ async fn a_resume_never_splices_two_upstreams_compressions_of_one_nar() {
     assert_eq!(again.status, 206);
     assert_eq!(again.body, &fast[10..]);
 }
+
+#[tokio::test]
+async fn a_nar_failing_early_from_a_fast_upstream_ends_every_response() {
+    use crate::support::{narinfo_text, sha256, synthetic_store_path};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    // Entry names out of order: the strict reader fails at the second name, with most of
+    // the NAR still to come, much of it already buffered from a file:// upstream.
+    let nar = write_nar(&Entry::Directory(vec![
+        (
+            b"b".to_vec(),
+            Entry::File {
+                executable: false,
+                contents: b"b".to_vec(),
+            },
+        ),
+        (
+            b"a".to_vec(),
+            Entry::File {
+                executable: false,
+                contents: big,
+            },
+        ),
+    ]));
+    let store_path = synthetic_store_path("unsorted-1.0").to_absolute_path();
+    let nar_path = format!("nar/{}.nar", binplz::hash::nix32(&sha256(&nar)));
+    let root = dir.path().join("upstream");
+    std::fs::create_dir_all(root.join("nar")).expect("the upstream's nar directory");
+    std::fs::write(root.join(&nar_path), &nar).expect("the NAR");
+    let text = narinfo_text(&store_path, &nar_path, "none", &nar, &nar);
+    std::fs::write(
+        root.join(narinfo_path(&store_path)),
+        Key::test().sign(&text),
+    )
+    .expect("the narinfo");
+    let file = binplz::upstream::open(
+        &format!("file://{}", root.display()),
+        &crate::support::server::client_config(),
+    )
+    .expect("a file:// upstream");
+    let up = FakeUpstream::empty();
+    let setup = Setup::new(&up, vec![], &dir.path().join("cache")).upstream(file);
+    let server = Server::start(setup).await;
+    let url = node_nar_url(&server, &store_path).await;
+    // Each request is a new fetch (a failed NAR is not kept), each a chance for the
+    // failure to be overwritten by the chunks drained after it.
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(server.client.addr)
+            .await
+            .expect("connect");
+        let req = format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.expect("request");
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            stream.read_to_end(&mut raw),
+        )
+        .await;
+        assert!(read.is_ok(), "the response never ended");
+        assert!(raw.len() < nar.len(), "a whole body for a NAR that failed");
+    }
+    assert_cache_empty(&dir.path().join("cache"));
+}
