@@ -761,6 +761,12 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         cache: args.substituter.config().map_err(bad)?,
         ..Config::default()
     };
+    // This node's signature vouches for a narinfo: it must have checked one first.
+    if config.cache.sign_key.is_some() && args.upstream.no_require_sigs {
+        return Err(bad(
+            "--sign-key-file needs signatures checked: drop --no-require-sigs".into(),
+        ));
+    }
     let extractor = if demo {
         let trust =
             Trust::new(&[crate::demo::PUBLIC_KEY.trim()], true).map_err(|e| bad(e.to_string()))?;

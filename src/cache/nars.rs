@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tempfile::TempPath;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::disk::{DiskCache, KeyMeta};
 use crate::error::ErrorKind;
@@ -50,8 +50,9 @@ pub enum Progress {
     /// `have` bytes of the file written; `len` is its length when the upstream announced it
     /// (or the narinfo's FileSize did).
     Growing { have: u64, len: Option<u64> },
-    /// Verified: the file is whole, `size` bytes.
-    Done { size: u64 },
+    /// Verified: the file is whole, `size` bytes with this SHA-256 (the file's own: two
+    /// upstreams may compress one NAR differently).
+    Done { size: u64, sha256: [u8; 32] },
     /// The fetch failed: `early` when before any byte was written (a reader may still
     /// answer with an error status), otherwise every byte a reader sent is void.
     Failed { early: bool, kind: ErrorKind },
@@ -104,18 +105,39 @@ impl Nars {
         }
     }
 
-    /// The kept NAR of `info` and its length, checked as every disk cache read is. Blocking:
-    /// a file not checked since start-up is hashed whole first.
-    pub fn kept(&self, info: &VerifiedNarInfo) -> io::Result<Option<(File, u64)>> {
+    /// The kept NAR of `info`, its length and its SHA-256, checked as every disk cache read
+    /// is. Blocking: a file not checked since start-up is hashed whole first.
+    pub fn kept(&self, info: &VerifiedNarInfo) -> io::Result<Option<(File, u64, [u8; 32])>> {
         let (store_path, path) = key(info);
         let Some(meta) = self.disk.lookup(&store_path, &path) else {
             return Ok(None);
         };
-        Ok(self.disk.open_file(&meta.sha256)?.map(|f| (f, meta.size)))
+        Ok(self
+            .disk
+            .open_file(&meta.sha256)?
+            .map(|f| (f, meta.size, meta.sha256)))
     }
 
-    /// The fetch of the NAR of `info` from `cache`: the one under way, or a new one.
-    pub fn fetch(&self, cache: &Cache, info: &VerifiedNarInfo) -> io::Result<Arc<Flight>> {
+    /// The fetch of the NAR of `info` under way, if there is one.
+    pub fn under_way(&self, info: &VerifiedNarInfo) -> Option<Arc<Flight>> {
+        self.flights.lock().ok()?.get(&key(info)).cloned()
+    }
+
+    /// Whether the NAR file of `info` could be kept: one larger than the whole disk cache
+    /// would fill the disk while it is fetched, and then not be kept. Without FileSize,
+    /// NarSize stands in (compression does not make a NAR larger).
+    pub fn fits(&self, info: &VerifiedNarInfo) -> bool {
+        info.file_size.unwrap_or(info.nar_size) <= self.disk.capacity()
+    }
+
+    /// The fetch of the NAR of `info` from `cache`: the one under way, or a new one, which
+    /// holds `permit` (an upstream fetch slot) until it ends, whoever still reads it.
+    pub fn fetch(
+        &self,
+        cache: &Cache,
+        info: &VerifiedNarInfo,
+        permit: OwnedSemaphorePermit,
+    ) -> io::Result<Arc<Flight>> {
         let key = key(info);
         let mut flights = self
             .flights
@@ -149,6 +171,7 @@ impl Nars {
         tokio::spawn(async move {
             let outcome = job.run(&ended.flight).await;
             ended.finish(outcome);
+            drop(permit);
         });
         Ok(flight)
     }
@@ -169,15 +192,18 @@ struct Ended {
 }
 
 impl Ended {
-    fn finish(&self, outcome: Result<u64, (bool, ExtractError)>) {
+    fn finish(&self, outcome: Result<(u64, [u8; 32]), (bool, ExtractError)>) {
         let progress = match outcome {
-            Ok(size) => Progress::Done { size },
+            Ok((size, sha256)) => Progress::Done { size, sha256 },
             Err((early, e)) => {
                 tracing::warn!(store_path = %self.key.0, err = %e, "NAR not kept");
-                Progress::Failed {
-                    early,
-                    kind: e.kind(),
-                }
+                // A narinfo whose NAR the upstream lacks: the path is not to be had here,
+                // and Nix tries its next substituter after a 404.
+                let kind = match e {
+                    ExtractError::NarMissing { .. } => ErrorKind::NotInCache,
+                    _ => e.kind(),
+                };
+                Progress::Failed { early, kind }
             }
         };
         self.flight.progress.send_replace(progress);
@@ -244,9 +270,19 @@ impl Tee {
                     self.file.write_all(&chunk)?;
                     self.hasher.update(&chunk);
                     self.len += chunk.len() as u64;
-                    self.progress.send_replace(Progress::Growing {
+                    // The decode thread may still drain buffered chunks after the fetch
+                    // ended: a final state is never replaced, or readers would wait on a
+                    // fetch that is over.
+                    let growing = Progress::Growing {
                         have: self.len,
                         len: self.announced,
+                    };
+                    self.progress.send_if_modified(|p| {
+                        let grows = !p.is_final();
+                        if grows {
+                            *p = growing;
+                        }
+                        grows
                     });
                     self.cur = chunk;
                 }
@@ -275,7 +311,7 @@ enum FeedError {
 impl Job {
     /// Fetches, writes and verifies the NAR, then keeps it: its size, or the error and
     /// whether it came before any byte was written.
-    async fn run(self, flight: &Flight) -> Result<u64, (bool, ExtractError)> {
+    async fn run(self, flight: &Flight) -> Result<(u64, [u8; 32]), (bool, ExtractError)> {
         let Job {
             disk,
             cache,
@@ -302,6 +338,17 @@ impl Job {
             }
         }
         let announced = fetched.len.or(info.file_size);
+        // NarSize is never 0, so neither is a NAR file: an empty one must fail before any
+        // reader answers, or a reader following it would end a clean, empty 200.
+        if announced == Some(0) {
+            return Err(early(ExtractError::Pipeline {
+                store_path,
+                err: pipeline::PipelineError::SizeMismatch {
+                    expected: info.nar_size,
+                    got: 0,
+                },
+            }));
+        }
         flight.progress.send_replace(Progress::Growing {
             have: 0,
             len: announced,
@@ -422,18 +469,51 @@ impl Job {
             Ok(Err(e)) => tracing::warn!(%store_path, err = %e, "verified NAR not kept"),
             Err(e) => tracing::warn!(%store_path, err = %e, "verified NAR not kept"),
         }
-        Ok(len)
+        Ok((len, sha256))
     }
 }
 
 impl crate::extract::LocalNars for Nars {
     fn open(&self, info: &VerifiedNarInfo) -> Option<File> {
         match self.kept(info) {
-            Ok(kept) => kept.map(|(f, _)| f),
+            Ok(kept) => kept.map(|(f, ..)| f),
             Err(e) => {
                 tracing::warn!(store_path = %info.store_path(), err = %e, "kept NAR unreadable");
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_drained_after_the_fetch_failed_never_replaces_the_failure() {
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let failed = Progress::Failed {
+            early: false,
+            kind: ErrorKind::VerificationFailed,
+        };
+        let progress = watch::Sender::new(failed);
+        let mut seen = progress.subscribe();
+        seen.borrow_and_update();
+        let mut tee = Tee {
+            rx,
+            cur: Bytes::new(),
+            file: tempfile::tempfile().expect("a temp file"),
+            progress: progress.clone(),
+            announced: Some(8),
+            hasher: Sha256::new(),
+            len: 0,
+            ended: false,
+        };
+        tx.try_send(Ok(Bytes::from_static(b"12345678")))
+            .expect("room in the channel");
+        let mut buf = [0u8; 8];
+        assert_eq!(tee.read_some(&mut buf).expect("a chunk"), 8);
+        assert_eq!(*progress.borrow(), failed);
+        assert!(!seen.has_changed().expect("the sender lives"));
     }
 }

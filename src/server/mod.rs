@@ -145,7 +145,8 @@ struct Inner {
     extractor: Extractor,
     files: Files,
     metrics: Metrics,
-    upstream_permits: Semaphore,
+    /// Shared with NAR downloads, which hold one for as long as they run.
+    upstream_permits: Arc<Semaphore>,
     queued: AtomicU64,
     clients: ClientSlots,
     /// Open connections, over all serving threads.
@@ -298,7 +299,7 @@ impl App {
         let connections = Arc::new(Semaphore::new(config.max_connections));
         Ok(App {
             inner: Arc::new(Inner {
-                upstream_permits: Semaphore::new(config.max_upstream_fetches.max(1)),
+                upstream_permits: Arc::new(Semaphore::new(config.max_upstream_fetches.max(1))),
                 config,
                 indexes,
                 extractor,

@@ -211,9 +211,11 @@ fn cache_route(segments: &[&str]) -> Option<CacheRequest> {
                 && drv.len() <= MAX_DRV_NAME
                 && name.len() > ".drv".len()
                 && name.ends_with(".drv")
+                // A store path name may hold `?`, but in an upstream path it would start
+                // a query: the fetch would name another object than the one cached.
                 && name
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
+                    .all(|b| b.is_ascii_alphanumeric() || b"+-._=".contains(&b));
             ok.then(|| CacheRequest::Log((*drv).to_owned()))
         }
         _ => None,

@@ -29,7 +29,9 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::{Body, Chunks};
 use super::conditional::{self, Answer};
-use super::respond::{text, APPLICATION_JSON, NIX_CACHE_INFO, NIX_NAR, NIX_NARINFO, TEXT_PLAIN};
+use super::respond::{
+    text, APPLICATION_JSON, NIX_CACHE_INFO, NIX_NAR, NIX_NARINFO, RETRY_AFTER_SECS, TEXT_PLAIN,
+};
 use super::routes::{CacheRequest, HashPart, NarName};
 use super::App;
 use crate::cache::disk::DiskCache;
@@ -43,8 +45,13 @@ use crate::upstream::{Cache, CachePath};
 /// its upstream re-signs or collects it.
 const NARINFO_TTL: Duration = Duration::from_secs(600);
 
-/// Narinfos remembered (found or not): a few hundred bytes each.
-const NARINFO_ENTRIES: u64 = 100_000;
+/// Bytes of narinfos remembered (found or not). Most are a few hundred bytes, but one
+/// with many references or long unknown fields may be up to the 64 KiB fetch cap.
+const NARINFO_BYTES: u64 = 64 << 20;
+
+/// What a remembered narinfo costs beyond its text: the cache entry and the parsed
+/// values' allocations.
+const NARINFO_OVERHEAD: usize = 512;
 
 /// Largest `.ls` listing passed through (one of a large package is a few MiB).
 const MAX_LISTING: usize = 32 << 20;
@@ -60,6 +67,11 @@ const FOLLOW_CHUNK: u64 = 256 << 10;
 
 /// Chunks buffered per response ahead of the socket.
 const FOLLOW_DEPTH: usize = 4;
+
+/// Longest a reader waits for a fetch to move before it gives up on it. A backstop: the
+/// fetch's own deadlines (a minimum rate over 30 s) end a stalled upstream sooner, so this
+/// only frees the client's slot if a fetch ever stops without saying so.
+const FOLLOW_IDLE: Duration = Duration::from_secs(120);
 
 /// The substituter's settings.
 #[derive(Debug, Clone)]
@@ -145,6 +157,16 @@ impl moka::Expiry<String, Lookup> for Expiry {
     }
 }
 
+/// The memory a remembered lookup of `hash` takes, about: the parsed narinfo holds each
+/// field of its text about twice (a value and its parts).
+fn narinfo_weight(hash: &str, lookup: &Lookup) -> u32 {
+    let text = match lookup {
+        Lookup::Found(c) => 2 * c.info.info.to_canonical_bytes().len(),
+        Lookup::Missing(why) => why.len(),
+    };
+    u32::try_from(hash.len() + text + NARINFO_OVERHEAD).unwrap_or(u32::MAX)
+}
+
 /// The substituter's state, part of [`App`].
 pub(super) struct State {
     config: CacheConfig,
@@ -159,7 +181,8 @@ impl State {
             config,
             nars: Arc::new(Nars::new(disk)),
             narinfos: moka::future::Cache::builder()
-                .max_capacity(NARINFO_ENTRIES)
+                .max_capacity(NARINFO_BYTES)
+                .weigher(|hash: &String, lookup: &Lookup| narinfo_weight(hash, lookup))
                 .expire_after(Expiry { negative })
                 .build(),
             side_files: moka::future::Cache::builder()
@@ -195,7 +218,13 @@ fn status_of(kind: ErrorKind) -> StatusCode {
 }
 
 fn failure(kind: ErrorKind, message: &str, head: bool) -> Response<Body> {
-    text(status_of(kind), TEXT_PLAIN, format!("{message}\n"), head)
+    let status = status_of(kind);
+    let mut resp = text(status, TEXT_PLAIN, format!("{message}\n"), head);
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    }
+    resp
 }
 
 fn not_found(head: bool) -> Response<Body> {
@@ -203,12 +232,15 @@ fn not_found(head: bool) -> Response<Body> {
 }
 
 /// Whether an upstream error means the path is simply not to be had (remembered for the
-/// negative TTL), rather than the upstream failing (never remembered).
+/// negative TTL), rather than the upstream failing (never remembered). A narinfo this node
+/// cannot use (a compression it does not decode, a hash it does not check, one it cannot
+/// parse) is missing too: Nix then tries its next substituter, which a 502 would not do.
 fn is_missing(e: &ExtractError) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::NotInCache | ErrorKind::VerificationFailed | ErrorKind::BadRequest
-    )
+    matches!(e, ExtractError::NarInfo(_))
+        || matches!(
+            e.kind(),
+            ErrorKind::NotInCache | ErrorKind::VerificationFailed | ErrorKind::BadRequest
+        )
 }
 
 /// The NAR name this node gives the NAR of `info` (see [`NarName`]).
@@ -352,9 +384,9 @@ impl App {
             let (nars, info) = (nars.clone(), info.clone());
             tokio::task::spawn_blocking(move || nars.kept(&info)).await
         };
-        let etag = format!("\"{}\"", name.nar_hash);
         match kept {
-            Ok(Ok(Some((file, size)))) => {
+            Ok(Ok(Some((file, size, sha256)))) => {
+                let etag = file_etag(&sha256);
                 let resp = kept_response(Arc::new(file), size, &etag, headers, head, self);
                 return (resp, Some("disk"));
             }
@@ -370,12 +402,35 @@ impl App {
             }
             return (resp, None);
         }
-        let flight = match nars.fetch(&checked.cache, info) {
+        if !nars.fits(info) {
+            let msg = "the NAR is larger than this node's cache";
+            return (failure(ErrorKind::Refused, msg, head), None);
+        }
+        let fetched = match nars.under_way(info) {
+            Some(f) => Ok(f),
+            None => {
+                // The download holds an upstream fetch slot as program requests do, for as
+                // long as it runs: clients that leave cannot pile up downloads.
+                let inner = &self.inner;
+                let permit = tokio::time::timeout(
+                    inner.config.upstream_queue_timeout,
+                    inner.upstream_permits.clone().acquire_owned(),
+                )
+                .await;
+                let Ok(Ok(permit)) = permit else {
+                    let msg = "no upstream fetch slot came free";
+                    return (failure(ErrorKind::Overloaded, msg, head), None);
+                };
+                nars.fetch(&checked.cache, info, permit)
+            }
+        };
+        let flight = match fetched {
             Ok(f) => f,
+            // No temp file (a full disk, most likely): a passing condition, worth a retry.
             Err(e) => {
                 tracing::warn!(err = %e, "cannot start a NAR fetch");
                 return (
-                    failure(ErrorKind::Internal, "cannot fetch the NAR", head),
+                    failure(ErrorKind::Overloaded, "cannot fetch the NAR now", head),
                     None,
                 );
             }
@@ -398,7 +453,8 @@ impl App {
             Progress::Growing { len: None, .. } | Progress::Opening => {
                 let done = progress.wait_for(|p| p.is_final()).await.map(|p| *p);
                 match done {
-                    Ok(Progress::Done { size }) => {
+                    Ok(Progress::Done { size, sha256 }) => {
+                        let etag = file_etag(&sha256);
                         let resp =
                             kept_response(flight.file.clone(), size, &etag, headers, head, self);
                         (resp, Some("upstream"))
@@ -412,7 +468,8 @@ impl App {
                     ),
                 }
             }
-            Progress::Done { size } => {
+            Progress::Done { size, sha256 } => {
+                let etag = file_etag(&sha256);
                 let resp = kept_response(flight.file.clone(), size, &etag, headers, head, self);
                 (resp, Some("upstream"))
             }
@@ -479,6 +536,12 @@ fn nar_head(len: Option<u64>) -> Response<Body> {
     resp
 }
 
+/// The `ETag` of a NAR file: its own SHA-256, not NarHash, which names the NAR whatever
+/// compressed it (an `If-Range` resume must never splice two upstreams' files).
+fn file_etag(sha256: &[u8; 32]) -> String {
+    format!("\"{}\"", crate::hash::nix32(sha256))
+}
+
 /// A verified NAR file of `size` bytes, honouring `Range` and `If-None-Match`.
 fn kept_response(
     file: Arc<std::fs::File>,
@@ -541,7 +604,7 @@ fn follow(flight: Arc<Flight>, len: u64) -> Body {
             let limit = match p {
                 Progress::Opening => 0,
                 Progress::Growing { have, .. } => have.min(len.saturating_sub(1)),
-                Progress::Done { size } => size.min(len),
+                Progress::Done { size, .. } => size.min(len),
                 Progress::Failed { .. } => {
                     let _ = tx
                         .send(Err(io::Error::other("the NAR failed verification")))
@@ -565,11 +628,54 @@ fn follow(flight: Arc<Flight>, len: u64) -> Body {
             if let Progress::Done { .. } = p {
                 return;
             }
-            if progress.changed().await.is_err() {
-                let _ = tx.send(Err(io::Error::other("the NAR fetch ended"))).await;
-                return;
+            match tokio::time::timeout(FOLLOW_IDLE, progress.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    let _ = tx.send(Err(io::Error::other("the NAR fetch ended"))).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx
+                        .send(Err(io::Error::other("the NAR fetch stalled")))
+                        .await;
+                    return;
+                }
             }
         }
     });
     Body::channel(Chunks { rx, len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::narinfo::{verify_hash_part, Trust};
+
+    const HASH: &str = "35383awm6lh2kgm1l52g8f7y9kc9vp2y";
+
+    /// The fixture narinfo of [`HASH`] with `extra` lines, as remembered once checked.
+    fn found(extra: &str) -> Lookup {
+        let path = format!(
+            "{}/fixtures/cache/{HASH}.narinfo",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).expect("the fixture narinfo");
+        let trust = Trust::new::<&str>(&[], false).expect("no keys, no signatures checked");
+        let info = verify_hash_part(format!("{text}{extra}").as_bytes(), HASH, &trust)
+            .expect("the fixture narinfo checks out");
+        let cache = Cache::new(Arc::new(crate::demo::DemoUpstream));
+        Lookup::Found(Arc::new(Checked { cache, info }))
+    }
+
+    #[test]
+    fn a_remembered_narinfo_weighs_at_least_its_text() {
+        let small = narinfo_weight(HASH, &found(""));
+        let padding = "x".repeat(60_000);
+        let large = narinfo_weight(HASH, &found(&format!("Padding: {padding}\n")));
+        assert!(large >= small + 60_000, "{small} then {large}");
+        // So the cache holds about a thousand such narinfos, not a hundred thousand.
+        assert!(NARINFO_BYTES / u64::from(large) < 2_000);
+        let missing = Lookup::Missing("not in any cache".into());
+        assert!(narinfo_weight(HASH, &missing) < small);
+    }
 }

@@ -477,3 +477,277 @@ async fn programs_named_like_the_cache_routes_are_still_served() {
     let narinfo = server.get(&format!("/{}", narinfo_path(HELLO))).await;
     assert_eq!(narinfo.header("content-type"), Some("text/x-nix-narinfo"));
 }
+
+#[test]
+fn signing_narinfos_whose_signatures_are_not_checked_is_refused_at_start_up() {
+    use crate::support::cli::{assert_failure, binplz};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = binplz()
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(format!("file://{}", cache_dir("cache").display()))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .arg("--sign-key-file")
+        .arg(crate::support::fixtures().join("keys/binplz-test-1.secret"))
+        .arg("--no-require-sigs")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running binplz");
+    // A server that started would run until killed: give it a deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while child.try_wait().expect("waiting on binplz").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("binplz's output");
+    let line = assert_failure(&out, binplz::error::ErrorKind::BadRequest);
+    assert!(line.contains("--no-require-sigs"), "{line}");
+}
+
+#[tokio::test]
+async fn a_log_name_cannot_smuggle_a_query_to_the_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let hash = hash_part(HELLO);
+    let other = format!("log/{hash}-a");
+    up.put(&other, b"another object's bytes".to_vec());
+    let server = node(&up, dir.path()).await;
+    let reply = server.get(&format!("/log/{hash}-a%3Fb=c.drv")).await;
+    assert_ne!(reply.status, 200, "{}", reply.text());
+    assert!(!reply.text().contains("another object"), "{}", reply.text());
+    assert_eq!(up.hits(&other), 0);
+}
+
+#[tokio::test]
+async fn a_narinfo_the_node_cannot_use_is_a_404_remembered_for_a_while() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    // Compression is not signed: the signature still checks out.
+    let narinfo = set_field(&fixture_narinfo("cache", HELLO), "Compression", "lz4");
+    up.put(&narinfo_path(HELLO), narinfo.into_bytes());
+    let server = node(&up, dir.path()).await;
+    for _ in 0..2 {
+        let reply = server.get(&format!("/{}", narinfo_path(HELLO))).await;
+        assert_eq!(reply.status, 404, "{}", reply.text());
+    }
+    assert_eq!(up.hits(&narinfo_path(HELLO)), 1);
+}
+
+#[tokio::test]
+async fn a_nar_the_upstream_lacks_is_a_404() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    up.set_fault(&fixture_nar_path("cache", HELLO), Fault::NotFound);
+    let server = node(&up, dir.path()).await;
+    let nar = node_nar_url(&server, HELLO).await;
+    let reply = server.get(&nar).await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn a_nar_fetch_without_room_for_its_temp_file_is_a_503_with_retry_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let server = node(&up, dir.path()).await;
+    let nar = node_nar_url(&server, HELLO).await;
+    // No temp file can be made where the temp directory was.
+    let tmp = dir.path().join("cache/tmp");
+    std::fs::remove_dir_all(&tmp).expect("removing the temp directory");
+    std::fs::write(&tmp, b"").expect("a file in its place");
+    let reply = server.get(&nar).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.header("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn an_empty_nar_from_the_upstream_is_never_an_empty_200() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::empty();
+    let nar = write_nar(&Entry::dir([(
+        "f",
+        Entry::File {
+            executable: false,
+            contents: b"contents".to_vec(),
+        },
+    )]));
+    // No FileSize: only the upstream's Content-Length says how long the file is.
+    let published = publish_bytes(&up, "empty-1.0", &nar, &nar, "none", false);
+    up.set_fault(&published.nar_path, Fault::override_with(Vec::new()));
+    let server = node(&up, dir.path()).await;
+    let url = node_nar_url(&server, &published.store_path).await;
+    let reply = server.get(&url).await;
+    assert_ne!(reply.status, 200, "an empty NAR served");
+    assert_cache_empty(&dir.path().join("cache"));
+}
+
+#[tokio::test]
+async fn a_nar_download_holds_an_upstream_slot_after_its_client_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let busybox_nar = fixture_nar_path("cache", BUSYBOX);
+    let gate = Gate::default();
+    let inner =
+        crate::support::server::http_upstream(&up, &crate::support::server::client_config());
+    let config = Config {
+        max_upstream_fetches: 1,
+        upstream_queue_timeout: std::time::Duration::from_millis(100),
+        ..Config::default()
+    };
+    let setup = Setup::new(&up, vec![], &dir.path().join("cache"))
+        .upstream(Gated::wrap(inner, &busybox_nar, &gate))
+        .config(config);
+    let server = Server::start(setup).await;
+    let busybox = node_nar_url(&server, BUSYBOX).await;
+    let hello = node_nar_url(&server, HELLO).await;
+    // The client leaves while the download waits on the upstream: the download goes on,
+    // holding the one slot.
+    let pending = server
+        .client
+        .send("GET", &busybox, &[])
+        .await
+        .expect("send");
+    gate.arrivals(1).await;
+    drop(pending);
+    let reply = server.get(&hello).await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(up.hits(&fixture_nar_path("cache", HELLO)), 0);
+    // Once that download ends, its slot serves the next one.
+    gate.open();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let reply = server.get(&hello).await;
+        if reply.status == 200 {
+            break;
+        }
+        assert_eq!(reply.status, 503, "{}", reply.text());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came free"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_nar_larger_than_the_disk_cache_is_refused_before_any_download() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::serve(cache_dir("cache"));
+    let mut setup = Setup::new(&up, vec![], &dir.path().join("cache"));
+    // The busybox NAR file is some 900 KB.
+    setup.disk_bytes = 100_000;
+    let server = Server::start(setup).await;
+    let nar = node_nar_url(&server, BUSYBOX).await;
+    let reply = server.get(&nar).await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert_eq!(up.hits(&fixture_nar_path("cache", BUSYBOX)), 0);
+}
+
+#[tokio::test]
+async fn a_resume_never_splices_two_upstreams_compressions_of_one_nar() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let contents: Vec<u8> = (0..64u32 << 10).map(|i| (i % 251) as u8).collect();
+    let nar = write_nar(&Entry::dir([(
+        "f",
+        Entry::File {
+            executable: false,
+            contents,
+        },
+    )]));
+    // One store path and NarHash, compressed differently by two upstreams: one NAR name.
+    let (up1, up2) = (FakeUpstream::empty(), FakeUpstream::empty());
+    let fast = zstd::stream::encode_all(nar.as_slice(), 1).expect("zstd");
+    let small = zstd::stream::encode_all(nar.as_slice(), 19).expect("zstd");
+    assert_ne!(fast, small);
+    let published = publish_bytes(&up1, "twice-1.0", &nar, &fast, "zstd", true);
+    publish_bytes(&up2, "twice-1.0", &nar, &small, "zstd", true);
+    let node1 = Server::start(Setup::new(&up1, vec![], &dir.path().join("c1"))).await;
+    let node2 = Server::start(Setup::new(&up2, vec![], &dir.path().join("c2"))).await;
+    let url = node_nar_url(&node1, &published.store_path).await;
+    assert_eq!(node_nar_url(&node2, &published.store_path).await, url);
+    // Whole from one node (fetched, then kept), then a resume asked of the other.
+    let first = node1.get(&url).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, fast);
+    let first = node1.get(&url).await;
+    let etag = first.header("etag").expect("an ETag").to_owned();
+    assert_eq!(node2.get(&url).await.status, 200);
+    let resumed = node2
+        .request("GET", &url, &[("Range", "bytes=10-"), ("If-Range", &etag)])
+        .await;
+    assert_eq!(resumed.status, 200, "a part of another file");
+    assert_eq!(resumed.body, small);
+    // The same node's own tag still resumes.
+    let again = node1
+        .request("GET", &url, &[("Range", "bytes=10-"), ("If-Range", &etag)])
+        .await;
+    assert_eq!(again.status, 206);
+    assert_eq!(again.body, &fast[10..]);
+}
+
+#[tokio::test]
+async fn a_nar_failing_early_from_a_fast_upstream_ends_every_response() {
+    use crate::support::{narinfo_text, sha256, synthetic_store_path};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    // Entry names out of order: the strict reader fails at the second name, with most of
+    // the NAR still to come, much of it already buffered from a file:// upstream.
+    let nar = write_nar(&Entry::Directory(vec![
+        (
+            b"b".to_vec(),
+            Entry::File {
+                executable: false,
+                contents: b"b".to_vec(),
+            },
+        ),
+        (
+            b"a".to_vec(),
+            Entry::File {
+                executable: false,
+                contents: big,
+            },
+        ),
+    ]));
+    let store_path = synthetic_store_path("unsorted-1.0").to_absolute_path();
+    let nar_path = format!("nar/{}.nar", binplz::hash::nix32(&sha256(&nar)));
+    let root = dir.path().join("upstream");
+    std::fs::create_dir_all(root.join("nar")).expect("the upstream's nar directory");
+    std::fs::write(root.join(&nar_path), &nar).expect("the NAR");
+    let text = narinfo_text(&store_path, &nar_path, "none", &nar, &nar);
+    std::fs::write(
+        root.join(narinfo_path(&store_path)),
+        Key::test().sign(&text),
+    )
+    .expect("the narinfo");
+    let file = binplz::upstream::open(
+        &format!("file://{}", root.display()),
+        &crate::support::server::client_config(),
+    )
+    .expect("a file:// upstream");
+    let up = FakeUpstream::empty();
+    let setup = Setup::new(&up, vec![], &dir.path().join("cache")).upstream(file);
+    let server = Server::start(setup).await;
+    let url = node_nar_url(&server, &store_path).await;
+    // Each request is a new fetch (a failed NAR is not kept), each a chance for the
+    // failure to be overwritten by the chunks drained after it.
+    for _ in 0..4 {
+        let mut stream = tokio::net::TcpStream::connect(server.client.addr)
+            .await
+            .expect("connect");
+        let req = format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.expect("request");
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            stream.read_to_end(&mut raw),
+        )
+        .await;
+        assert!(read.is_ok(), "the response never ended");
+        assert!(raw.len() < nar.len(), "a whole body for a NAR that failed");
+    }
+    assert_cache_empty(&dir.path().join("cache"));
+}
