@@ -30,6 +30,7 @@ use tempfile::TempPath;
 use tokio::sync::watch;
 
 use super::disk::{DiskCache, KeyMeta};
+use crate::codec::Codec;
 use crate::error::ErrorKind;
 use crate::extract::ExtractError;
 use crate::narinfo::{self, VerifiedNarInfo};
@@ -217,7 +218,9 @@ struct Tee {
     file: File,
     progress: watch::Sender<Progress>,
     announced: Option<u64>,
-    hasher: Sha256,
+    /// `None` for an uncompressed NAR: the file is the NAR, and its SHA-256 the NarHash
+    /// the pass checks, so hashing it twice would only cost time.
+    hasher: Option<Sha256>,
     len: u64,
     /// The upstream body ended (cleanly) and all of it was read.
     ended: bool,
@@ -242,7 +245,9 @@ impl Tee {
             match self.rx.blocking_recv() {
                 Some(Ok(chunk)) => {
                     self.file.write_all(&chunk)?;
-                    self.hasher.update(&chunk);
+                    if let Some(h) = &mut self.hasher {
+                        h.update(&chunk);
+                    }
                     self.len += chunk.len() as u64;
                     self.progress.send_replace(Progress::Growing {
                         have: self.len,
@@ -313,7 +318,7 @@ impl Job {
             file: file.try_clone().map_err(|e| late(e.into()))?,
             progress: flight.progress.clone(),
             announced,
-            hasher: Sha256::new(),
+            hasher: (info.codec != Codec::None).then(Sha256::new),
             len: 0,
             ended: false,
         })));
@@ -387,11 +392,11 @@ impl Job {
                 .0
                 .lock()
                 .map_err(|_| late(io::Error::other("tee lock poisoned").into()))?;
-            (
-                <[u8; 32]>::from(t.hasher.clone().finalize()),
-                t.len,
-                t.ended,
-            )
+            let sha256: [u8; 32] = match &t.hasher {
+                Some(h) => h.clone().finalize().into(),
+                None => info.nar_hash,
+            };
+            (sha256, t.len, t.ended)
         };
         if !ended || announced.is_some_and(|a| a != len) {
             return Err(late(ExtractError::TrailingData { store_path }));
