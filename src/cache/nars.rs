@@ -40,6 +40,10 @@ use crate::upstream::{Cache, UpstreamError};
 /// Upstream chunks buffered between the body and the decode thread.
 const BODY_CHANNEL_DEPTH: usize = 32;
 
+/// Bytes written between two progress updates. Upstream chunks are often a few KiB: a
+/// wake-up of every reader for each one cost more than the copying.
+const PROGRESS_STEP: u64 = 128 << 10;
+
 /// The linkage recorded in the key of a kept NAR (key files name a verdict for files).
 pub const NAR_LINKAGE: &str = "nar";
 
@@ -222,6 +226,8 @@ struct Tee {
     /// the pass checks, so hashing it twice would only cost time.
     hasher: Option<Sha256>,
     len: u64,
+    /// `len` at the last progress update.
+    told: u64,
     /// The upstream body ended (cleanly) and all of it was read.
     ended: bool,
 }
@@ -249,15 +255,23 @@ impl Tee {
                         h.update(&chunk);
                     }
                     self.len += chunk.len() as u64;
-                    self.progress.send_replace(Progress::Growing {
-                        have: self.len,
-                        len: self.announced,
-                    });
+                    let last = self.announced.is_some_and(|a| self.len >= a);
+                    if self.len - self.told >= PROGRESS_STEP || last {
+                        self.told = self.len;
+                        self.progress.send_replace(Progress::Growing {
+                            have: self.len,
+                            len: self.announced,
+                        });
+                    }
                     self.cur = chunk;
                 }
                 Some(Err(e)) => return Err(e),
                 None => {
                     self.ended = true;
+                    self.progress.send_replace(Progress::Growing {
+                        have: self.len,
+                        len: self.announced,
+                    });
                     return Ok(0);
                 }
             }
@@ -320,6 +334,7 @@ impl Job {
             announced,
             hasher: (info.codec != Codec::None).then(Sha256::new),
             len: 0,
+            told: 0,
             ended: false,
         })));
         let expected = Expected {
