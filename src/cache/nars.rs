@@ -89,6 +89,9 @@ type Flights = Arc<Mutex<HashMap<(String, String), Arc<Flight>>>>;
 #[derive(Debug)]
 pub struct Nars {
     disk: Arc<DiskCache>,
+    /// Upstream transfers at once (shared with the server's extractions): a fetch waits
+    /// for one before it opens the NAR.
+    permits: Arc<tokio::sync::Semaphore>,
     flights: Flights,
 }
 
@@ -102,9 +105,10 @@ pub fn key(info: &VerifiedNarInfo) -> (String, String) {
 }
 
 impl Nars {
-    pub fn new(disk: Arc<DiskCache>) -> Nars {
+    pub fn new(disk: Arc<DiskCache>, permits: Arc<tokio::sync::Semaphore>) -> Nars {
         Nars {
             disk,
+            permits,
             flights: Arc::default(),
         }
     }
@@ -144,6 +148,7 @@ impl Nars {
             flight: flight.clone(),
             flights: self.flights.clone(),
         };
+        let permits = self.permits.clone();
         let job = Job {
             disk: self.disk.clone(),
             cache: cache.clone(),
@@ -152,6 +157,8 @@ impl Nars {
             path,
         };
         tokio::spawn(async move {
+            // Closed only if the server is gone: then the fetch goes ahead.
+            let _permit = permits.acquire_owned().await.ok();
             let outcome = job.run(&ended.flight).await;
             ended.finish(outcome);
         });

@@ -145,7 +145,8 @@ struct Inner {
     extractor: Extractor,
     files: Files,
     metrics: Metrics,
-    upstream_permits: Semaphore,
+    /// Shared with the substituter's NAR fetches.
+    upstream_permits: Arc<Semaphore>,
     queued: AtomicU64,
     clients: ClientSlots,
     /// Open connections, over all serving threads.
@@ -283,9 +284,11 @@ impl App {
     ) -> Result<App, String> {
         let has_indexes = !indexes.is_empty();
         let indexes = Indexes::load(indexes, config.max_index_size)?;
+        let upstream_permits = Arc::new(Semaphore::new(config.max_upstream_fetches.max(1)));
         let subst = substituter::State::new(
             config.cache.clone(),
             files.disk_handle(),
+            upstream_permits.clone(),
             config.negative_ttl,
         );
         // A NAR kept for Nix clients also serves program requests, without a second
@@ -298,7 +301,7 @@ impl App {
         let connections = Arc::new(Semaphore::new(config.max_connections));
         Ok(App {
             inner: Arc::new(Inner {
-                upstream_permits: Semaphore::new(config.max_upstream_fetches.max(1)),
+                upstream_permits,
                 config,
                 indexes,
                 extractor,

@@ -154,10 +154,15 @@ pub(super) struct State {
 }
 
 impl State {
-    pub(super) fn new(config: CacheConfig, disk: Arc<DiskCache>, negative: Duration) -> State {
+    pub(super) fn new(
+        config: CacheConfig,
+        disk: Arc<DiskCache>,
+        permits: Arc<tokio::sync::Semaphore>,
+        negative: Duration,
+    ) -> State {
         State {
             config,
-            nars: Arc::new(Nars::new(disk)),
+            nars: Arc::new(Nars::new(disk, permits)),
             narinfos: moka::future::Cache::builder()
                 .max_capacity(NARINFO_ENTRIES)
                 .expire_after(Expiry { negative })
