@@ -6,6 +6,7 @@
 //!  handle(): routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
 //!     extraction (upstream permits) ─► response with provenance, Range, ETag
 //!  body sent (or given up on) ─► access log line with the bytes sent (access)
+//!  Nix binary cache routes (nix-cache-info, narinfo, nar, ls, log) ─► substituter
 //! ```
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests run the server in-process
