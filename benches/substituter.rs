@@ -50,7 +50,6 @@ const KEY_SEED: [u8; 32] = [0x73; 32];
 struct Nar {
     label: &'static str,
     hash_part: String,
-    narinfo: String,
     upstream_path: String,
     file_len: u64,
 }
@@ -117,7 +116,6 @@ fn prepare(cache: &PathBuf, key: &SecretKey) -> BenchResult<Vec<Nar>> {
         out.push(Nar {
             label,
             hash_part,
-            narinfo: String::from_utf8(signed)?,
             upstream_path: url,
             file_len: file.len() as u64,
         });
@@ -177,12 +175,6 @@ fn run() -> BenchResult<()> {
     let mut body = Vec::with_capacity(SIZE + (1 << 20));
     for nar in &nars {
         let up_path = format!("/cache/{}", nar.upstream_path);
-        let url_line = nar
-            .narinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("URL: "))
-            .ok_or("no URL")?;
-        let node_path = format!("/{url_line}");
         let (mut ng_head, mut ng_all, mut cold_head, mut cold_all, mut warm_all) =
             (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..runs {
@@ -194,6 +186,11 @@ fn run() -> BenchResult<()> {
             if info.status != 200 {
                 return Err(format!("narinfo: status {}", info.status).into());
             }
+            // The node's own name for the NAR, from the narinfo it serves.
+            let node_path = String::from_utf8_lossy(&body)
+                .lines()
+                .find_map(|l| l.strip_prefix("URL: ").map(|u| format!("/{u}")))
+                .ok_or("no URL in the node's narinfo")?;
             let r = http::get(node.port, &node_path, &mut body)?;
             if r.status != 200 || body.len() as u64 != nar.file_len {
                 return Err(format!("cold NAR: status {}, {} bytes", r.status, body.len()).into());

@@ -7,6 +7,9 @@
 //!          ─► pipeline: codec (thread 1) ─► SHA-256 + nar::reader (thread 2) ─► temp file
 //!          ─► NarHash/NarSize verified ─► resolve (symlinks) ─► verdict (portability)
 //!     ─► server::respond: the file with its provenance, or an error as an sh script
+//!
+//!  GET /<hash>.narinfo, /nar/… ─► server::substituter ─► narinfo (checked, rewritten)
+//!     ─► cache::nars: disk ─► one fetch per NAR, written and verified as it streams
 //! ```
 //!
 //! Formats know nothing of HTTP, transports nothing of formats:
@@ -22,8 +25,8 @@
 //! | [`upstream`] | fetching from binary caches (http, https, file, s3) |
 //! | [`extract`] | narinfo + NAR + resolution + verdict: one verified file |
 //! | [`index`] | evaluations → the program index file, and lookups in it |
-//! | [`cache`] | keeping extracted files: disk, memory, single flight |
-//! | [`server`] | HTTP: routes, responses, limits, metrics |
+//! | [`cache`] | keeping extracted files and whole NARs: disk, memory, single flight |
+//! | [`server`] | HTTP: routes (programs, and the Nix binary cache ones), responses, limits, metrics |
 //! | [`store`] | the operator's own cache (S3 or a directory): publishing to it, `gc` |
 //! | [`bench`] | the NAR-extraction benchmark (`binplz bench`, `cargo bench --bench extract`) |
 //! | [`demo`] | the built-in demo cache |

@@ -349,6 +349,65 @@ mod tests {
         Trust::new(&[crate::demo::PUBLIC_KEY.trim()], true).expect("the fixtures' key")
     }
 
+    /// A key made the way `nix key generate-secret` writes one.
+    fn node_key() -> SecretKey {
+        let signing = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(signing.to_keypair_bytes());
+        SecretKey::parse(&format!("edge-1:{encoded}\n")).expect("a valid key")
+    }
+
+    #[test]
+    fn a_rewritten_narinfo_keeps_what_was_signed_and_verifies_with_either_key() {
+        let info = verify(HELLO.as_bytes(), &hello_path(), &trust()).expect("verifies");
+        let key = node_key();
+        let out = rewrite(&info, "nar/x-y.nar.zst", Some(&key)).expect("rewritten");
+        let text = String::from_utf8(out).expect("text");
+        assert!(text.contains("URL: nar/x-y.nar.zst\n"), "{text}");
+        assert!(text.contains("FileSize: 2155\n"), "{text}");
+        // The upstream's signature still holds, and so does the node's own.
+        assert!(verify(text.as_bytes(), &hello_path(), &trust()).is_ok());
+        let edge_only = Trust::new(&[key.public()], true).expect("the node's public key");
+        assert!(verify(text.as_bytes(), &hello_path(), &edge_only).is_ok());
+        assert!(verify(HELLO.as_bytes(), &hello_path(), &edge_only).is_err());
+        // Asked by hash only, the narinfo must still be for that hash.
+        assert!(verify_hash_part(
+            text.as_bytes(),
+            "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d",
+            &trust()
+        )
+        .is_ok());
+        assert!(matches!(
+            verify_hash_part(
+                text.as_bytes(),
+                "00000000000000000000000000000000",
+                &trust()
+            ),
+            Err(NarInfoError::WrongStorePath { .. })
+        ));
+    }
+
+    #[test]
+    fn secret_keys_are_parsed_strictly_and_never_shown() {
+        let key = node_key();
+        assert_eq!(format!("{key:?}"), "SecretKey { name: \"edge-1\", .. }");
+        assert!(matches!(
+            SecretKey::parse("edge-1"),
+            Err(SecretKeyError::NoSeparator)
+        ));
+        assert!(matches!(
+            SecretKey::parse(":AAAA"),
+            Err(SecretKeyError::EmptyName)
+        ));
+        assert!(matches!(
+            SecretKey::parse("k:!!"),
+            Err(SecretKeyError::NotBase64)
+        ));
+        assert!(matches!(
+            SecretKey::parse("k:AAAA"),
+            Err(SecretKeyError::Length(3))
+        ));
+    }
+
     #[test]
     fn line_ends_may_be_crlf() {
         let crlf = HELLO.replace('\n', "\r\n");

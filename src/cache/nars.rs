@@ -4,10 +4,11 @@
 //! FileSize and FileHash hints) check out.
 //!
 //! ```text
-//!  upstream body ─► channel ─► decode thread: tee ─► temp file (+ SHA-256 of the file, its
-//!                                              │      length: the Progress readers follow)
-//!                                              ▼
-//!                                    codec ─► hash thread: NarHash, NarSize, strict reader
+//!  upstream body ─► channel ─► writer thread ─► temp file (+ SHA-256 of the file, its
+//!                                                  │        length: the Progress readers follow)
+//!                                                  ▼
+//!                  decode thread: the file as it grows ─► codec ─► hash thread: NarHash,
+//!                                                                  NarSize, strict reader
 //!  verified ─► keep (fsync, rename under the file's SHA-256, key `(store path, /nar/<name>)`)
 //!           ─► Progress::Done          anything else ─► Progress::Failed, nothing kept
 //! ```
@@ -22,7 +23,9 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -30,6 +33,7 @@ use tempfile::TempPath;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::disk::{DiskCache, KeyMeta};
+use crate::codec::Codec;
 use crate::error::ErrorKind;
 use crate::extract::ExtractError;
 use crate::narinfo::{self, VerifiedNarInfo};
@@ -38,6 +42,10 @@ use crate::upstream::{Cache, UpstreamError};
 
 /// Upstream chunks buffered between the body and the decode thread.
 const BODY_CHANNEL_DEPTH: usize = 32;
+
+/// Bytes written between two progress updates. Upstream chunks are often a few KiB: a
+/// wake-up of every reader for each one cost more than the copying.
+const PROGRESS_STEP: u64 = 128 << 10;
 
 /// The linkage recorded in the key of a kept NAR (key files name a verdict for files).
 pub const NAR_LINKAGE: &str = "nar";
@@ -233,69 +241,140 @@ struct Job {
     path: TempPath,
 }
 
-/// The decode thread's source: upstream chunks, each written to the temp file (and counted
-/// in the progress readers follow) before the decoder sees it, and hashed: the file's
-/// SHA-256 is its name in the disk cache. Shared, so that the fetch can look past the
-/// decoder's end for trailing data, and then close the channel.
-struct Tee {
+/// What the writer has done, for the decode thread that follows the file.
+#[derive(Debug, Default)]
+struct Written {
+    len: u64,
+    /// How the upstream body ended, once it did (an error's text).
+    end: Option<Result<(), String>>,
+}
+
+/// [`Written`], with a condition the writer signals after each write.
+#[derive(Default)]
+struct WrittenSignal {
+    state: Mutex<Written>,
+    changed: Condvar,
+}
+
+/// Writes upstream chunks to the temp file as fast as they come, hashing them on the way
+/// (the file's SHA-256 is its name in the disk cache), and tells readers and the decode
+/// thread how far it got. Apart from the decode thread so that clients get the NAR at the
+/// upstream's pace, not at the pace of decoding and hashing: only the last byte waits for
+/// the verdict.
+struct Writer {
     rx: tokio::sync::mpsc::Receiver<io::Result<Bytes>>,
-    cur: Bytes,
     file: File,
     progress: watch::Sender<Progress>,
     announced: Option<u64>,
-    hasher: Sha256,
-    len: u64,
-    /// The upstream body ended (cleanly) and all of it was read.
-    ended: bool,
+    /// `None` for an uncompressed NAR: the file is the NAR, and its SHA-256 the NarHash
+    /// the pass checks, so hashing it twice would only cost time.
+    hasher: Option<Sha256>,
+    written: Arc<WrittenSignal>,
+    /// Set when the pass failed: nothing more is worth writing.
+    cancel: Arc<AtomicBool>,
 }
 
-#[derive(Clone)]
-struct SharedTee(Arc<Mutex<Tee>>);
-
-impl Read for SharedTee {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut tee = self
-            .0
-            .lock()
-            .map_err(|_| io::Error::other("tee lock poisoned"))?;
-        tee.read_some(buf)
+impl Writer {
+    /// Runs until the body ends, fails or is cancelled; the file's SHA-256 when it was
+    /// hashed.
+    fn run(mut self) -> Option<[u8; 32]> {
+        let mut len = 0u64;
+        let mut told = 0u64;
+        let end = loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                break Err("cancelled".to_owned());
+            }
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => {
+                    if let Err(e) = self.file.write_all(&chunk) {
+                        break Err(e.to_string());
+                    }
+                    if let Some(h) = &mut self.hasher {
+                        h.update(&chunk);
+                    }
+                    len += chunk.len() as u64;
+                    if let Ok(mut w) = self.written.state.lock() {
+                        w.len = len;
+                    }
+                    self.written.changed.notify_all();
+                    let last = self.announced.is_some_and(|a| len >= a);
+                    if len - told >= PROGRESS_STEP || last {
+                        told = len;
+                        grow(&self.progress, len, self.announced);
+                    }
+                }
+                Some(Err(e)) => break Err(e.to_string()),
+                None => break Ok(()),
+            }
+        };
+        grow(&self.progress, len, self.announced);
+        // Closed, so that the feeder stops rather than waits on a full channel.
+        self.rx.close();
+        if let Ok(mut w) = self.written.state.lock() {
+            w.end = Some(end);
+        }
+        self.written.changed.notify_all();
+        self.hasher.map(|h| h.finalize().into())
     }
 }
 
-impl Tee {
-    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(Ok(chunk)) => {
-                    self.file.write_all(&chunk)?;
-                    self.hasher.update(&chunk);
-                    self.len += chunk.len() as u64;
-                    // The decode thread may still drain buffered chunks after the fetch
-                    // ended: a final state is never replaced, or readers would wait on a
-                    // fetch that is over.
-                    let growing = Progress::Growing {
-                        have: self.len,
-                        len: self.announced,
-                    };
-                    self.progress.send_if_modified(|p| {
-                        let grows = !p.is_final();
-                        if grows {
-                            *p = growing;
-                        }
-                        grows
-                    });
-                    self.cur = chunk;
-                }
-                Some(Err(e)) => return Err(e),
+/// Tells readers the file grew. The writer may still run after the fetch ended (a pass
+/// that failed early does not wait for it): a final state is never replaced, or readers
+/// would wait on a fetch that is over.
+fn grow(progress: &watch::Sender<Progress>, have: u64, len: Option<u64>) {
+    progress.send_if_modified(|p| {
+        let grows = !p.is_final();
+        if grows {
+            *p = Progress::Growing { have, len };
+        }
+        grows
+    });
+}
+
+/// The decode thread's source: the temp file, read as the writer extends it. Shared, so
+/// that the fetch can look past the decoder's end for trailing data.
+#[derive(Clone)]
+struct Follower(Arc<Mutex<FollowerState>>);
+
+struct FollowerState {
+    file: File,
+    at: u64,
+    written: Arc<WrittenSignal>,
+}
+
+impl Read for Follower {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut f = self
+            .0
+            .lock()
+            .map_err(|_| io::Error::other("follower lock poisoned"))?;
+        let written = f.written.clone();
+        let mut w = written
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("writer lock poisoned"))?;
+        loop {
+            if f.at < w.len {
+                let n = usize::try_from(w.len - f.at)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                drop(w);
+                let at = f.at;
+                f.file.read_exact_at(&mut buf[..n], at)?;
+                f.at += n as u64;
+                return Ok(n);
+            }
+            match &w.end {
+                Some(Ok(())) => return Ok(0),
+                Some(Err(e)) => return Err(io::Error::other(e.clone())),
                 None => {
-                    self.ended = true;
-                    return Ok(0);
+                    w = written
+                        .changed
+                        .wait(w)
+                        .map_err(|_| io::Error::other("writer lock poisoned"))?;
                 }
             }
         }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur.split_to(n));
-        Ok(n)
     }
 }
 
@@ -354,15 +433,22 @@ impl Job {
             len: announced,
         });
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(BODY_CHANNEL_DEPTH);
-        let tee = SharedTee(Arc::new(Mutex::new(Tee {
+        let written = Arc::new(WrittenSignal::default());
+        let cancel = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
             rx,
-            cur: Bytes::new(),
             file: file.try_clone().map_err(|e| late(e.into()))?,
             progress: flight.progress.clone(),
             announced,
-            hasher: Sha256::new(),
-            len: 0,
-            ended: false,
+            hasher: (info.codec != Codec::None).then(Sha256::new),
+            written: written.clone(),
+            cancel: cancel.clone(),
+        };
+        let writer = tokio::task::spawn_blocking(move || writer.run());
+        let follower = Follower(Arc::new(Mutex::new(FollowerState {
+            file: flight.file.try_clone().map_err(|e| late(e.into()))?,
+            at: 0,
+            written: written.clone(),
         })));
         let expected = Expected {
             nar_hash: Some(info.nar_hash),
@@ -370,16 +456,15 @@ impl Job {
         };
         let codec = info.codec;
         let pass = tokio::task::spawn_blocking({
-            let mut tee = tee.clone();
+            let mut follower = follower.clone();
             move || {
-                let result = pipeline::list_nar(tee.clone(), codec, expected);
+                let result = pipeline::list_nar(follower.clone(), codec, expected);
                 // The decoder may stop at the end of its stream: anything after it is not
                 // part of this NAR, and a file with it would not be the one FileHash names.
                 let mut rest = [0u8; 1];
-                let trailing = result.is_ok() && !matches!(tee.read(&mut rest), Ok(0));
-                // Whatever happened, the feeder must not wait on a full channel for ever.
-                if let Ok(mut t) = tee.0.lock() {
-                    t.rx.close();
+                let trailing = result.is_ok() && !matches!(follower.read(&mut rest), Ok(0));
+                if result.is_err() {
+                    cancel.store(true, Ordering::Relaxed);
                 }
                 (result, trailing)
             }
@@ -407,9 +492,11 @@ impl Job {
                 return Err(err);
             }
         };
-        let (fed, passed) = tokio::join!(feed, pass);
+        let (fed, passed, wrote) = tokio::join!(feed, pass, writer);
         let (result, trailing) =
             passed.map_err(|e| late(io::Error::other(format!("NAR check failed: {e}")).into()))?;
+        let file_sha =
+            wrote.map_err(|e| late(io::Error::other(format!("NAR write failed: {e}")).into()))?;
         match fed {
             Err(FeedError::Upstream(e)) => return Err(late(e.into())),
             Err(FeedError::FileSize) => {
@@ -429,17 +516,11 @@ impl Job {
         if trailing {
             return Err(late(ExtractError::TrailingData { store_path }));
         }
-        let (sha256, len, ended) = {
-            let t = tee
-                .0
-                .lock()
-                .map_err(|_| late(io::Error::other("tee lock poisoned").into()))?;
-            (
-                <[u8; 32]>::from(t.hasher.clone().finalize()),
-                t.len,
-                t.ended,
-            )
+        let (len, ended) = match written.state.lock() {
+            Ok(w) => (w.len, matches!(w.end, Some(Ok(())))),
+            Err(_) => (0, false),
         };
+        let sha256 = file_sha.unwrap_or(info.nar_hash);
         if !ended || announced.is_some_and(|a| a != len) {
             return Err(late(ExtractError::TrailingData { store_path }));
         }
@@ -490,7 +571,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_chunk_drained_after_the_fetch_failed_never_replaces_the_failure() {
+    fn a_chunk_written_after_the_fetch_failed_never_replaces_the_failure() {
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let failed = Progress::Failed {
             early: false,
@@ -499,20 +580,19 @@ mod tests {
         let progress = watch::Sender::new(failed);
         let mut seen = progress.subscribe();
         seen.borrow_and_update();
-        let mut tee = Tee {
+        let writer = Writer {
             rx,
-            cur: Bytes::new(),
             file: tempfile::tempfile().expect("a temp file"),
             progress: progress.clone(),
             announced: Some(8),
-            hasher: Sha256::new(),
-            len: 0,
-            ended: false,
+            hasher: Some(Sha256::new()),
+            written: Arc::default(),
+            cancel: Arc::default(),
         };
         tx.try_send(Ok(Bytes::from_static(b"12345678")))
             .expect("room in the channel");
-        let mut buf = [0u8; 8];
-        assert_eq!(tee.read_some(&mut buf).expect("a chunk"), 8);
+        drop(tx);
+        assert!(writer.run().is_some(), "the file was hashed");
         assert_eq!(*progress.borrow(), failed);
         assert!(!seen.has_changed().expect("the sender lives"));
     }

@@ -6,6 +6,7 @@
 //!  handle(): routes::parse ─► typed request ─► index lookup ─► Files: memory ─► disk ─► single-flight
 //!     extraction (upstream permits) ─► response with provenance, Range, ETag
 //!  body sent (or given up on) ─► access log line with the bytes sent (access)
+//!  Nix binary cache routes (nix-cache-info, narinfo, nar, ls, log) ─► substituter
 //! ```
 //!
 //! [`run`] takes a bound listener and a shutdown future, so tests run the server in-process
@@ -284,6 +285,8 @@ impl App {
     ) -> Result<App, String> {
         let has_indexes = !indexes.is_empty();
         let indexes = Indexes::load(indexes, config.max_index_size)?;
+        // Shared with NAR downloads, which hold one for as long as they run.
+        let upstream_permits = Arc::new(Semaphore::new(config.max_upstream_fetches.max(1)));
         let subst = substituter::State::new(
             config.cache.clone(),
             files.disk_handle(),
@@ -299,7 +302,7 @@ impl App {
         let connections = Arc::new(Semaphore::new(config.max_connections));
         Ok(App {
             inner: Arc::new(Inner {
-                upstream_permits: Arc::new(Semaphore::new(config.max_upstream_fetches.max(1))),
+                upstream_permits,
                 config,
                 indexes,
                 extractor,

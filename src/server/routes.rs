@@ -438,6 +438,57 @@ mod tests {
     }
 
     #[test]
+    fn cache_routes_match_exact_shapes_only_and_programs_keep_the_rest() {
+        let h = "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d";
+        let nar_hash = "16830sa6819cpafyk4h05mzzk6fmbmzvvhsdpk9a0hdgari9dssk";
+        let cache = |p: &str| match parse(p, None) {
+            Ok(Route::Cache(c)) => c,
+            other => panic!("{p}: {other:?}"),
+        };
+        assert_eq!(cache("/nix-cache-info"), CacheRequest::Info);
+        assert_eq!(
+            cache(&format!("/{h}.narinfo")),
+            CacheRequest::NarInfo(HashPart(h.into()))
+        );
+        assert_eq!(
+            cache(&format!("/{h}.ls")),
+            CacheRequest::Listing(HashPart(h.into()))
+        );
+        let name = format!("{h}-{nar_hash}.nar.zst");
+        match cache(&format!("/nar/{name}")) {
+            CacheRequest::Nar(n) => assert_eq!(n.to_string(), name),
+            other => panic!("{other:?}"),
+        }
+        let drv = format!("{h}-hello-1.0.drv");
+        assert_eq!(cache(&format!("/log/{drv}")), CacheRequest::Log(drv));
+        // Near misses are programs (or attribute and program), as they always were.
+        for (p, want) in [
+            ("/nar", prog(None, None, "nar")),
+            ("/log", prog(None, None, "log")),
+            ("/nar/tree", prog(None, Some("nar"), "tree")),
+            ("/log/tree", prog(None, Some("log"), "tree")),
+            (
+                "/x86_64-linux/nix-cache-info",
+                prog(Some("x86_64-linux"), None, "nix-cache-info"),
+            ),
+            ("/nix-cache-info/x", prog(None, Some("nix-cache-info"), "x")),
+        ] {
+            assert_eq!(parse(p, None), Ok(Route::Program(want)), "{p}");
+        }
+        for p in [
+            // A hash of the wrong length or alphabet (`e`, `o`, `t`, `u` are not nix32).
+            format!("/{}.narinfo", &h[..31]),
+            format!("/{}e.narinfo", &h[..31]),
+            format!("/nar/{h}-{}.nar", &nar_hash[..51]),
+            format!("/nar/{h}.nar"),
+            format!("/nar/{h}-{nar_hash}.nar.zst/x"),
+            format!("/log/{h}-hello"),
+        ] {
+            assert!(!matches!(parse(&p, None), Ok(Route::Cache(_))), "{p}");
+        }
+    }
+
+    #[test]
     fn service_routes_parse() {
         assert_eq!(parse("/", None), Ok(Route::Home));
         assert_eq!(parse("/-/healthz", None), Ok(Route::Health));

@@ -107,6 +107,27 @@ async fn node_nar_url(server: &Server, store_path: &str) -> String {
     format!("/{url}")
 }
 
+/// `GET target` on a raw connection, read to its end whatever happens: the status line,
+/// the announced `Content-Length`, and how many body bytes came.
+async fn raw_get(server: &Server, target: &str) -> (String, Option<usize>, usize) {
+    let mut stream = tokio::net::TcpStream::connect(server.client.addr)
+        .await
+        .expect("connect");
+    let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("request");
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw);
+    let split = text.find("\r\n\r\n").expect("a response head");
+    let status = text.lines().next().unwrap_or_default().to_owned();
+    let len = text[..split].lines().find_map(|l| {
+        l.to_ascii_lowercase()
+            .strip_prefix("content-length: ")
+            .and_then(|v| v.trim().parse().ok())
+    });
+    (status, len, raw.len() - split - 4)
+}
+
 /// A substituter-only node (no index) in front of `up`.
 async fn node(up: &FakeUpstream, dir: &Path) -> Server {
     Server::start(Setup::new(up, vec![], &dir.join("cache"))).await
@@ -250,26 +271,9 @@ async fn a_nar_that_fails_verification_is_cut_never_ended_cleanly() {
     up.set_fault(&nar_path, Fault::FlipByte(5000));
     let server = node(&up, dir.path()).await;
     let nar = node_nar_url(&server, HELLO).await;
-    let mut stream = tokio::net::TcpStream::connect(server.client.addr)
-        .await
-        .expect("connect");
-    let req = format!("GET {nar} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.expect("request");
-    let mut raw = Vec::new();
-    let _ = stream.read_to_end(&mut raw).await;
-    let text = String::from_utf8_lossy(&raw);
-    let split = text.find("\r\n\r\n").expect("a response head");
-    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..split]);
-    let len: usize = text[..split]
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(str::to_owned)
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .expect("a Content-Length");
-    let body = raw.len() - split - 4;
+    let (status, len, body) = raw_get(&server, &nar).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let len = len.expect("a Content-Length");
     assert!(
         body < len,
         "a complete body of {body} bytes for a NAR that failed"
@@ -749,5 +753,24 @@ async fn a_nar_failing_early_from_a_fast_upstream_ends_every_response() {
         assert!(read.is_ok(), "the response never ended");
         assert!(raw.len() < nar.len(), "a whole body for a NAR that failed");
     }
+    assert_cache_empty(&dir.path().join("cache"));
+}
+
+#[tokio::test]
+async fn bytes_after_the_compressed_nar_fail_it_and_keep_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = FakeUpstream::empty();
+    let nar = write_nar(&Entry::dir([("f", Entry::file(vec![7u8; 4096]))]));
+    let mut file = zstd::stream::encode_all(nar.as_slice(), 3).expect("zstd");
+    file.extend_from_slice(b"trailing bytes");
+    // No FileSize or FileHash to catch it: only the bytes after the stream's end.
+    let published = publish_bytes(&up, "trailing-1.0", &nar, &file, "zstd", false);
+    let server = node(&up, dir.path()).await;
+    let url = node_nar_url(&server, &published.store_path).await;
+    let (status, len, body) = raw_get(&server, &url).await;
+    assert!(
+        !status.starts_with("HTTP/1.1 200") || len.is_some_and(|l| body < l),
+        "a whole response for a NAR with trailing bytes: {status}, {body} bytes"
+    );
     assert_cache_empty(&dir.path().join("cache"));
 }
