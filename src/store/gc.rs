@@ -5,12 +5,14 @@
 //! flight, which no index names yet), with their NARs, listings and logs. Everything else
 //! in `nar/`, `*.ls`, `*.narinfo` and `log/` that is older than the grace period goes.
 //! Then, with a size bound, the least recently built of what is left goes too, oldest
-//! first, until the store fits, but never the closure of what the newest index names.
+//! first, until the store fits, but never the closure of what the newest index names, and
+//! never a path that a path left in the store refers to (its referrers go first).
 //!
 //! A store path is deleted narinfo first, then its NAR, listing and log: a reader that
 //! finds the narinfo always finds the NAR, just as while publishing.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
@@ -196,16 +198,41 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .filter(|o| !doomed_keys.contains(&o.key))
             .map(|o| o.size)
             .sum();
-        // Least recently built first: the narinfo is uploaded last, so its time is the
-        // build's.
-        let mut candidates: Vec<(&String, &Entry)> = entries
+        // How many surviving store paths refer to each one: a path goes only once nothing
+        // left needs it, or a kept narinfo would name a missing reference and Nix could
+        // not substitute it.
+        let surviving = |h: &String| kept.contains(h) && entries.contains_key(h);
+        let mut referrers: HashMap<&str, usize> = HashMap::new();
+        for (hash, e) in entries.iter().filter(|(h, _)| surviving(h)) {
+            for r in e.references.iter().filter(|r| *r != hash) {
+                *referrers.entry(r.as_str()).or_default() += 1;
+            }
+        }
+        let candidate = |h: &str| kept.contains(h) && !protected.contains(h);
+        // Least recently built first among those: the narinfo is uploaded last, so its
+        // time is the build's.
+        let mut ready: BinaryHeap<Reverse<(i64, &str)>> = entries
             .iter()
-            .filter(|(h, _)| kept.contains(*h) && !protected.contains(*h))
+            .filter(|(h, _)| candidate(h) && !referrers.contains_key(h.as_str()))
+            .map(|(h, e)| Reverse((e.narinfo.modified, h.as_str())))
             .collect();
-        candidates.sort_by_key(|(h, e)| (e.narinfo.modified, (*h).clone()));
-        for (hash, e) in candidates {
+        while let Some(Reverse((_, hash))) = ready.pop() {
             if total <= max {
                 break;
+            }
+            let Some(e) = entries.get(hash) else {
+                continue;
+            };
+            for r in e.references.iter().filter(|r| *r != hash) {
+                if let Some(n) = referrers.get_mut(r.as_str()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        referrers.remove(r.as_str());
+                        if let Some(re) = entries.get(r).filter(|_| candidate(r)) {
+                            ready.push(Reverse((re.narinfo.modified, r.as_str())));
+                        }
+                    }
+                }
             }
             for key in files_of(hash, e) {
                 let Some(n) = needed.get_mut(&key) else {

@@ -597,3 +597,79 @@ async fn gc_max_size_deletes_the_least_recently_built_but_never_the_newest_index
     let kept = target.gc(&[&old_file, &new_file], &["--keep-revisions", "1"]);
     assert!(kept.starts_with("0 store paths"), "{kept}");
 }
+
+/// Every narinfo left in the store at `dir` names only references the store still holds
+/// (what Nix needs to substitute it).
+fn assert_references_present(dir: &Path) {
+    for (key, bytes) in tree(dir) {
+        if !key.ends_with(".narinfo") {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let refs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("References:"))
+            .unwrap_or("");
+        for r in refs.split_whitespace() {
+            assert!(
+                has(dir, &format!("{}.narinfo", &r[..32])),
+                "{key} names {r}, which is gone"
+            );
+        }
+    }
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_max_size_never_deletes_a_dependency_of_a_path_it_keeps(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let old = fixture_index().await.revision("old", 1_000);
+    let new = fixture_index()
+        .await
+        .revision("new", 2_000)
+        .without("store-script")
+        .without("portable-script");
+    assert!(
+        new.programs
+            .iter()
+            .all(|p| p.candidates.iter().all(|c| c.store_path != paths::SCRIPTS)),
+        "the new index still names scripts"
+    );
+    let (old_file, new_file) = (tmp.path().join("old"), tmp.path().join("new"));
+    old.write(&old_file);
+    new.write(&new_file);
+    target.fill(&tmp, &[], Duration::from_secs(3 * 86400));
+    let dir = target.dir();
+    // scripts was built before everything else but busybox, which only scripts needs.
+    let busybox = narinfo_path(paths::BUSYBOX);
+    for (key, days) in [(&busybox, 30), (&narinfo_path(paths::SCRIPTS), 20)] {
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(key))
+            .expect("a narinfo")
+            .set_modified(SystemTime::now() - Duration::from_secs(days * 86400))
+            .expect("backdating");
+    }
+    // What neither revision needs goes first.
+    target.gc(&[&old_file, &new_file], &["--delete"]);
+    let total = store_bytes(&dir);
+
+    // One byte less than all: scripts goes first (busybox is still needed by it), which
+    // is enough.
+    let bound = (total - 1).to_string();
+    let out = target.gc(&[&old_file, &new_file], &["--max-size", &bound, "--delete"]);
+    assert!(out.contains(&narinfo_path(paths::SCRIPTS)), "{out}");
+    assert!(!has(&dir, &narinfo_path(paths::SCRIPTS)));
+    assert!(has(&dir, &busybox), "{out}");
+    assert_references_present(&dir);
+    every_program_extracts(&new, &dir).await;
+
+    // With a bound only deleting both meets, both go, and nothing left names a missing path.
+    let out = target.gc(&[&old_file, &new_file], &["--max-size", "1", "--delete"]);
+    assert!(out.contains(&busybox), "{out}");
+    assert_references_present(&dir);
+    every_program_extracts(&new, &dir).await;
+}
