@@ -6,7 +6,9 @@
 //! then each narinfo, once the NAR it names is in the store. An upload that stops
 //! half-way (a crash, a network failure) leaves NARs nobody names, which `gc` deletes
 //! later, and never a narinfo without its NAR. Files the store already holds are skipped
-//! (binary cache files are content- or store-path-addressed: same name, same content).
+//! (binary cache files are content- or store-path-addressed: same name, same content);
+//! each narinfo's NAR is looked for once more just before the narinfo goes up, and sent
+//! again if a concurrent `gc` deleted it meanwhile.
 //! Once everything is in the store the staging files are removed.
 
 use std::path::{Path, PathBuf};
@@ -134,15 +136,28 @@ pub async fn publish(
             err,
         })?;
         let nar = nar_key(key, &text)?;
-        if !files.iter().any(|(k, _)| *k == nar) && !store.exists(&nar).await? {
-            return Err(StoreError::MissingNar {
-                key: key.clone(),
-                nar,
-                url: store.url().to_owned(),
-            });
+        if store.exists(key).await? {
+            done.record(key, None);
+            continue;
         }
-        let bytes = send(store, key, path, opts).await?;
-        done.record(key, bytes);
+        fault(opts, key)?;
+        // Looked for again right before the narinfo goes up: a `gc` running now may have
+        // deleted a NAR that was skipped above as already there.
+        if !store.exists(&nar).await? {
+            let Some((_, nar_path)) = files.iter().find(|(k, _)| *k == nar) else {
+                return Err(StoreError::MissingNar {
+                    key: key.clone(),
+                    nar,
+                    url: store.url().to_owned(),
+                });
+            };
+            let bytes = store
+                .upload(&nar, nar_path, opts.multipart_threshold)
+                .await?;
+            done.record(&nar, Some(bytes));
+        }
+        let bytes = store.upload(key, path, opts.multipart_threshold).await?;
+        done.record(key, Some(bytes));
     }
     if opts.remove_staged {
         remove_staged(staging, &files)?;

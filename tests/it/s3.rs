@@ -673,3 +673,52 @@ async fn gc_max_size_never_deletes_a_dependency_of_a_path_it_keeps(#[case] kind:
     assert_references_present(&dir);
     every_program_extracts(&new, &dir).await;
 }
+
+impl Target {
+    /// The store, opened in-process.
+    fn store(&self) -> Store {
+        match self {
+            Target::S3(s) => Store::with_s3_client("cache", s.client("cache", SECRET_KEY)),
+            Target::File(_) => Store::open(&self.uri(), &binplz::upstream::ClientConfig::default())
+                .expect("the store opens"),
+        }
+    }
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn publish_sends_a_nar_again_when_gc_deleted_it_during_the_upload(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let store = target.store();
+    store::publish(&staging(&tmp), &store, &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+    let dir = target.dir();
+    // A gc deleting hello has removed its narinfo and listing, not yet its NAR; the next
+    // publication finds the NAR there, and the gc deletes it just before the narinfo goes up.
+    let hello = narinfo_path(paths::HELLO);
+    let nar = support::fixture_nar_path("cache", paths::HELLO);
+    std::fs::remove_file(dir.join(&hello)).expect("removing the narinfo");
+    std::fs::remove_file(dir.join(format!("{}.ls", hash_part(paths::HELLO))))
+        .expect("removing the listing");
+    let nar_file = dir.join(&nar);
+    let opts = PublishOptions {
+        fault: Some(Arc::new(move |key: &str| {
+            if key.ends_with(".narinfo") {
+                std::fs::remove_file(&nar_file).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })),
+        ..PublishOptions::default()
+    };
+    let done = store::publish(&staging(&tmp), &store, &opts)
+        .await
+        .expect("publishing again");
+    assert!(done.uploaded.contains(&nar), "{:?}", done.uploaded);
+    assert!(done.uploaded.contains(&hello), "{:?}", done.uploaded);
+    assert_eq!(tree(&dir), tree(&support::cache_dir("cache")));
+    every_program_extracts(&fixture_index().await, &dir).await;
+}
