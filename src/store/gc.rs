@@ -9,7 +9,9 @@
 //! never a path that a path left in the store refers to (its referrers go first).
 //!
 //! A store path is deleted narinfo first, then its NAR, listing and log: a reader that
-//! finds the narinfo always finds the NAR, just as while publishing.
+//! finds the narinfo always finds the NAR, just as while publishing. A NAR, listing or log
+//! written again since the listing (a publication running now) is left alone; with a grace
+//! period of 0, a publication that skipped a file as already there can still lose it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -17,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
-use super::{Object, Store, StoreError};
+use super::{Fault, Object, Store, StoreError};
 use crate::index::Index;
 use crate::upstream::MAX_NARINFO_SIZE;
 
@@ -27,7 +29,6 @@ const NARINFO_READS: usize = 16;
 /// Objects deleted at once.
 const DELETES: usize = 16;
 
-#[derive(Debug)]
 pub struct GcOptions {
     /// The loaded indexes; only the `keep_revisions` newest (by creation time) count.
     pub indexes: Vec<Index>,
@@ -41,6 +42,23 @@ pub struct GcOptions {
     pub delete: bool,
     /// The time "now" is, for the grace period.
     pub now: SystemTime,
+    /// Called with each key just before it is deleted; an `Err` stops the collection there.
+    /// For tests and operators' drills.
+    pub fault: Option<Fault>,
+}
+
+impl std::fmt::Debug for GcOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcOptions")
+            .field("indexes", &self.indexes.len())
+            .field("keep_revisions", &self.keep_revisions)
+            .field("grace", &self.grace)
+            .field("max_size", &self.max_size)
+            .field("delete", &self.delete)
+            .field("now", &self.now)
+            .field("fault", &self.fault.is_some())
+            .finish()
+    }
 }
 
 /// One object to delete.
@@ -287,15 +305,42 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .doomed
             .iter()
             .partition(|d| d.key.ends_with(".narinfo"));
-        for batch in [narinfos, rest] {
-            stream::iter(batch)
-                .map(|d| store.delete(&d.key))
-                .buffer_unordered(DELETES)
-                .try_collect::<Vec<()>>()
-                .await?;
-        }
+        stream::iter(narinfos)
+            .map(|d| async {
+                fault(&opts, &d.key)?;
+                store.delete(&d.key).await
+            })
+            .buffer_unordered(DELETES)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // A NAR, listing or log uploaded again since the listing belongs to a publication
+        // running now (which found it already there, or sent it again after a narinfo
+        // named it): it stays, for a later collection to judge.
+        stream::iter(rest)
+            .map(|d| async {
+                let listed = by_key.get(d.key.as_str()).map(|o| o.modified);
+                let now = store.modified(&d.key).await?;
+                if now.is_some() && now > listed {
+                    return Ok(());
+                }
+                fault(&opts, &d.key)?;
+                store.delete(&d.key).await
+            })
+            .buffer_unordered(DELETES)
+            .try_collect::<Vec<()>>()
+            .await?;
     }
     Ok(report)
+}
+
+fn fault(opts: &GcOptions, key: &str) -> Result<(), StoreError> {
+    match &opts.fault {
+        Some(f) => f(key).map_err(|reason| StoreError::Interrupted {
+            key: key.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The hashes reachable from `roots` through `References` (roots without a narinfo are

@@ -722,3 +722,50 @@ async fn publish_sends_a_nar_again_when_gc_deleted_it_during_the_upload(#[case] 
     assert_eq!(tree(&dir), tree(&support::cache_dir("cache")));
     every_program_extracts(&fixture_index().await, &dir).await;
 }
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_leaves_a_nar_written_again_since_its_listing(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index_file = tmp.path().join("index");
+    fixture_index().await.write(&index_file);
+    let orphan = target.fill(&tmp, &["orphan-1.0"], Duration::from_secs(3 * 86400))[0].clone();
+    let dir = target.dir();
+    let orphan_narinfo = narinfo_path(&orphan);
+    let text = std::fs::read_to_string(dir.join(&orphan_narinfo)).expect("the orphan's narinfo");
+    let nar = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("a URL")
+        .to_owned();
+    // A publication sends the orphan's NAR again after gc listed the store (its narinfo is
+    // next), while gc deletes the orphan.
+    let nar_file = dir.join(&nar);
+    let key = orphan_narinfo.clone();
+    let opts = store::GcOptions {
+        indexes: vec![binplz::index::Index::load(&index_file, 1 << 30).expect("the index")],
+        keep_revisions: None,
+        grace: Duration::from_secs(86400),
+        max_size: None,
+        delete: true,
+        now: SystemTime::now(),
+        fault: Some(Arc::new(move |k: &str| {
+            if k == key {
+                let bytes = std::fs::read(&nar_file).map_err(|e| e.to_string())?;
+                std::fs::write(&nar_file, bytes).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })),
+    };
+    let report = store::gc(&target.store(), opts).await.expect("gc");
+    assert!(
+        report.doomed.iter().any(|d| d.key == nar),
+        "{:?}",
+        report.doomed
+    );
+    assert!(!has(&dir, &orphan_narinfo));
+    assert!(has(&dir, &nar), "the NAR written again was deleted");
+}
