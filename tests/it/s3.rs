@@ -769,3 +769,30 @@ async fn gc_leaves_a_nar_written_again_since_its_listing(#[case] kind: &str) {
     assert!(!has(&dir, &orphan_narinfo));
     assert!(has(&dir, &nar), "the NAR written again was deleted");
 }
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn publish_uploads_each_narinfo_after_those_of_its_references(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let done = store::publish(&staging(&tmp), &target.store(), &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+    let at = |store_path: &str| {
+        let key = narinfo_path(store_path);
+        done.uploaded
+            .iter()
+            .position(|k| *k == key)
+            .unwrap_or_else(|| panic!("{key} was not uploaded: {:?}", done.uploaded))
+    };
+    // In hash order, links and scripts would come before what they refer to.
+    assert!(at(paths::HELLO) < at(paths::LINKS), "{:?}", done.uploaded);
+    assert!(
+        at(paths::BUSYBOX) < at(paths::SCRIPTS),
+        "{:?}",
+        done.uploaded
+    );
+    assert_eq!(tree(&target.dir()), tree(&support::cache_dir("cache")));
+}
