@@ -11,11 +11,11 @@ use binplz::extract::Extractor;
 use binplz::nar::writer::{write_nar, Entry};
 use binplz::resolve::RelPath;
 use binplz::store::{self, PublishOptions, Store, StoreError};
-use binplz::upstream::{Cache, S3Upstream, Upstream};
+use binplz::upstream::{Cache, CachePath, S3Upstream, Upstream};
 use tempfile::TempDir;
 
 use crate::support::cli::{assert_failure, assert_success, binplz, run, stderr};
-use crate::support::s3::{tree, S3Server, SECRET_KEY};
+use crate::support::s3::{tree, NoListProxy, S3Server, SECRET_KEY};
 use crate::support::server::{fixture_index, trust, FixtureIndex, Server, Setup};
 use crate::support::{
     self, copy_cache, hash_part, narinfo_path, narinfo_text, paths, prebuilt, synthetic_store_path,
@@ -795,4 +795,44 @@ async fn publish_uploads_each_narinfo_after_those_of_its_references(#[case] kind
         done.uploaded
     );
     assert_eq!(tree(&target.dir()), tree(&support::cache_dir("cache")));
+}
+
+#[tokio::test]
+async fn a_missing_key_denied_for_want_of_list_permission_is_a_miss_once_credentials_work() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    s3.bucket("empty");
+    let tmp = TempDir::new().expect("a temp dir");
+    let store = Store::with_s3_client("cache", s3.client("cache", SECRET_KEY));
+    store::publish(&staging(&tmp), &store, &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+    // Read access only: a missing key is 403 AccessDenied, as AWS answers it.
+    let proxy = NoListProxy::start(&s3);
+    let missing = CachePath::parse(&format!("{}.narinfo", "0".repeat(32))).expect("a path");
+    let hello = CachePath::parse(&narinfo_path(paths::HELLO)).expect("a path");
+
+    let up = S3Upstream::with_client("cache", proxy.client("cache", SECRET_KEY));
+    assert!(matches!(up.get(&hello).await, Ok(Some(_))));
+    match up.get(&missing).await {
+        Ok(None) => {}
+        Ok(Some(_)) => panic!("a missing narinfo was found"),
+        Err(e) => panic!("a missing narinfo is an error: {e}"),
+    }
+
+    // Wrong credentials stay an error, with S3's own code.
+    let wrong = S3Upstream::with_client("cache", proxy.client("cache", "not-the-secret"));
+    match wrong.get(&missing).await {
+        Err(e) => assert!(e.to_string().contains("SignatureDoesNotMatch"), "{e}"),
+        Ok(_) => panic!("wrong credentials read the bucket"),
+    }
+    // Without a readable nix-cache-info nothing proves the credentials: still an error.
+    let empty = S3Upstream::with_client("empty", proxy.client("empty", SECRET_KEY));
+    match empty.get(&missing).await {
+        Err(e) => assert!(
+            e.to_string().contains("access denied (AccessDenied)"),
+            "{e}"
+        ),
+        Ok(_) => panic!("AccessDenied was taken for a miss in a bucket never read"),
+    }
 }
