@@ -3,7 +3,9 @@
 //! Kept: the closure (through narinfo `References`) of every store path the last K loaded
 //! indexes name, and of every store path uploaded within the grace period (builds in
 //! flight, which no index names yet), with their NARs, listings and logs. Everything else
-//! in `nar/`, `*.ls`, `*.narinfo` and `log/` that is older than the grace period goes.
+//! in `nar/`, `*.ls` and `*.narinfo` that is older than the grace period goes, and the
+//! `log/` files of the store paths that go; a log no narinfo names as its `Deriver` (a
+//! failed build's, whose URL the builder hands out) stays.
 //! Then, with a size bound, the least recently built of what is left goes too, oldest
 //! first, until the store fits, but never the closure of what the newest index names, and
 //! never a path that a path left in the store refers to (its referrers go first).
@@ -42,8 +44,8 @@ pub struct GcOptions {
     pub delete: bool,
     /// The time "now" is, for the grace period.
     pub now: SystemTime,
-    /// Called with each key just before it is deleted; an `Err` stops the collection there.
-    /// For tests and operators' drills.
+    /// Called with each key just before it is read (narinfos) or deleted; an `Err` stops
+    /// the collection there. For tests and operators' drills.
     pub fault: Option<Fault>,
 }
 
@@ -117,8 +119,10 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         .filter(|(hash, _)| !hash.contains('/'));
     // Narinfos are read a few at a time: a bucket holds one per store path, and each is a
     // round trip.
+    let opts_ref = &opts;
     let read: Vec<(&str, &Object, Option<Vec<u8>>)> = stream::iter(narinfo_objects)
         .map(|(hash, o)| async move {
+            fault(opts_ref, &o.key)?;
             let bytes = store.read_small(&o.key, MAX_NARINFO_SIZE as u64).await?;
             Ok::<_, StoreError>((hash, o, bytes))
         })
@@ -198,9 +202,15 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             }
         }
     }
+    // Logs some narinfo names: the others are failed builds' (no narinfo ever names them).
+    let derived_logs: HashSet<String> = entries
+        .values()
+        .filter_map(|e| e.deriver.as_ref())
+        .map(|d| format!("log/{d}"))
+        .collect();
     let collectable = |key: &str| {
         key.starts_with("nar/")
-            || key.starts_with("log/")
+            || derived_logs.contains(key)
             || (!key.contains('/') && (key.ends_with(".narinfo") || key.ends_with(".ls")))
     };
     let mut doomed_keys: HashSet<String> = objects
@@ -286,11 +296,14 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .filter(|d| d.key.ends_with(".narinfo"))
             .count(),
         bytes_freed: doomed.iter().map(|d| d.size).sum(),
-        paths_kept: entries.len()
-            - doomed
+        // Saturating: a narinfo deleted between the listing and its reading is doomed
+        // without being an entry.
+        paths_kept: entries.len().saturating_sub(
+            doomed
                 .iter()
                 .filter(|d| d.key.ends_with(".narinfo"))
                 .count(),
+        ),
         bytes_kept: objects
             .iter()
             .filter(|o| !doomed_keys.contains(&o.key))

@@ -836,3 +836,74 @@ async fn a_missing_key_denied_for_want_of_list_permission_is_a_miss_once_credent
         Ok(_) => panic!("AccessDenied was taken for a miss in a bucket never read"),
     }
 }
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_keeps_failed_builds_logs_and_deletes_those_of_the_paths_it_deletes(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index = fixture_index().await.without("goodbye");
+    let index_file = tmp.path().join("index");
+    index.write(&index_file);
+    let from = staging(&tmp);
+    let logs = [
+        // A failed build's: no narinfo names its derivation.
+        "log/0a7vzqh1y8rrb0k2vvd6xmfzqnh9l2nq-failed-1.0.drv",
+        // goodbye's, which no index needs any more.
+        "log/jnaym2d17qz9jv7qfrvpmssj3dlm7fr4-goodbye-1.0.drv",
+        // hello's.
+        "log/xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv",
+    ];
+    std::fs::create_dir_all(from.join("log")).expect("creating log/");
+    for log in logs {
+        std::fs::write(from.join(log), b"a build log\n").expect("writing a log");
+    }
+    let out = run(target
+        .cmd()
+        .args(["publish", "--from"])
+        .arg(&from)
+        .args(["--to", &target.uri()]));
+    assert_success(&out);
+    let dir = target.dir();
+    backdate(&dir, Duration::from_secs(3 * 86400));
+
+    let out = target.gc(&[&index_file], &["--delete"]);
+    assert!(!has(&dir, &narinfo_path(paths::GOODBYE)), "{out}");
+    assert!(
+        has(&dir, logs[0]),
+        "the failed build's log was deleted: {out}"
+    );
+    assert!(!has(&dir, logs[1]), "{out}");
+    assert!(has(&dir, logs[2]), "{out}");
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_counts_narinfos_deleted_between_its_listing_and_their_reading(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index_file = tmp.path().join("index");
+    fixture_index().await.write(&index_file);
+    target.fill(&tmp, &[], Duration::from_secs(3 * 86400));
+    let dir = target.dir();
+    // Another collection deletes every narinfo as this one is about to read it.
+    let gone = dir.clone();
+    let opts = store::GcOptions {
+        indexes: vec![binplz::index::Index::load(&index_file, 1 << 30).expect("the index")],
+        keep_revisions: None,
+        grace: Duration::from_secs(86400),
+        max_size: None,
+        delete: false,
+        now: SystemTime::now(),
+        fault: Some(Arc::new(move |k: &str| {
+            let _ = std::fs::remove_file(gone.join(k));
+            Ok(())
+        })),
+    };
+    let report = store::gc(&target.store(), opts).await.expect("gc");
+    assert_eq!(report.paths_kept, 0, "{report:?}");
+}
