@@ -109,6 +109,27 @@ fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// What gc needs of the narinfo `o`, whose body is `bytes`.
+fn entry(o: &Object, bytes: &[u8]) -> Entry {
+    let text = String::from_utf8_lossy(bytes);
+    let nar = field(&text, "URL").map(|u| u.split('?').next().unwrap_or(u).to_owned());
+    let references = field(&text, "References")
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(hash_of)
+        .map(str::to_owned)
+        .collect();
+    let deriver = field(&text, "Deriver")
+        .filter(|d| *d != "unknown-deriver")
+        .map(|d| d.rsplit('/').next().unwrap_or(d).to_owned());
+    Entry {
+        narinfo: o.clone(),
+        nar,
+        references,
+        deriver,
+    }
+}
+
 /// Plans (and with `opts.delete` does) a collection of `store`.
 pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> {
     let objects = store.list().await?;
@@ -118,43 +139,20 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         .filter_map(|o| Some((o.key.strip_suffix(".narinfo")?, o)))
         .filter(|(hash, _)| !hash.contains('/'));
     // Narinfos are read a few at a time: a bucket holds one per store path, and each is a
-    // round trip.
+    // round trip. Each is parsed into its entry as it arrives, so only the narinfos being
+    // read are held, never all of them.
     let opts_ref = &opts;
-    let read: Vec<(&str, &Object, Option<Vec<u8>>)> = stream::iter(narinfo_objects)
+    let entries: BTreeMap<String, Entry> = stream::iter(narinfo_objects)
         .map(|(hash, o)| async move {
             fault(opts_ref, &o.key)?;
             let bytes = store.read_small(&o.key, MAX_NARINFO_SIZE as u64).await?;
-            Ok::<_, StoreError>((hash, o, bytes))
+            // None: deleted since the listing.
+            Ok::<_, StoreError>(bytes.map(|b| (hash.to_owned(), entry(o, &b))))
         })
         .buffer_unordered(NARINFO_READS)
+        .try_filter_map(|e| async move { Ok(e) })
         .try_collect()
         .await?;
-    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-    for (hash, o, bytes) in read {
-        let Some(bytes) = bytes else {
-            continue; // deleted since the listing
-        };
-        let text = String::from_utf8_lossy(&bytes);
-        let nar = field(&text, "URL").map(|u| u.split('?').next().unwrap_or(u).to_owned());
-        let references = field(&text, "References")
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(hash_of)
-            .map(str::to_owned)
-            .collect();
-        let deriver = field(&text, "Deriver")
-            .filter(|d| *d != "unknown-deriver")
-            .map(|d| d.rsplit('/').next().unwrap_or(d).to_owned());
-        entries.insert(
-            hash.to_owned(),
-            Entry {
-                narinfo: o.clone(),
-                nar,
-                references,
-                deriver,
-            },
-        );
-    }
 
     let now = opts
         .now
@@ -375,6 +373,37 @@ fn closure(entries: &BTreeMap<String, Entry>, roots: Vec<String>) -> HashSet<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_take_the_nar_key_reference_hashes_and_deriver_of_a_narinfo() {
+        let o = Object {
+            key: "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d.narinfo".into(),
+            size: 1,
+            modified: 7,
+        };
+        let text = "StorePath: /nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0\n\
+                    URL: nar/abc.nar.zst?hash=x\n\
+                    References: ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0 short \
+                    zpya58m9bxib49ddjq6jdk22xiy6219w-busybox\n\
+                    Deriver: xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv\n";
+        let e = entry(&o, text.as_bytes());
+        assert_eq!(e.narinfo, o);
+        assert_eq!(e.nar.as_deref(), Some("nar/abc.nar.zst"));
+        assert_eq!(
+            e.references,
+            [
+                "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d",
+                "zpya58m9bxib49ddjq6jdk22xiy6219w"
+            ]
+        );
+        assert_eq!(
+            e.deriver.as_deref(),
+            Some("xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv")
+        );
+        let unknown = entry(&o, b"URL: nar/a.nar\nDeriver: unknown-deriver\n");
+        assert_eq!(unknown.deriver, None);
+        assert!(unknown.references.is_empty());
+    }
 
     #[test]
     fn hashes_come_from_full_paths_and_base_names() {
