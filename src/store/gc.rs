@@ -288,7 +288,7 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         })
         .collect();
     doomed.sort_by_key(|d| (!d.key.ends_with(".narinfo"), d.key.clone()));
-    let report = GcReport {
+    let mut report = GcReport {
         paths_deleted: doomed
             .iter()
             .filter(|d| d.key.ends_with(".narinfo"))
@@ -327,19 +327,26 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         // A NAR, listing or log uploaded again since the listing belongs to a publication
         // running now (which found it already there, or sent it again after a narinfo
         // named it): it stays, for a later collection to judge.
-        stream::iter(rest)
+        let left: HashSet<String> = stream::iter(rest)
             .map(|d| async {
                 let listed = by_key.get(d.key.as_str()).map(|o| o.modified);
                 let now = store.modified(&d.key).await?;
                 if now.is_some() && now > listed {
-                    return Ok(());
+                    return Ok(Some(d.key.clone()));
                 }
                 fault(&opts, &d.key)?;
-                store.delete(&d.key).await
+                store.delete(&d.key).await.map(|()| None)
             })
             .buffer_unordered(DELETES)
-            .try_collect::<Vec<()>>()
+            .try_filter_map(|left| async move { Ok(left) })
+            .try_collect()
             .await?;
+        // The report says what was done: what was left alone is kept.
+        for d in report.doomed.iter().filter(|d| left.contains(&d.key)) {
+            report.bytes_freed = report.bytes_freed.saturating_sub(d.size);
+            report.bytes_kept += d.size;
+        }
+        report.doomed.retain(|d| !left.contains(&d.key));
     }
     Ok(report)
 }

@@ -761,13 +761,19 @@ async fn gc_leaves_a_nar_written_again_since_its_listing(#[case] kind: &str) {
         })),
     };
     let report = store::gc(&target.store(), opts).await.expect("gc");
+    assert!(!has(&dir, &orphan_narinfo));
+    assert!(has(&dir, &nar), "the NAR written again was deleted");
+    // The report names what was deleted, not what was left alone.
     assert!(
-        report.doomed.iter().any(|d| d.key == nar),
+        report.doomed.iter().any(|d| d.key == orphan_narinfo),
         "{:?}",
         report.doomed
     );
-    assert!(!has(&dir, &orphan_narinfo));
-    assert!(has(&dir, &nar), "the NAR written again was deleted");
+    assert!(
+        report.doomed.iter().all(|d| d.key != nar),
+        "{:?}",
+        report.doomed
+    );
 }
 
 #[rstest::rstest]
