@@ -841,6 +841,33 @@ async fn a_missing_key_denied_for_want_of_list_permission_is_a_miss_once_credent
         ),
         Ok(_) => panic!("AccessDenied was taken for a miss in a bucket never read"),
     }
+
+    // An edge serving the bucket as a substituter: a missing narinfo is a 404, not a 502,
+    // and the node stays ready.
+    let setup = Setup::new(
+        &crate::support::FakeUpstream::empty(),
+        vec![],
+        &tmp.path().join("disk"),
+    )
+    .upstream(s3_upstream_via(&proxy));
+    let server = Server::start(setup).await;
+    let r = server
+        .get(&format!("/{}", "0".repeat(32) + ".narinfo"))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = server
+        .get(&format!("/{}", narinfo_path(paths::HELLO)))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.get("/-/readyz").await.status, 200);
+    server.stop().await;
+}
+
+fn s3_upstream_via(proxy: &NoListProxy) -> Arc<dyn Upstream> {
+    Arc::new(S3Upstream::with_client(
+        "cache",
+        proxy.client("cache", SECRET_KEY),
+    ))
 }
 
 #[rstest::rstest]
