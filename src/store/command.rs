@@ -51,7 +51,8 @@ pub struct GcArgs {
     keep_revisions: Option<u64>,
 
     /// Anything uploaded more recently than this is kept (builds in flight): 0, or a
-    /// number with s, m, h or d.
+    /// number with s, m, h or d, at least 1h. With 0, a publication running at the same
+    /// time may lose a NAR it found already there.
     #[arg(long, value_name = "DURATION", env = "BINPLZ_GC_GRACE", default_value = "1d", value_parser = parse_grace)]
     grace: Duration,
 
@@ -68,7 +69,11 @@ pub struct GcArgs {
     index_limit: IndexLimitArgs,
 }
 
-/// Parses `0`, or a number with `s`, `m`, `h` or `d`.
+/// The shortest grace period but 0: shorter ones would let gc delete files of a
+/// publication still in progress (a large NAR can take that long to upload).
+const MIN_GRACE: Duration = Duration::from_secs(3600);
+
+/// Parses `0`, or a number with `s`, `m`, `h` or `d` of at least [`MIN_GRACE`].
 fn parse_grace(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let err = || format!("invalid duration {s:?}: expected 0, or a number with s, m, h or d");
@@ -88,6 +93,16 @@ fn parse_grace(s: &str) -> Result<Duration, String> {
         .and_then(|n| n.checked_mul(unit))
         .map(Duration::from_secs)
         .ok_or_else(err)
+        .and_then(|d| {
+            if d < MIN_GRACE {
+                Err(format!(
+                    "grace period {s:?} is shorter than 1h: uploads in progress would lose files \
+                     (0 turns the grace period off, knowingly)"
+                ))
+            } else {
+                Ok(d)
+            }
+        })
 }
 
 fn fail(e: StoreError) -> CliError {
@@ -138,6 +153,7 @@ pub fn run_gc(args: GcArgs) -> Result<(), CliError> {
         max_size: args.max_size,
         delete: args.delete,
         now: SystemTime::now(),
+        fault: None,
     };
     let report = runtime()?.block_on(gc(&store, opts)).map_err(fail)?;
     let verb = if args.delete {
@@ -175,8 +191,9 @@ mod tests {
         assert_eq!(parse_grace("0"), Ok(Duration::ZERO));
         assert_eq!(parse_grace("1d"), Ok(Duration::from_secs(86400)));
         assert_eq!(parse_grace("36h"), Ok(Duration::from_secs(36 * 3600)));
-        assert_eq!(parse_grace("90s"), Ok(Duration::from_secs(90)));
-        for bad in ["", "d", "1", "1w", "-1d", "1.5h"] {
+        assert_eq!(parse_grace("3600s"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_grace("60m"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "d", "1", "1w", "-1d", "1.5h", "90s", "59m", "0s", "0h"] {
             assert!(parse_grace(bad).is_err(), "{bad:?}");
         }
     }

@@ -3,19 +3,25 @@
 //! Kept: the closure (through narinfo `References`) of every store path the last K loaded
 //! indexes name, and of every store path uploaded within the grace period (builds in
 //! flight, which no index names yet), with their NARs, listings and logs. Everything else
-//! in `nar/`, `*.ls`, `*.narinfo` and `log/` that is older than the grace period goes.
+//! in `nar/`, `*.ls` and `*.narinfo` that is older than the grace period goes, and the
+//! `log/` files of the store paths that go; a log no narinfo names as its `Deriver` (a
+//! failed build's, whose URL the builder hands out) stays.
 //! Then, with a size bound, the least recently built of what is left goes too, oldest
-//! first, until the store fits, but never the closure of what the newest index names.
+//! first, until the store fits, but never the closure of what the newest index names, and
+//! never a path that a path left in the store refers to (its referrers go first).
 //!
 //! A store path is deleted narinfo first, then its NAR, listing and log: a reader that
-//! finds the narinfo always finds the NAR, just as while publishing.
+//! finds the narinfo always finds the NAR, just as while publishing. A NAR, listing or log
+//! written again since the listing (a publication running now) is left alone; with a grace
+//! period of 0, a publication that skipped a file as already there can still lose it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
-use super::{Object, Store, StoreError};
+use super::{Fault, Object, Store, StoreError};
 use crate::index::Index;
 use crate::upstream::MAX_NARINFO_SIZE;
 
@@ -25,7 +31,6 @@ const NARINFO_READS: usize = 16;
 /// Objects deleted at once.
 const DELETES: usize = 16;
 
-#[derive(Debug)]
 pub struct GcOptions {
     /// The loaded indexes; only the `keep_revisions` newest (by creation time) count.
     pub indexes: Vec<Index>,
@@ -39,6 +44,23 @@ pub struct GcOptions {
     pub delete: bool,
     /// The time "now" is, for the grace period.
     pub now: SystemTime,
+    /// Called with each key just before it is read (narinfos) or deleted; an `Err` stops
+    /// the collection there. For tests and operators' drills.
+    pub fault: Option<Fault>,
+}
+
+impl std::fmt::Debug for GcOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GcOptions")
+            .field("indexes", &self.indexes.len())
+            .field("keep_revisions", &self.keep_revisions)
+            .field("grace", &self.grace)
+            .field("max_size", &self.max_size)
+            .field("delete", &self.delete)
+            .field("now", &self.now)
+            .field("fault", &self.fault.is_some())
+            .finish()
+    }
 }
 
 /// One object to delete.
@@ -87,6 +109,27 @@ fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// What gc needs of the narinfo `o`, whose body is `bytes`.
+fn entry(o: &Object, bytes: &[u8]) -> Entry {
+    let text = String::from_utf8_lossy(bytes);
+    let nar = field(&text, "URL").map(|u| u.split('?').next().unwrap_or(u).to_owned());
+    let references = field(&text, "References")
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(hash_of)
+        .map(str::to_owned)
+        .collect();
+    let deriver = field(&text, "Deriver")
+        .filter(|d| *d != "unknown-deriver")
+        .map(|d| d.rsplit('/').next().unwrap_or(d).to_owned());
+    Entry {
+        narinfo: o.clone(),
+        nar,
+        references,
+        deriver,
+    }
+}
+
 /// Plans (and with `opts.delete` does) a collection of `store`.
 pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> {
     let objects = store.list().await?;
@@ -96,41 +139,20 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         .filter_map(|o| Some((o.key.strip_suffix(".narinfo")?, o)))
         .filter(|(hash, _)| !hash.contains('/'));
     // Narinfos are read a few at a time: a bucket holds one per store path, and each is a
-    // round trip.
-    let read: Vec<(&str, &Object, Option<Vec<u8>>)> = stream::iter(narinfo_objects)
+    // round trip. Each is parsed into its entry as it arrives, so only the narinfos being
+    // read are held, never all of them.
+    let opts_ref = &opts;
+    let entries: BTreeMap<String, Entry> = stream::iter(narinfo_objects)
         .map(|(hash, o)| async move {
+            fault(opts_ref, &o.key)?;
             let bytes = store.read_small(&o.key, MAX_NARINFO_SIZE as u64).await?;
-            Ok::<_, StoreError>((hash, o, bytes))
+            // None: deleted since the listing.
+            Ok::<_, StoreError>(bytes.map(|b| (hash.to_owned(), entry(o, &b))))
         })
         .buffer_unordered(NARINFO_READS)
+        .try_filter_map(|e| async move { Ok(e) })
         .try_collect()
         .await?;
-    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-    for (hash, o, bytes) in read {
-        let Some(bytes) = bytes else {
-            continue; // deleted since the listing
-        };
-        let text = String::from_utf8_lossy(&bytes);
-        let nar = field(&text, "URL").map(|u| u.split('?').next().unwrap_or(u).to_owned());
-        let references = field(&text, "References")
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(hash_of)
-            .map(str::to_owned)
-            .collect();
-        let deriver = field(&text, "Deriver")
-            .filter(|d| *d != "unknown-deriver")
-            .map(|d| d.rsplit('/').next().unwrap_or(d).to_owned());
-        entries.insert(
-            hash.to_owned(),
-            Entry {
-                narinfo: o.clone(),
-                nar,
-                references,
-                deriver,
-            },
-        );
-    }
 
     let now = opts
         .now
@@ -178,9 +200,15 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             }
         }
     }
+    // Logs some narinfo names: the others are failed builds' (no narinfo ever names them).
+    let derived_logs: HashSet<String> = entries
+        .values()
+        .filter_map(|e| e.deriver.as_ref())
+        .map(|d| format!("log/{d}"))
+        .collect();
     let collectable = |key: &str| {
         key.starts_with("nar/")
-            || key.starts_with("log/")
+            || derived_logs.contains(key)
             || (!key.contains('/') && (key.ends_with(".narinfo") || key.ends_with(".ls")))
     };
     let mut doomed_keys: HashSet<String> = objects
@@ -196,16 +224,41 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .filter(|o| !doomed_keys.contains(&o.key))
             .map(|o| o.size)
             .sum();
-        // Least recently built first: the narinfo is uploaded last, so its time is the
-        // build's.
-        let mut candidates: Vec<(&String, &Entry)> = entries
+        // How many surviving store paths refer to each one: a path goes only once nothing
+        // left needs it, or a kept narinfo would name a missing reference and Nix could
+        // not substitute it.
+        let surviving = |h: &String| kept.contains(h) && entries.contains_key(h);
+        let mut referrers: HashMap<&str, usize> = HashMap::new();
+        for (hash, e) in entries.iter().filter(|(h, _)| surviving(h)) {
+            for r in e.references.iter().filter(|r| *r != hash) {
+                *referrers.entry(r.as_str()).or_default() += 1;
+            }
+        }
+        let candidate = |h: &str| kept.contains(h) && !protected.contains(h);
+        // Least recently built first among those: the narinfo is uploaded last, so its
+        // time is the build's.
+        let mut ready: BinaryHeap<Reverse<(i64, &str)>> = entries
             .iter()
-            .filter(|(h, _)| kept.contains(*h) && !protected.contains(*h))
+            .filter(|(h, _)| candidate(h) && !referrers.contains_key(h.as_str()))
+            .map(|(h, e)| Reverse((e.narinfo.modified, h.as_str())))
             .collect();
-        candidates.sort_by_key(|(h, e)| (e.narinfo.modified, (*h).clone()));
-        for (hash, e) in candidates {
+        while let Some(Reverse((_, hash))) = ready.pop() {
             if total <= max {
                 break;
+            }
+            let Some(e) = entries.get(hash) else {
+                continue;
+            };
+            for r in e.references.iter().filter(|r| *r != hash) {
+                if let Some(n) = referrers.get_mut(r.as_str()) {
+                    *n -= 1;
+                    if *n == 0 {
+                        referrers.remove(r.as_str());
+                        if let Some(re) = entries.get(r).filter(|_| candidate(r)) {
+                            ready.push(Reverse((re.narinfo.modified, r.as_str())));
+                        }
+                    }
+                }
             }
             for key in files_of(hash, e) {
                 let Some(n) = needed.get_mut(&key) else {
@@ -235,17 +288,20 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
         })
         .collect();
     doomed.sort_by_key(|d| (!d.key.ends_with(".narinfo"), d.key.clone()));
-    let report = GcReport {
+    let mut report = GcReport {
         paths_deleted: doomed
             .iter()
             .filter(|d| d.key.ends_with(".narinfo"))
             .count(),
         bytes_freed: doomed.iter().map(|d| d.size).sum(),
-        paths_kept: entries.len()
-            - doomed
+        // Saturating: a narinfo deleted between the listing and its reading is doomed
+        // without being an entry.
+        paths_kept: entries.len().saturating_sub(
+            doomed
                 .iter()
                 .filter(|d| d.key.ends_with(".narinfo"))
                 .count(),
+        ),
         bytes_kept: objects
             .iter()
             .filter(|o| !doomed_keys.contains(&o.key))
@@ -260,15 +316,49 @@ pub async fn gc(store: &Store, opts: GcOptions) -> Result<GcReport, StoreError> 
             .doomed
             .iter()
             .partition(|d| d.key.ends_with(".narinfo"));
-        for batch in [narinfos, rest] {
-            stream::iter(batch)
-                .map(|d| store.delete(&d.key))
-                .buffer_unordered(DELETES)
-                .try_collect::<Vec<()>>()
-                .await?;
+        stream::iter(narinfos)
+            .map(|d| async {
+                fault(&opts, &d.key)?;
+                store.delete(&d.key).await
+            })
+            .buffer_unordered(DELETES)
+            .try_collect::<Vec<()>>()
+            .await?;
+        // A NAR, listing or log uploaded again since the listing belongs to a publication
+        // running now (which found it already there, or sent it again after a narinfo
+        // named it): it stays, for a later collection to judge.
+        let left: HashSet<String> = stream::iter(rest)
+            .map(|d| async {
+                let listed = by_key.get(d.key.as_str()).map(|o| o.modified);
+                let now = store.modified(&d.key).await?;
+                if now.is_some() && now > listed {
+                    return Ok(Some(d.key.clone()));
+                }
+                fault(&opts, &d.key)?;
+                store.delete(&d.key).await.map(|()| None)
+            })
+            .buffer_unordered(DELETES)
+            .try_filter_map(|left| async move { Ok(left) })
+            .try_collect()
+            .await?;
+        // The report says what was done: what was left alone is kept.
+        for d in report.doomed.iter().filter(|d| left.contains(&d.key)) {
+            report.bytes_freed = report.bytes_freed.saturating_sub(d.size);
+            report.bytes_kept += d.size;
         }
+        report.doomed.retain(|d| !left.contains(&d.key));
     }
     Ok(report)
+}
+
+fn fault(opts: &GcOptions, key: &str) -> Result<(), StoreError> {
+    match &opts.fault {
+        Some(f) => f(key).map_err(|reason| StoreError::Interrupted {
+            key: key.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The hashes reachable from `roots` through `References` (roots without a narinfo are
@@ -290,6 +380,37 @@ fn closure(entries: &BTreeMap<String, Entry>, roots: Vec<String>) -> HashSet<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_take_the_nar_key_reference_hashes_and_deriver_of_a_narinfo() {
+        let o = Object {
+            key: "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d.narinfo".into(),
+            size: 1,
+            modified: 7,
+        };
+        let text = "StorePath: /nix/store/ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0\n\
+                    URL: nar/abc.nar.zst?hash=x\n\
+                    References: ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d-hello-1.0 short \
+                    zpya58m9bxib49ddjq6jdk22xiy6219w-busybox\n\
+                    Deriver: xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv\n";
+        let e = entry(&o, text.as_bytes());
+        assert_eq!(e.narinfo, o);
+        assert_eq!(e.nar.as_deref(), Some("nar/abc.nar.zst"));
+        assert_eq!(
+            e.references,
+            [
+                "ynvq1ycj6j3ghsp3m5bqmgqpsg8za96d",
+                "zpya58m9bxib49ddjq6jdk22xiy6219w"
+            ]
+        );
+        assert_eq!(
+            e.deriver.as_deref(),
+            Some("xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv")
+        );
+        let unknown = entry(&o, b"URL: nar/a.nar\nDeriver: unknown-deriver\n");
+        assert_eq!(unknown.deriver, None);
+        assert!(unknown.references.is_empty());
+    }
 
     #[test]
     fn hashes_come_from_full_paths_and_base_names() {

@@ -54,7 +54,7 @@ pub enum StoreError {
     Local { path: String, err: std::io::Error },
     #[error("{path}: not a name a binary cache holds")]
     BadName { path: String },
-    #[error("publishing stopped before {key}: {reason}")]
+    #[error("stopped before {key}: {reason}")]
     Interrupted { key: String, reason: String },
     #[error("{key} names the NAR {nar:?}, which is neither staged nor in {url}")]
     MissingNar {
@@ -213,6 +213,18 @@ impl Store {
                     key: key.to_owned(),
                     cause,
                 }),
+            },
+        }
+    }
+
+    /// When `key` was last written (seconds since the Unix epoch); `None` when it does not
+    /// exist.
+    pub async fn modified(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        match self.inner.head(&ObjectPath::from(key)).await {
+            Ok(meta) => Ok(Some(meta.last_modified.timestamp())),
+            Err(e) => match classify(&e) {
+                Ok(()) => Ok(None),
+                Err(_) => Err(self.remote(key, &e)),
             },
         }
     }

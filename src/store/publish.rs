@@ -3,12 +3,16 @@
 //!
 //! A narinfo is what makes a store path visible, so it goes last: `nix-cache-info` first
 //! (only if the store has none), then NARs, `.ls` listings, `log/*` and any other file,
-//! then each narinfo, once the NAR it names is in the store. An upload that stops
+//! then each narinfo, once the NAR it names is in the store, after the narinfos of its
+//! references. An upload that stops
 //! half-way (a crash, a network failure) leaves NARs nobody names, which `gc` deletes
 //! later, and never a narinfo without its NAR. Files the store already holds are skipped
-//! (binary cache files are content- or store-path-addressed: same name, same content).
+//! (binary cache files are content- or store-path-addressed: same name, same content);
+//! each narinfo's NAR is looked for once more just before the narinfo goes up, and sent
+//! again if a concurrent `gc` deleted it meanwhile.
 //! Once everything is in the store the staging files are removed.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -128,21 +132,38 @@ pub async fn publish(
     for (key, bytes) in sent {
         done.record(key, bytes);
     }
-    for (key, path) in &narinfos {
+    let mut texts = Vec::with_capacity(narinfos.len());
+    for (key, path) in narinfos {
         let text = std::fs::read(path).map_err(|err| StoreError::Local {
             path: path.display().to_string(),
             err,
         })?;
+        texts.push((key, path, text));
+    }
+    for (key, path, text) in references_first(texts) {
         let nar = nar_key(key, &text)?;
-        if !files.iter().any(|(k, _)| *k == nar) && !store.exists(&nar).await? {
-            return Err(StoreError::MissingNar {
-                key: key.clone(),
-                nar,
-                url: store.url().to_owned(),
-            });
+        if store.exists(key).await? {
+            done.record(key, None);
+            continue;
         }
-        let bytes = send(store, key, path, opts).await?;
-        done.record(key, bytes);
+        fault(opts, key)?;
+        // Looked for again right before the narinfo goes up: a `gc` running now may have
+        // deleted a NAR that was skipped above as already there.
+        if !store.exists(&nar).await? {
+            let Some((_, nar_path)) = files.iter().find(|(k, _)| *k == nar) else {
+                return Err(StoreError::MissingNar {
+                    key: key.clone(),
+                    nar,
+                    url: store.url().to_owned(),
+                });
+            };
+            let bytes = store
+                .upload(&nar, nar_path, opts.multipart_threshold)
+                .await?;
+            done.record(&nar, Some(bytes));
+        }
+        let bytes = store.upload(key, path, opts.multipart_threshold).await?;
+        done.record(key, Some(bytes));
     }
     if opts.remove_staged {
         remove_staged(staging, &files)?;
@@ -182,6 +203,53 @@ async fn send(
         .upload(key, path, opts.multipart_threshold)
         .await
         .map(Some)
+}
+
+/// The staged narinfos in an order where each comes after those of its `References` (as
+/// `nix copy` uploads), so a reader never finds a path whose references are missing; ties
+/// in key order. A cycle (which Nix never writes, self-references aside) ends in key order.
+fn references_first<T>(narinfos: Vec<(&String, T, Vec<u8>)>) -> Vec<(&String, T, Vec<u8>)> {
+    let hash = |key: &str| key.strip_suffix(".narinfo").unwrap_or(key).to_owned();
+    let staged: HashSet<String> = narinfos.iter().map(|(k, _, _)| hash(k)).collect();
+    // For each staged narinfo, the staged references it waits for; and who waits for each.
+    let mut waiting: Vec<usize> = Vec::with_capacity(narinfos.len());
+    let mut referrers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, (key, _, text)) in narinfos.iter().enumerate() {
+        let own = hash(key);
+        let refs: HashSet<String> = String::from_utf8_lossy(text)
+            .lines()
+            .find_map(|l| l.strip_prefix("References:"))
+            .unwrap_or("")
+            .split_whitespace()
+            .filter_map(|r| r.get(..32))
+            .filter(|h| *h != own && staged.contains(*h))
+            .map(str::to_owned)
+            .collect();
+        waiting.push(refs.len());
+        for r in refs {
+            referrers.entry(r).or_default().push(i);
+        }
+    }
+    let mut ready: BTreeSet<(String, usize)> = narinfos
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| waiting[*i] == 0)
+        .map(|(i, (k, _, _))| ((*k).clone(), i))
+        .collect();
+    let mut order = Vec::with_capacity(narinfos.len());
+    while let Some((key, i)) = ready.pop_first() {
+        order.push(i);
+        for &j in referrers.get(&hash(&key)).into_iter().flatten() {
+            waiting[j] -= 1;
+            if waiting[j] == 0 {
+                ready.insert((narinfos[j].0.clone(), j));
+            }
+        }
+    }
+    let placed: HashSet<usize> = order.iter().copied().collect();
+    order.extend((0..narinfos.len()).filter(|i| !placed.contains(i)));
+    let mut slots: Vec<Option<(&String, T, Vec<u8>)>> = narinfos.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| slots[i].take()).collect()
 }
 
 fn is_narinfo(key: &str) -> bool {

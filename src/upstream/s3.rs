@@ -349,6 +349,10 @@ pub struct S3Upstream {
     /// (which only an existing bucket answers), lest a misspelt bucket look like an empty
     /// cache.
     bucket_seen: tokio::sync::OnceCell<()>,
+    /// Set once `nix-cache-info` was read with these credentials. Without s3:ListBucket,
+    /// S3 answers a missing key with 403 `AccessDenied`, not 404; once the credentials are
+    /// known to work, that answer means "not in this cache" (as Nix takes it).
+    credentials_proved: tokio::sync::OnceCell<()>,
 }
 
 impl S3Upstream {
@@ -366,6 +370,7 @@ impl S3Upstream {
             bucket: bucket.to_owned(),
             store: Arc::new(client),
             bucket_seen: tokio::sync::OnceCell::new(),
+            credentials_proved: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -388,6 +393,20 @@ impl S3Upstream {
             })
             .await
             .map(|_| ())
+    }
+
+    /// Whether these credentials can read the bucket's `nix-cache-info` (asked once while
+    /// it succeeds; a failure is asked again next time).
+    async fn credentials_work(&self) -> bool {
+        self.credentials_proved
+            .get_or_try_init(|| async {
+                self.store
+                    .head(&ObjectPath::from("nix-cache-info"))
+                    .await
+                    .map(|_| ())
+            })
+            .await
+            .is_ok()
     }
 
     fn error(&self, key: &str, cause: S3Cause) -> UpstreamError {
@@ -416,8 +435,17 @@ impl Upstream for S3Upstream {
                 Err(e) => {
                     return match classify(&e) {
                         Ok(()) => self.check_bucket(key).await.map(|()| None),
+                        // Only plain AccessDenied: a wrong key, a bad signature or an
+                        // expired token have codes of their own and stay errors.
+                        Err(S3Cause::AccessDenied { code })
+                            if code == "AccessDenied"
+                                && key != "nix-cache-info"
+                                && self.credentials_work().await =>
+                        {
+                            Ok(None)
+                        }
                         Err(cause) => Err(self.error(key, cause)),
-                    }
+                    };
                 }
             };
             Ok(Some(Fetched {

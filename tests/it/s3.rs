@@ -11,11 +11,11 @@ use binplz::extract::Extractor;
 use binplz::nar::writer::{write_nar, Entry};
 use binplz::resolve::RelPath;
 use binplz::store::{self, PublishOptions, Store, StoreError};
-use binplz::upstream::{Cache, S3Upstream, Upstream};
+use binplz::upstream::{Cache, CachePath, S3Upstream, Upstream};
 use tempfile::TempDir;
 
 use crate::support::cli::{assert_failure, assert_success, binplz, run, stderr};
-use crate::support::s3::{tree, S3Server, SECRET_KEY};
+use crate::support::s3::{tree, NoListProxy, S3Server, SECRET_KEY};
 use crate::support::server::{fixture_index, trust, FixtureIndex, Server, Setup};
 use crate::support::{
     self, copy_cache, hash_part, narinfo_path, narinfo_text, paths, prebuilt, synthetic_store_path,
@@ -762,4 +762,347 @@ async fn gc_max_size_deletes_the_least_recently_built_but_never_the_newest_index
     // Only the newest revision counts with --keep-revisions 1.
     let kept = target.gc(&[&old_file, &new_file], &["--keep-revisions", "1"]);
     assert!(kept.starts_with("0 store paths"), "{kept}");
+}
+
+/// Every narinfo left in the store at `dir` names only references the store still holds
+/// (what Nix needs to substitute it).
+fn assert_references_present(dir: &Path) {
+    for (key, bytes) in tree(dir) {
+        if !key.ends_with(".narinfo") {
+            continue;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let refs = text
+            .lines()
+            .find_map(|l| l.strip_prefix("References:"))
+            .unwrap_or("");
+        for r in refs.split_whitespace() {
+            assert!(
+                has(dir, &format!("{}.narinfo", &r[..32])),
+                "{key} names {r}, which is gone"
+            );
+        }
+    }
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_max_size_never_deletes_a_dependency_of_a_path_it_keeps(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let old = fixture_index().await.revision("old", 1_000);
+    let new = fixture_index()
+        .await
+        .revision("new", 2_000)
+        .without("store-script")
+        .without("portable-script");
+    assert!(
+        new.programs
+            .iter()
+            .all(|p| p.candidates.iter().all(|c| c.store_path != paths::SCRIPTS)),
+        "the new index still names scripts"
+    );
+    let (old_file, new_file) = (tmp.path().join("old"), tmp.path().join("new"));
+    old.write(&old_file);
+    new.write(&new_file);
+    target.fill(&tmp, &[], Duration::from_secs(3 * 86400));
+    let dir = target.dir();
+    // scripts was built before everything else but busybox, which only scripts needs.
+    let busybox = narinfo_path(paths::BUSYBOX);
+    for (key, days) in [(&busybox, 30), (&narinfo_path(paths::SCRIPTS), 20)] {
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(key))
+            .expect("a narinfo")
+            .set_modified(SystemTime::now() - Duration::from_secs(days * 86400))
+            .expect("backdating");
+    }
+    // What neither revision needs goes first.
+    target.gc(&[&old_file, &new_file], &["--delete"]);
+    let total = store_bytes(&dir);
+
+    // One byte less than all: scripts goes first (busybox is still needed by it), which
+    // is enough.
+    let bound = (total - 1).to_string();
+    let out = target.gc(&[&old_file, &new_file], &["--max-size", &bound, "--delete"]);
+    assert!(out.contains(&narinfo_path(paths::SCRIPTS)), "{out}");
+    assert!(!has(&dir, &narinfo_path(paths::SCRIPTS)));
+    assert!(has(&dir, &busybox), "{out}");
+    assert_references_present(&dir);
+    every_program_extracts(&new, &dir).await;
+
+    // With a bound only deleting both meets, both go, and nothing left names a missing path.
+    let out = target.gc(&[&old_file, &new_file], &["--max-size", "1", "--delete"]);
+    assert!(out.contains(&busybox), "{out}");
+    assert_references_present(&dir);
+    every_program_extracts(&new, &dir).await;
+}
+
+impl Target {
+    /// The store, opened in-process.
+    fn store(&self) -> Store {
+        match self {
+            Target::S3(s) => Store::with_s3_client("cache", s.client("cache", SECRET_KEY)),
+            Target::File(_) => Store::open(&self.uri(), &binplz::upstream::ClientConfig::default())
+                .expect("the store opens"),
+        }
+    }
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn publish_sends_a_nar_again_when_gc_deleted_it_during_the_upload(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let store = target.store();
+    store::publish(&staging(&tmp), &store, &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+    let dir = target.dir();
+    // A gc deleting hello has removed its narinfo and listing, not yet its NAR; the next
+    // publication finds the NAR there, and the gc deletes it just before the narinfo goes up.
+    let hello = narinfo_path(paths::HELLO);
+    let nar = support::fixture_nar_path("cache", paths::HELLO);
+    std::fs::remove_file(dir.join(&hello)).expect("removing the narinfo");
+    std::fs::remove_file(dir.join(format!("{}.ls", hash_part(paths::HELLO))))
+        .expect("removing the listing");
+    let nar_file = dir.join(&nar);
+    let opts = PublishOptions {
+        fault: Some(Arc::new(move |key: &str| {
+            if key.ends_with(".narinfo") {
+                std::fs::remove_file(&nar_file).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })),
+        ..PublishOptions::default()
+    };
+    let done = store::publish(&staging(&tmp), &store, &opts)
+        .await
+        .expect("publishing again");
+    assert!(done.uploaded.contains(&nar), "{:?}", done.uploaded);
+    assert!(done.uploaded.contains(&hello), "{:?}", done.uploaded);
+    assert_eq!(tree(&dir), tree(&support::cache_dir("cache")));
+    every_program_extracts(&fixture_index().await, &dir).await;
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_leaves_a_nar_written_again_since_its_listing(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index_file = tmp.path().join("index");
+    fixture_index().await.write(&index_file);
+    let orphan = target.fill(&tmp, &["orphan-1.0"], Duration::from_secs(3 * 86400))[0].clone();
+    let dir = target.dir();
+    let orphan_narinfo = narinfo_path(&orphan);
+    let text = std::fs::read_to_string(dir.join(&orphan_narinfo)).expect("the orphan's narinfo");
+    let nar = text
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("a URL")
+        .to_owned();
+    // A publication sends the orphan's NAR again after gc listed the store (its narinfo is
+    // next), while gc deletes the orphan.
+    let nar_file = dir.join(&nar);
+    let key = orphan_narinfo.clone();
+    let opts = store::GcOptions {
+        indexes: vec![binplz::index::Index::load(&index_file, 1 << 30).expect("the index")],
+        keep_revisions: None,
+        grace: Duration::from_secs(86400),
+        max_size: None,
+        delete: true,
+        now: SystemTime::now(),
+        fault: Some(Arc::new(move |k: &str| {
+            if k == key {
+                let bytes = std::fs::read(&nar_file).map_err(|e| e.to_string())?;
+                std::fs::write(&nar_file, bytes).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })),
+    };
+    let report = store::gc(&target.store(), opts).await.expect("gc");
+    assert!(!has(&dir, &orphan_narinfo));
+    assert!(has(&dir, &nar), "the NAR written again was deleted");
+    // The report names what was deleted, not what was left alone.
+    assert!(
+        report.doomed.iter().any(|d| d.key == orphan_narinfo),
+        "{:?}",
+        report.doomed
+    );
+    assert!(
+        report.doomed.iter().all(|d| d.key != nar),
+        "{:?}",
+        report.doomed
+    );
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn publish_uploads_each_narinfo_after_those_of_its_references(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let done = store::publish(&staging(&tmp), &target.store(), &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+    let at = |store_path: &str| {
+        let key = narinfo_path(store_path);
+        done.uploaded
+            .iter()
+            .position(|k| *k == key)
+            .unwrap_or_else(|| panic!("{key} was not uploaded: {:?}", done.uploaded))
+    };
+    // In hash order, links and scripts would come before what they refer to.
+    assert!(at(paths::HELLO) < at(paths::LINKS), "{:?}", done.uploaded);
+    assert!(
+        at(paths::BUSYBOX) < at(paths::SCRIPTS),
+        "{:?}",
+        done.uploaded
+    );
+    assert_eq!(tree(&target.dir()), tree(&support::cache_dir("cache")));
+}
+
+#[tokio::test]
+async fn a_missing_key_denied_for_want_of_list_permission_is_a_miss_once_credentials_work() {
+    let s3 = S3Server::start();
+    s3.bucket("cache");
+    s3.bucket("empty");
+    let tmp = TempDir::new().expect("a temp dir");
+    let store = Store::with_s3_client("cache", s3.client("cache", SECRET_KEY));
+    store::publish(&staging(&tmp), &store, &PublishOptions::default())
+        .await
+        .expect("publishing the fixture cache");
+    // Read access only: a missing key is 403 AccessDenied, as AWS answers it.
+    let proxy = NoListProxy::start(&s3);
+    let missing = CachePath::parse(&format!("{}.narinfo", "0".repeat(32))).expect("a path");
+    let hello = CachePath::parse(&narinfo_path(paths::HELLO)).expect("a path");
+
+    let up = S3Upstream::with_client("cache", proxy.client("cache", SECRET_KEY));
+    assert!(matches!(up.get(&hello).await, Ok(Some(_))));
+    match up.get(&missing).await {
+        Ok(None) => {}
+        Ok(Some(_)) => panic!("a missing narinfo was found"),
+        Err(e) => panic!("a missing narinfo is an error: {e}"),
+    }
+
+    // Wrong credentials stay an error, with S3's own code.
+    let wrong = S3Upstream::with_client("cache", proxy.client("cache", "not-the-secret"));
+    match wrong.get(&missing).await {
+        Err(e) => assert!(e.to_string().contains("SignatureDoesNotMatch"), "{e}"),
+        Ok(_) => panic!("wrong credentials read the bucket"),
+    }
+    // Without a readable nix-cache-info nothing proves the credentials: still an error.
+    let empty = S3Upstream::with_client("empty", proxy.client("empty", SECRET_KEY));
+    match empty.get(&missing).await {
+        Err(e) => assert!(
+            e.to_string().contains("access denied (AccessDenied)"),
+            "{e}"
+        ),
+        Ok(_) => panic!("AccessDenied was taken for a miss in a bucket never read"),
+    }
+
+    // An edge serving the bucket as a substituter: a missing narinfo is a 404, not a 502,
+    // and the node stays ready.
+    let setup = Setup::new(
+        &crate::support::FakeUpstream::empty(),
+        vec![],
+        &tmp.path().join("disk"),
+    )
+    .upstream(s3_upstream_via(&proxy));
+    let server = Server::start(setup).await;
+    let r = server
+        .get(&format!("/{}", "0".repeat(32) + ".narinfo"))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = server
+        .get(&format!("/{}", narinfo_path(paths::HELLO)))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.get("/-/readyz").await.status, 200);
+    server.stop().await;
+}
+
+fn s3_upstream_via(proxy: &NoListProxy) -> Arc<dyn Upstream> {
+    Arc::new(S3Upstream::with_client(
+        "cache",
+        proxy.client("cache", SECRET_KEY),
+    ))
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_keeps_failed_builds_logs_and_deletes_those_of_the_paths_it_deletes(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index = fixture_index().await.without("goodbye");
+    let index_file = tmp.path().join("index");
+    index.write(&index_file);
+    let from = staging(&tmp);
+    let logs = [
+        // A failed build's: no narinfo names its derivation.
+        "log/0a7vzqh1y8rrb0k2vvd6xmfzqnh9l2nq-failed-1.0.drv",
+        // goodbye's, which no index needs any more.
+        "log/jnaym2d17qz9jv7qfrvpmssj3dlm7fr4-goodbye-1.0.drv",
+        // hello's.
+        "log/xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv",
+    ];
+    std::fs::create_dir_all(from.join("log")).expect("creating log/");
+    for log in logs {
+        std::fs::write(from.join(log), b"a build log\n").expect("writing a log");
+    }
+    let out = run(target
+        .cmd()
+        .args(["publish", "--from"])
+        .arg(&from)
+        .args(["--to", &target.uri()]));
+    assert_success(&out);
+    let dir = target.dir();
+    backdate(&dir, Duration::from_secs(3 * 86400));
+
+    let out = target.gc(&[&index_file], &["--delete"]);
+    assert!(!has(&dir, &narinfo_path(paths::GOODBYE)), "{out}");
+    assert!(
+        has(&dir, logs[0]),
+        "the failed build's log was deleted: {out}"
+    );
+    assert!(!has(&dir, logs[1]), "{out}");
+    assert!(has(&dir, logs[2]), "{out}");
+}
+
+#[rstest::rstest]
+#[case::s3("s3")]
+#[case::file("file")]
+#[tokio::test]
+async fn gc_counts_narinfos_deleted_between_its_listing_and_their_reading(#[case] kind: &str) {
+    let tmp = TempDir::new().expect("a temp dir");
+    let target = Target::new(kind, &tmp);
+    let index_file = tmp.path().join("index");
+    fixture_index().await.write(&index_file);
+    target.fill(&tmp, &[], Duration::from_secs(3 * 86400));
+    let dir = target.dir();
+    // Another collection deletes every narinfo as this one is about to read it.
+    let gone = dir.clone();
+    let opts = store::GcOptions {
+        indexes: vec![binplz::index::Index::load(&index_file, 1 << 30).expect("the index")],
+        keep_revisions: None,
+        grace: Duration::from_secs(86400),
+        max_size: None,
+        delete: false,
+        now: SystemTime::now(),
+        fault: Some(Arc::new(move |k: &str| {
+            let _ = std::fs::remove_file(gone.join(k));
+            Ok(())
+        })),
+    };
+    let report = store::gc(&target.store(), opts).await.expect("gc");
+    assert_eq!(report.paths_kept, 0, "{report:?}");
 }
