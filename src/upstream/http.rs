@@ -37,8 +37,14 @@ impl HttpUpstream {
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
+        // The provider is named: with object_store in the build, rustls has both ring and
+        // aws-lc-rs compiled in and will not pick one by itself (it panics).
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(|_| UpstreamError::InvalidUrl {
+                url: url.to_owned(),
+                reason: "no TLS protocol version available",
+            })?
             .https_or_http()
             .enable_http1()
             .enable_http2()
