@@ -635,7 +635,7 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
             if args.json {
                 let candidates: Vec<serde_json::Value> = all
                     .iter()
-                    .map(|c| serde_json::json!({"attr": c.attr, "store_path": c.store_path, "path": c.path}))
+                    .map(|c| serde_json::json!({"attr": c.attr, "store_path": c.store_path, "path": c.path, "drv_path": c.drv_path}))
                     .collect();
                 let v = serde_json::json!({
                     "program": args.program,
@@ -644,6 +644,8 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
                     "output": chosen.output,
                     "store_path": chosen.store_path,
                     "path": chosen.path,
+                    "drv_path": chosen.drv_path,
+                    "built": true,
                     "candidates": candidates,
                 });
                 println!("{v}");
@@ -659,13 +661,32 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Lookup::NotBuilt { attr, store_path } => Err((
-            ErrorKind::NotBuilt,
-            format!(
-                "{} ({system}) is provided by {attr}, whose {store_path} is not built yet",
-                args.program
-            ),
-        )),
+        Lookup::NotBuilt {
+            attr,
+            store_path,
+            drv_path,
+        } => {
+            if args.json {
+                let v = serde_json::json!({
+                    "program": args.program,
+                    "system": system,
+                    "attr": attr,
+                    "store_path": store_path,
+                    "drv_path": drv_path,
+                    "built": false,
+                });
+                // Not an error here: a script asking for JSON reads `built`.
+                println!("{v}");
+                return Ok(());
+            }
+            Err((
+                ErrorKind::NotBuilt,
+                format!(
+                    "{} ({system}) is provided by {attr}, whose {store_path} is not built yet",
+                    args.program
+                ),
+            ))
+        }
         Lookup::Unknown => {
             let suggestions = index.suggest(&system, &args.program);
             let hint = if suggestions.is_empty() {

@@ -614,7 +614,9 @@ impl App {
         };
         let found = match index.resolve(system, program, attr) {
             Lookup::Found(c) => c,
-            Lookup::NotBuilt { attr, store_path } => {
+            Lookup::NotBuilt {
+                attr, store_path, ..
+            } => {
                 return Err(Failure::new(
                     ErrorKind::NotBuilt,
                     format!("{program} ({attr}, {store_path}) is not built yet; try again later"),
