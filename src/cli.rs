@@ -67,6 +67,9 @@ struct ServeArgs {
     #[command(flatten)]
     index_limit: IndexLimitArgs,
 
+    #[command(flatten)]
+    builder: Box<crate::server::building::BuilderArgs>,
+
     /// Directory of the disk cache [default: $XDG_CACHE_HOME/binplz or ~/.cache/binplz].
     #[arg(long, value_name = "DIR", env = "BINPLZ_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -228,7 +231,7 @@ struct UpstreamArgs {
 }
 
 /// Parses `500ms`, `10s`, `2m` or a number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -762,6 +765,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         disk_scrub_period: (args.disk_scrub_period > 0)
             .then(|| std::time::Duration::from_secs(args.disk_scrub_period)),
         max_index_size: args.index_limit.bytes()?,
+        builder: args.builder.settings(),
         ..Config::default()
     };
     let extractor = if demo {

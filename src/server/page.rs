@@ -33,7 +33,7 @@ fn html_escape(s: &str) -> String {
         })
 }
 
-fn host(headers: &HeaderMap) -> String {
+pub(super) fn host(headers: &HeaderMap) -> String {
     headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())

@@ -6,6 +6,7 @@
 //! the size-capped narinfo fetch, confining a narinfo's unsigned `URL` to the cache, and
 //! the [`Deadlines`] that bound whole fetches (see `deadline`).
 
+pub mod builder;
 mod deadline;
 mod file;
 mod http;
