@@ -16,10 +16,10 @@ mod access;
 pub mod body;
 pub mod conditional;
 pub(crate) mod h1;
-mod indexes;
+pub mod indexes;
 pub(crate) mod io;
 pub mod metrics;
-mod page;
+pub(crate) mod page;
 pub mod respond;
 pub mod routes;
 

@@ -1,6 +1,7 @@
 //! Shared test support: where the fixtures are, the store paths they hold, signing keys,
 //! narinfo editing, synthetic store paths, and the fake binary cache in [`upstream`].
 
+pub mod builds;
 pub mod cli;
 pub mod sign;
 pub mod upstream;
