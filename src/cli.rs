@@ -39,6 +39,9 @@ enum Command {
     ///
     /// With no --upstream and no --index, serves a built-in demo (offline).
     Serve(ServeArgs),
+    /// Build on demand what the indexes name but no cache has (the only command that runs
+    /// Nix): a queue with budgets, failure memory, logs and an operator page.
+    Builder(crate::builder::cli::BuilderArgs),
 }
 
 #[derive(Debug, Args)]
@@ -149,7 +152,7 @@ struct ServeArgs {
 
 /// How much of an index file may be read.
 #[derive(Debug, Args)]
-struct IndexLimitArgs {
+pub(crate) struct IndexLimitArgs {
     /// Largest index file read; anything larger (or not a regular file) is refused, and a
     /// server keeps serving the index it has. The file is held in memory whole.
     #[arg(long, value_name = "BYTES", env = "BINPLZ_MAX_INDEX_SIZE", default_value = "1G", value_parser = parse_bytes)]
@@ -158,7 +161,7 @@ struct IndexLimitArgs {
 
 impl IndexLimitArgs {
     /// The limit, validated: zero would refuse every index.
-    fn bytes(&self) -> Result<u64, CliError> {
+    pub(crate) fn bytes(&self) -> Result<u64, CliError> {
         if self.max_index_size == 0 {
             return Err(bad("--max-index-size must be more than 0".into()));
         }
@@ -167,7 +170,7 @@ impl IndexLimitArgs {
 }
 
 /// Parses `1048576`, `512K`, `256M`, `10G` (powers of 1024).
-fn parse_bytes(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, mult) = match s.char_indices().last() {
         Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
@@ -341,6 +344,7 @@ pub fn main() -> ExitCode {
         Command::Index(IndexCommand::Show(args)) => run_index_show(args),
         Command::Index(IndexCommand::Stats { index, limit }) => run_index_stats(&index, &limit),
         Command::Serve(args) => run_serve(args),
+        Command::Builder(args) => crate::builder::cli::run_builder(args),
     };
     log.flush();
     match result {
@@ -356,7 +360,9 @@ pub fn main() -> ExitCode {
 /// the top level, next to `timestamp`, `level` and `target`).
 fn init_tracing(json: bool) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,binplz::access=info,binplz::server=info")
+        tracing_subscriber::EnvFilter::new(
+            "warn,binplz::access=info,binplz::server=info,binplz::builder=info",
+        )
     });
     let writer = LogWriter::default();
     let flusher = writer.clone();
@@ -426,13 +432,13 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     }
 }
 
-type CliError = (ErrorKind, String);
+pub(crate) type CliError = (ErrorKind, String);
 
 fn fail(e: ExtractError) -> CliError {
     (e.kind(), e.to_string())
 }
 
-fn bad(msg: String) -> CliError {
+pub(crate) fn bad(msg: String) -> CliError {
     (ErrorKind::BadRequest, msg)
 }
 
@@ -867,7 +873,7 @@ fn raise_open_files_limit() {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

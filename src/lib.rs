@@ -24,10 +24,12 @@
 //! | [`index`] | evaluations → the program index file, and lookups in it |
 //! | [`cache`] | keeping extracted files: disk, memory, single flight |
 //! | [`server`] | HTTP: routes, responses, limits, metrics |
+//! | [`builder`] | `binplz builder`: builds on demand, with budgets and failure memory |
 //! | [`demo`] | the built-in demo cache |
 //! | [`error`] | the error taxonomy the CLI and the server share |
 //! | [`cli`] | the command line |
 
+pub mod builder;
 pub mod cache;
 pub mod cli;
 pub mod codec;

@@ -781,6 +781,15 @@ impl Index {
             .map(|r| (self.str_at(r, 8), self.str_at(r, 16)))
     }
 
+    /// Every derivation the index names (of built and not-built outputs), with repeats.
+    pub fn drv_paths(&self) -> impl Iterator<Item = &str> + '_ {
+        let candidates = (0..self.n_candidates)
+            .map(|i| self.str_at(self.record(S_CANDIDATES, CANDIDATE_REC, i), 104));
+        let not_built = (0..self.n_not_built)
+            .map(|i| self.str_at(self.record(S_NOT_BUILT, NOT_BUILT_REC, i), 16));
+        candidates.chain(not_built).filter(|d| !d.is_empty())
+    }
+
     /// Evaluation failures recorded at build time.
     pub fn failures(&self) -> impl Iterator<Item = EvalFailure> + '_ {
         (0..self.n_failures).map(|i| {
@@ -970,6 +979,18 @@ mod tests {
             Lookup::Unknown { .. }
         ));
         assert_eq!(index.failures().count(), 1);
+        let mut drvs: Vec<&str> = index.drv_paths().collect();
+        drvs.sort_unstable();
+        drvs.dedup();
+        assert_eq!(
+            drvs,
+            [
+                "/nix/store/00000000000000000000000000000004-tree.drv",
+                "/nix/store/00000000000000000000000000000007-busybox.drv",
+                "/nix/store/00000000000000000000000000000007-ripgrep.drv",
+                "/nix/store/x-fd.drv",
+            ]
+        );
     }
 
     #[test]

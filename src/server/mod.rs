@@ -17,10 +17,10 @@ pub mod body;
 pub mod building;
 pub mod conditional;
 pub(crate) mod h1;
-mod indexes;
+pub mod indexes;
 pub(crate) mod io;
 pub mod metrics;
-mod page;
+pub(crate) mod page;
 pub mod respond;
 pub mod routes;
 

@@ -2,6 +2,7 @@
 //! (`extract`), the `binplz` command line (`cli`), the server with a disk cache that cannot
 //! write (`disk`), and the test support itself (`harness`, checking `support`).
 
+mod builder;
 mod building;
 mod cli;
 mod differential;

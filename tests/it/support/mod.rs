@@ -2,6 +2,7 @@
 //! narinfo editing, synthetic store paths, and the fake binary cache in [`upstream`].
 
 pub mod builder;
+pub mod builds;
 pub mod cli;
 pub mod sign;
 pub mod upstream;
