@@ -7,6 +7,7 @@ mod building;
 mod cli;
 mod differential;
 mod disk;
+mod edge_builder;
 mod extract;
 mod harness;
 mod index;

@@ -93,6 +93,11 @@ impl Derivations {
         &self.drvs[name]
     }
 
+    /// The Nix expression the derivations come from (an attribute set of them).
+    pub fn expression(&self) -> PathBuf {
+        self._dir.path().join("default.nix")
+    }
+
     /// An index naming every derivation as a not-built program of its name.
     pub fn write_index(&self, path: &Path) {
         let not_built: Vec<NotBuilt> = self
