@@ -419,3 +419,102 @@ async fn futures_join(pending: Vec<crate::support::server::Pending>) -> Vec<u16>
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_page_shows_the_builds_and_its_retry_button_works_in_chromium() {
+    let drvs = Derivations::new(&[
+        FAILS,
+        OK,
+        ("sleeper", "echo sleeping; sleep 60; mkdir $out"),
+        ("later", "mkdir $out"),
+    ]);
+    let dirs = BuilderDirs::new();
+    drvs.write_index(&dirs.index());
+    let token = "page-token-0123";
+    let file = dirs.token(token);
+    let p = BuilderProcess::start(
+        &dirs,
+        &["--operator-token-file", file.to_str().expect("utf-8")],
+        None,
+    );
+    let api = Api::of(&p);
+    for name in ["fails", "okprog"] {
+        api.post(drvs.drv(name), "192.0.2.1").await;
+        api.wait_until(drvs.drv(name), BUILD, ended).await;
+    }
+    // One build running, one queued behind it (one at a time).
+    api.post(drvs.drv("sleeper"), "192.0.2.1").await;
+    api.wait_until(drvs.drv("sleeper"), BUILD, |v| state(v) == "building")
+        .await;
+    let (_, later) = api.post(drvs.drv("later"), "192.0.2.1").await;
+    assert_eq!(later["position"], 0, "{later}");
+
+    let browser = crate::support::webdriver::Browser::start().await;
+    browser.goto(&format!("http://{}/", p.addr)).await;
+    let text = |css: &'static str| {
+        let b = &browser;
+        async move {
+            b.eval(&format!(
+                "return document.querySelector('{css}').nextElementSibling.innerText"
+            ))
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+        }
+    };
+    let failures = text("#failures").await;
+    assert!(failures.contains(base(drvs.drv("fails"))), "{failures}");
+    assert!(failures.contains("failed with exit code 1"), "{failures}");
+    let queue = text("#queue").await;
+    assert!(queue.contains(base(drvs.drv("later"))), "{queue}");
+    let built = text("#built").await;
+    assert!(built.contains(&drvs.outs["okprog"]), "{built}");
+    let running = browser
+        .eval("return document.body.innerText")
+        .await
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(running.contains(base(drvs.drv("sleeper"))), "{running}");
+    assert!(running.contains("h used"), "{running}");
+    let log_href = browser
+        .eval("return document.querySelector('#failures + table a').getAttribute('href')")
+        .await;
+    assert_eq!(
+        log_href,
+        format!("/builds/{}/log", base(drvs.drv("fails"))).as_str()
+    );
+
+    let shots = tempfile::tempdir().expect("tempdir");
+    let png = browser.screenshot().await;
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let shot = shots.path().join("builder-page.png");
+    std::fs::write(&shot, &png).expect("write screenshot");
+    if let Some(keep) = std::env::var_os("BINPLZ_TEST_SCREENSHOTS") {
+        std::fs::copy(&shot, std::path::Path::new(&keep).join("builder-page.png"))
+            .expect("keep the screenshot");
+    }
+
+    // The retry button, with the token typed into the page, queues the failure again.
+    let input = browser.find("#token").await;
+    browser.type_into(&input, token).await;
+    browser.click(&browser.find("#save").await).await;
+    let kept = browser
+        .eval("return sessionStorage.getItem('binplz-operator-token')")
+        .await;
+    assert_eq!(kept, token);
+    let retry = browser
+        .find(&format!(
+            "button[data-action=retry][data-drv='{}']",
+            base(drvs.drv("fails"))
+        ))
+        .await;
+    browser.click(&retry).await;
+    let v = api
+        .wait_until(drvs.drv("fails"), BUILD, |v| state(v) == "queued")
+        .await;
+    assert_eq!(v["attempts"], 0, "{v}");
+    api.operator(drvs.drv("sleeper"), "cancel", Some(token))
+        .await;
+}

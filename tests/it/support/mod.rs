@@ -6,6 +6,7 @@ pub mod builds;
 pub mod cli;
 pub mod sign;
 pub mod upstream;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 
