@@ -104,9 +104,18 @@ pub(super) struct Builder {
 /// Counters of questions to the builder.
 #[derive(Debug, Default)]
 struct BuilderMetrics {
-    asked: AtomicU64,
+    /// Answers, by the state they gave.
     answered: [AtomicU64; State::ALL.len()],
     errors: AtomicU64,
+}
+
+impl BuilderMetrics {
+    fn answered_total(&self) -> u64 {
+        self.answered
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// What a not-built program's request gets from the builder's answer.
@@ -139,7 +148,6 @@ impl Builder {
         let m = &self.metrics;
         self.answers
             .try_get_with(drv_path.to_owned(), async {
-                m.asked.fetch_add(1, Ordering::Relaxed);
                 let answer = self.client.ask(drv_path, &client.to_string()).await;
                 match &answer {
                     Ok(a) => {
@@ -288,10 +296,10 @@ impl Builder {
         super::metrics::render_labelled(
             body,
             "binplz_builder_questions_total",
-            "Questions sent to the builder (POST /builds), and how many failed to get an answer.",
+            "Questions sent to the builder (POST /builds), by whether it answered with a state or failed to (unreachable, timed out, a wrong answer).",
             "result",
             [
-                ("asked", m.asked.load(Ordering::Relaxed)),
+                ("answered", m.answered_total()),
                 ("error", m.errors.load(Ordering::Relaxed)),
             ],
         );

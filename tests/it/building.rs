@@ -183,7 +183,7 @@ async fn fifty_requests_for_a_program_not_built_ask_the_builder_once() {
     assert_eq!(builder.bad_requests(), 0);
     let m = edge.server.get("/-/metrics").await.text();
     assert!(
-        m.contains("binplz_builder_questions_total{result=\"asked\"} 1\n"),
+        m.contains("binplz_builder_questions_total{result=\"answered\"} 1\n"),
         "{m}"
     );
     assert!(
