@@ -684,7 +684,8 @@ impl App {
                 let (Some(builder), Some(drv_path)) = (&inner.builder, drv_path) else {
                     return Err(not_built());
                 };
-                let url = format!("http://{}{}", page::host(asked.headers), asked.uri);
+                let target = asked.uri.path_and_query().map_or("/", |p| p.as_str());
+                let url = format!("http://{}{target}", page::host(asked.headers));
                 match builder.verdict(drv_path, asked.peer, program, &url).await {
                     Verdict::Wait(f) => return Err(f),
                     Verdict::Built => {}
