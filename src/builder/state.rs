@@ -96,7 +96,27 @@ pub enum Requested {
 }
 
 pub struct State {
-    conn: Mutex<Connection>,
+    conn: Mutex<Db>,
+}
+
+/// The connection, and the queue order kept beside it under the same lock: the `seq` of
+/// every queued build, ascending, so a position is a binary search rather than a count
+/// over the queue (a look-up of a build deep in a long queue stays O(log n)).
+struct Db {
+    conn: Connection,
+    queued: Vec<i64>,
+}
+
+impl Db {
+    fn reload_queue(&mut self) -> Result<(), StateError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT seq FROM builds WHERE state = 'queued' ORDER BY seq")?;
+        let seqs = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        drop(st);
+        self.queued = seqs;
+        Ok(())
+    }
 }
 
 const SCHEMA: &str = "
@@ -118,6 +138,7 @@ CREATE TABLE IF NOT EXISTS builds (
     finished INTEGER
 );
 CREATE INDEX IF NOT EXISTS builds_by_state ON builds(state, seq);
+CREATE INDEX IF NOT EXISTS builds_by_seq ON builds(seq);
 CREATE TABLE IF NOT EXISTS client_starts (client TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS client_starts_by_client ON client_starts(client, at);
 CREATE TABLE IF NOT EXISTS usage (month TEXT PRIMARY KEY, seconds REAL NOT NULL);
@@ -230,8 +251,13 @@ impl State {
             "UPDATE builds SET state = 'queued', started = NULL WHERE state = 'building'",
             [],
         )?;
+        let mut db = Db {
+            conn,
+            queued: Vec::new(),
+        };
+        db.reload_queue()?;
         Ok(State {
-            conn: Mutex::new(conn),
+            conn: Mutex::new(db),
         })
     }
 
@@ -239,8 +265,23 @@ impl State {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
-        let mut c = self.conn.lock().map_err(|_| StateError::Poisoned)?;
-        f(&mut c)
+        let mut db = self.conn.lock().map_err(|_| StateError::Poisoned)?;
+        f(&mut db.conn)
+    }
+
+    /// [`State::with`] for changes to the queue: the queue order is read again after `f`
+    /// when `f` says it changed it in ways other than appending.
+    fn with_queue<T>(
+        &self,
+        f: impl FnOnce(&mut Connection, &mut Vec<i64>) -> Result<(T, bool), StateError>,
+    ) -> Result<T, StateError> {
+        let mut db = self.conn.lock().map_err(|_| StateError::Poisoned)?;
+        let Db { conn, queued } = &mut *db;
+        let (t, reload) = f(conn, queued)?;
+        if reload {
+            db.reload_queue()?;
+        }
+        Ok(t)
     }
 
     pub fn get(&self, drv_path: &str) -> Result<Option<Build>, StateError> {
@@ -256,10 +297,10 @@ impl State {
         per_client: u32,
         now: i64,
     ) -> Result<Requested, StateError> {
-        self.with(|c| {
+        self.with_queue(|c, queued| {
             let tx = c.transaction()?;
             if let Some(b) = get(&tx, drv_path)? {
-                return Ok(Requested::Existing(b));
+                return Ok((Requested::Existing(b), false));
             }
             let started: u32 = tx.query_row(
                 "SELECT count(*) FROM client_starts WHERE client = ?1 AND at > ?2",
@@ -267,7 +308,7 @@ impl State {
                 |r| r.get(0),
             )?;
             if started >= per_client {
-                return Ok(Requested::OverClientLimit);
+                return Ok((Requested::OverClientLimit, false));
             }
             tx.execute(
                 "INSERT INTO client_starts (client, at) VALUES (?1, ?2)",
@@ -283,31 +324,28 @@ impl State {
                 value: drv_path.to_owned(),
             })?;
             tx.commit()?;
-            Ok(Requested::New(b))
+            // The largest seq so far: the queue order stays sorted.
+            queued.push(b.seq);
+            Ok((Requested::New(b), false))
         })
     }
 
     /// Number of queued builds ahead of `seq`.
     pub fn position(&self, seq: i64) -> Result<u64, StateError> {
-        self.with(|c| {
-            let n: i64 = c.query_row(
-                "SELECT count(*) FROM builds WHERE state = 'queued' AND seq < ?1",
-                [seq],
-                |r| r.get(0),
-            )?;
-            Ok(n.max(0) as u64)
-        })
+        let db = self.conn.lock().map_err(|_| StateError::Poisoned)?;
+        Ok(db.queued.partition_point(|&s| s < seq) as u64)
     }
 
     /// Transient failures whose time has come go back to the queue (at its end).
     pub fn requeue_due(&self, now: i64) -> Result<usize, StateError> {
-        self.with(|c| {
-            Ok(c.execute(
+        self.with_queue(|c, _| {
+            let n = c.execute(
                 "UPDATE builds SET state = 'queued', retry_at = NULL,
                      seq = (SELECT coalesce(max(seq), 0) + 1 FROM builds)
                  WHERE state = 'failed' AND retry_at IS NOT NULL AND retry_at <= ?1",
                 [now],
-            )?)
+            )?;
+            Ok((n, n > 0))
         })
     }
 
@@ -324,7 +362,7 @@ impl State {
 
     /// Takes the first queued build and marks it building (one more attempt).
     pub fn start_next(&self, now: i64) -> Result<Option<Build>, StateError> {
-        self.with(|c| {
+        self.with_queue(|c, queued| {
             let tx = c.transaction()?;
             let next: Option<String> = tx
                 .query_row(
@@ -333,7 +371,9 @@ impl State {
                     |r| r.get(0),
                 )
                 .optional()?;
-            let Some(drv) = next else { return Ok(None) };
+            let Some(drv) = next else {
+                return Ok((None, false));
+            };
             tx.execute(
                 "UPDATE builds SET state = 'building', attempts = attempts + 1, started = ?2,
                      finished = NULL
@@ -342,7 +382,12 @@ impl State {
             )?;
             let b = get(&tx, &drv)?;
             tx.commit()?;
-            Ok(b)
+            if let Some(b) = &b {
+                if let Ok(i) = queued.binary_search(&b.seq) {
+                    queued.remove(i);
+                }
+            }
+            Ok((b, false))
         })
     }
 
@@ -414,24 +459,24 @@ impl State {
     /// The operator's retry: a failed build goes back to the queue with its attempts
     /// counted from zero. Anything else is left as it is.
     pub fn retry(&self, drv_path: &str) -> Result<Option<Build>, StateError> {
-        self.with(|c| {
-            c.execute(
+        self.with_queue(|c, _| {
+            let n = c.execute(
                 "UPDATE builds SET state = 'queued', attempts = 0, failure_class = NULL,
                      permanent = NULL, reason = NULL, dependency = NULL, retry_at = NULL,
                      seq = (SELECT coalesce(max(seq), 0) + 1 FROM builds)
                  WHERE drv_path = ?1 AND state = 'failed'",
                 [drv_path],
             )?;
-            get(c, drv_path)
+            Ok((get(c, drv_path)?, n > 0))
         })
     }
 
     /// The operator's cancel: a queued or running build (or a transient failure waiting
     /// for its next try) ends as refused by the operator; returns the build before.
     pub fn cancel(&self, drv_path: &str, now: i64) -> Result<Option<Build>, StateError> {
-        self.with(|c| {
+        self.with_queue(|c, _| {
             let before = get(c, drv_path)?;
-            c.execute(
+            let n = c.execute(
                 "UPDATE builds SET state = 'failed', failure_class = 'refused', permanent = 1,
                      reason = 'cancelled by the operator', dependency = NULL, retry_at = NULL,
                      finished = ?2
@@ -439,7 +484,7 @@ impl State {
                    AND (state IN ('queued', 'building') OR (state = 'failed' AND retry_at IS NOT NULL))",
                 params![drv_path, now],
             )?;
-            Ok(before)
+            Ok((before, n > 0))
         })
     }
 
@@ -534,6 +579,31 @@ mod tests {
         let state = State::open(dir.path()).expect("reopens");
         let b = state.get(DRV).expect("get").expect("known");
         assert_eq!((b.phase, b.attempts), (Phase::Queued, 1));
+    }
+
+    #[test]
+    fn positions_follow_the_queue_through_starts_and_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = State::open(dir.path()).expect("opens");
+        let drv = |i: u32| format!("/nix/store/{i:032}-a.drv");
+        let seqs: Vec<i64> = (0..4)
+            .map(
+                |i| match state.request(&drv(i), "c", 10, 1).expect("request") {
+                    Requested::New(b) => b.seq,
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        let pos = |i: usize| state.position(seqs[i]).expect("position");
+        assert_eq!((pos(0), pos(3)), (0, 3));
+        state.start_next(2).expect("start");
+        assert_eq!((pos(1), pos(3)), (0, 2));
+        state.cancel(&drv(2), 3).expect("cancel");
+        assert_eq!(pos(3), 1);
+        drop(state);
+        let state = State::open(dir.path()).expect("reopens");
+        // The one that was building is queued again, first in line.
+        assert_eq!(state.position(seqs[3]).expect("position"), 2);
     }
 
     #[test]
