@@ -19,7 +19,7 @@
 //! | [`resolve`] | following symlinks inside (and out of) a store path |
 //! | [`verdict`] | will the file run outside Nix? |
 //! | [`pipeline`] | one verified pass over a NAR on two threads |
-//! | [`upstream`] | fetching from binary caches (http, https, file) |
+//! | [`upstream`] | fetching from binary caches (http, https, file); the builder's API client |
 //! | [`extract`] | narinfo + NAR + resolution + verdict: one verified file |
 //! | [`index`] | evaluations → the program index file, and lookups in it |
 //! | [`cache`] | keeping extracted files: disk, memory, single flight |
