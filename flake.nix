@@ -43,16 +43,20 @@
         ];
 
         builder = [
-          { name = "listen"; flag = "--listen"; type = "str"; default = "127.0.0.1:8090"; description = "Address of the builder's API and operator page."; }
+          { name = "listen"; flag = "--listen"; type = "str"; default = "127.0.0.1:8081"; description = "Address of the builder's API and operator page."; }
           { name = "indexes"; flag = "--index"; type = "listOfStr"; default = [ ]; description = "Index files naming the derivations this builder may build. Empty with services.binplz.index enabled: the index job's files."; }
-          { name = "storeUri"; flag = "--store-uri"; type = "str"; default = "file:///var/lib/binplz-builder/cache"; description = "Where built outputs go: file:///DIR or s3://BUCKET?region=…"; }
+          { name = "maxIndexSize"; flag = "--max-index-size"; type = "nullOrStr"; default = null; description = "Largest index file read (bytes; K, M, G suffixes)."; }
+          { name = "indexPoll"; flag = "--index-poll"; type = "nullOrStr"; default = null; description = "How often index files are checked for changes (e.g. 30s)."; }
+          { name = "storeUri"; flag = "--store-uri"; type = "str"; default = "file:///var/lib/binplz-builder/cache"; description = "Where built outputs are published, narinfo last: file:///DIR or s3://BUCKET?region=…"; }
           { name = "maxParallel"; flag = "--max-parallel"; type = "nullOrInt"; default = null; description = "Builds at once."; }
-          { name = "timeout"; flag = "--timeout"; type = "nullOrInt"; default = null; description = "Seconds a build may take."; }
-          { name = "maxSilentTime"; flag = "--max-silent-time"; type = "nullOrInt"; default = null; description = "Seconds a build may stay silent."; }
-          { name = "maxLogSize"; flag = "--max-log-size"; type = "nullOrStr"; default = null; description = "Largest build log (bytes)."; }
-          { name = "maxNarSize"; flag = "--max-nar-size"; type = "nullOrStr"; default = null; description = "Largest output NAR uploaded (bytes)."; }
-          { name = "monthlyBudget"; flag = "--monthly-budget"; type = "nullOrInt"; default = null; description = "Build hours per month."; }
-          { name = "perClientBuilds"; flag = "--per-client-builds"; type = "nullOrInt"; default = null; description = "New builds a client address may start per hour."; }
+          { name = "timeout"; flag = "--timeout"; type = "nullOrStr"; default = null; description = "Longest a build may run (e.g. 120m)."; }
+          { name = "maxSilentTime"; flag = "--max-silent-time"; type = "nullOrStr"; default = null; description = "Longest a build may print nothing (e.g. 30m)."; }
+          { name = "maxLogSize"; flag = "--max-log-size"; type = "nullOrStr"; default = null; description = "Most log a build may write (bytes; K, M, G suffixes)."; }
+          { name = "maxNarSize"; flag = "--max-nar-size"; type = "nullOrStr"; default = null; description = "Largest NAR an output may have; a larger one is not uploaded."; }
+          { name = "cores"; flag = "--cores"; type = "nullOrInt"; default = null; description = "CPU cores one build may use (0: all)."; }
+          { name = "monthlyBudget"; flag = "--monthly-budget"; type = "nullOrInt"; default = null; description = "Build hours per calendar month (UTC)."; }
+          { name = "perClientBuilds"; flag = "--per-client-builds"; type = "nullOrInt"; default = null; description = "New builds one client address may start an hour."; }
+          { name = "retryDelay"; flag = "--retry-delay"; type = "nullOrStr"; default = null; description = "Delay before the first retry of a transient failure (then ×3 each time)."; }
         ];
 
         index = [
@@ -64,7 +68,7 @@
 
       # Flags the module sets itself, never from a table row: the files systemd manages.
       managedFlags = {
-        serve = [ "--cache-dir" "--sign-key-file" ];
+        serve = [ "--cache-dir" "--sign-key-file" "--builder" ];
         builder = [ "--state-dir" "--secret-key-file" "--operator-token-file" ];
         index = [ "--eval" "--output" "--revision" ];
       };
@@ -415,7 +419,7 @@
             server.wait_for_unit("binplz-builder.service")
             server.wait_for_open_port(8080)
             client.succeed("curl -fsSL http://server:8080/hello -o /tmp/hello && chmod +x /tmp/hello && /tmp/hello")
-            server.succeed("curl -fsS http://127.0.0.1:8090/-/healthz")
+            server.succeed("curl -fsS http://127.0.0.1:8081/-/healthz")
             server.succeed("systemctl reload binplz-edge.service")
             client.succeed("curl -fsSL http://server:8080/hello -o /dev/null")
           '';

@@ -78,6 +78,7 @@ fn generate(path: &std::path::Path) {
             executable: true,
             sha256: None,
             nar_offset: Some(4096),
+            drv_path: None,
         };
         let mut candidates = vec![cand(&attr, &sp)];
         if i % 5 == 0 {

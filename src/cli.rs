@@ -49,6 +49,9 @@ enum Command {
     Publish(crate::store::command::PublishArgs),
     /// Delete what no loaded index needs from a store (a dry run unless --delete).
     Gc(crate::store::command::GcArgs),
+    /// Build on demand what the indexes name but no cache has (the only command that runs
+    /// Nix): a queue with budgets, failure memory, logs and an operator page.
+    Builder(crate::builder::cli::BuilderArgs),
 }
 
 #[derive(Debug, Args)]
@@ -79,6 +82,9 @@ struct ServeArgs {
 
     #[command(flatten)]
     substituter: crate::server::substituter::SubstituterArgs,
+
+    #[command(flatten)]
+    builder: Box<crate::server::building::BuilderArgs>,
 
     /// Directory of the disk cache [default: $XDG_CACHE_HOME/binplz or ~/.cache/binplz].
     #[arg(long, value_name = "DIR", env = "BINPLZ_CACHE_DIR")]
@@ -242,7 +248,7 @@ struct UpstreamArgs {
 }
 
 /// Parses `500ms`, `10s`, `2m` or a number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -355,6 +361,7 @@ pub fn main() -> ExitCode {
         Command::Publish(args) => crate::store::command::run_publish(args),
         Command::Gc(args) => crate::store::command::run_gc(args),
         Command::Bench(args) => crate::bench::command::run_bench(args),
+        Command::Builder(args) => crate::builder::cli::run_builder(args),
     };
     log.flush();
     match result {
@@ -370,7 +377,9 @@ pub fn main() -> ExitCode {
 /// the top level, next to `timestamp`, `level` and `target`).
 fn init_tracing(json: bool) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BINPLZ_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,binplz::access=info,binplz::server=info")
+        tracing_subscriber::EnvFilter::new(
+            "warn,binplz::access=info,binplz::server=info,binplz::builder=info",
+        )
     });
     let writer = LogWriter::default();
     let flusher = writer.clone();
@@ -446,7 +455,7 @@ fn fail(e: ExtractError) -> CliError {
     (e.kind(), e.to_string())
 }
 
-fn bad(msg: String) -> CliError {
+pub(crate) fn bad(msg: String) -> CliError {
     (ErrorKind::BadRequest, msg)
 }
 
@@ -652,7 +661,7 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
             if args.json {
                 let candidates: Vec<serde_json::Value> = all
                     .iter()
-                    .map(|c| serde_json::json!({"attr": c.attr, "store_path": c.store_path, "path": c.path}))
+                    .map(|c| serde_json::json!({"attr": c.attr, "store_path": c.store_path, "path": c.path, "drv_path": c.drv_path}))
                     .collect();
                 let v = serde_json::json!({
                     "program": args.program,
@@ -661,6 +670,8 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
                     "output": chosen.output,
                     "store_path": chosen.store_path,
                     "path": chosen.path,
+                    "drv_path": chosen.drv_path,
+                    "built": true,
                     "candidates": candidates,
                 });
                 println!("{v}");
@@ -676,13 +687,32 @@ fn run_index_show(args: IndexShowArgs) -> Result<(), CliError> {
             }
             Ok(())
         }
-        Lookup::NotBuilt { attr, store_path } => Err((
-            ErrorKind::NotBuilt,
-            format!(
-                "{} ({system}) is provided by {attr}, whose {store_path} is not built yet",
-                args.program
-            ),
-        )),
+        Lookup::NotBuilt {
+            attr,
+            store_path,
+            drv_path,
+        } => {
+            if args.json {
+                let v = serde_json::json!({
+                    "program": args.program,
+                    "system": system,
+                    "attr": attr,
+                    "store_path": store_path,
+                    "drv_path": drv_path,
+                    "built": false,
+                });
+                // Not an error here: a script asking for JSON reads `built`.
+                println!("{v}");
+                return Ok(());
+            }
+            Err((
+                ErrorKind::NotBuilt,
+                format!(
+                    "{} ({system}) is provided by {attr}, whose {store_path} is not built yet",
+                    args.program
+                ),
+            ))
+        }
         Lookup::Unknown => {
             let suggestions = index.suggest(&system, &args.program);
             let hint = if suggestions.is_empty() {
@@ -759,6 +789,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
             .then(|| std::time::Duration::from_secs(args.disk_scrub_period)),
         max_index_size: args.index_limit.bytes()?,
         cache: args.substituter.config().map_err(bad)?,
+        builder: args.builder.settings(),
         ..Config::default()
     };
     // This node's signature vouches for a narinfo: it must have checked one first.
@@ -866,7 +897,7 @@ fn raise_open_files_limit() {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),

@@ -27,6 +27,10 @@ pub enum ErrorKind {
     TimedOut,
     /// binplz is at one of its limits.
     Overloaded,
+    /// The build that would make it failed for good (until an operator retries it).
+    BuildFailed,
+    /// The client asked for more new builds than it may start in an hour.
+    RateLimited,
     /// A local failure (disk, a bug).
     Internal,
 }
@@ -45,6 +49,8 @@ impl ErrorKind {
             ErrorKind::VerificationFailed => 7,
             ErrorKind::TimedOut => 8,
             ErrorKind::Overloaded => 9,
+            ErrorKind::BuildFailed => 10,
+            ErrorKind::RateLimited => 11,
         }
     }
 }
@@ -61,6 +67,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::VerificationFailed => "verification failed",
             ErrorKind::TimedOut => "upstream timed out",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::BuildFailed => "build failed",
+            ErrorKind::RateLimited => "too many builds",
             ErrorKind::Internal => "internal error",
         })
     }

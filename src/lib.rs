@@ -22,18 +22,20 @@
 //! | [`resolve`] | following symlinks inside (and out of) a store path |
 //! | [`verdict`] | will the file run outside Nix? |
 //! | [`pipeline`] | one verified pass over a NAR on two threads |
-//! | [`upstream`] | fetching from binary caches (http, https, file, s3) |
+//! | [`upstream`] | fetching from binary caches (http, https, file, s3); the builder's API client |
 //! | [`extract`] | narinfo + NAR + resolution + verdict: one verified file |
 //! | [`index`] | evaluations → the program index file, and lookups in it |
 //! | [`cache`] | keeping extracted files and whole NARs: disk, memory, single flight |
 //! | [`server`] | HTTP: routes (programs, and the Nix binary cache ones), responses, limits, metrics |
 //! | [`store`] | the operator's own cache (S3 or a directory): publishing to it, `gc` |
 //! | [`bench`] | the NAR-extraction benchmark (`binplz bench`, `cargo bench --bench extract`) |
+//! | [`builder`] | `binplz builder`: builds on demand, with budgets and failure memory |
 //! | [`demo`] | the built-in demo cache |
 //! | [`error`] | the error taxonomy the CLI and the server share |
 //! | [`cli`] | the command line |
 
 pub mod bench;
+pub mod builder;
 pub mod cache;
 pub mod cli;
 pub mod codec;

@@ -287,6 +287,7 @@ fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>
                             executable: true,
                             sha256: None,
                             nar_offset: f.nar_offset,
+                            drv_path: attr.drv_path.clone(),
                         });
                     }
                 }
@@ -313,6 +314,7 @@ fn assemble(built: &mut Built, attrs: &[EvalAttr], scans: &HashMap<String, Scan>
                     program: name.to_owned(),
                     attr: attr.attr.clone(),
                     store_path: store_path.to_owned(),
+                    drv_path: attr.drv_path.clone(),
                 };
                 let key = (nb.system.clone(), nb.program.clone());
                 let rank = not_built_rank(attr, name);

@@ -22,6 +22,8 @@ pub struct EvalAttr {
     /// Output name → store path.
     pub outputs: BTreeMap<String, String>,
     pub main_program: Option<String>,
+    /// The derivation that builds the outputs (`drvPath`), when the evaluation gave it.
+    pub drv_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +66,8 @@ struct JobLine {
     outputs: Option<BTreeMap<String, Option<String>>>,
     meta: Option<Meta>,
     error: Option<String>,
+    #[serde(rename = "drvPath")]
+    drv_path: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +77,8 @@ struct NixEnvPkg {
     #[serde(rename = "outPath")]
     out_path: Option<String>,
     meta: Option<Meta>,
+    #[serde(rename = "drvPath")]
+    drv_path: Option<String>,
 }
 
 /// Reads one evaluation file, detecting its format from its first line.
@@ -172,6 +178,7 @@ pub fn read_from(source: impl Read, name: &str) -> Result<EvalRead, EvalError> {
             system,
             outputs,
             main_program: pkg.meta.and_then(|m| m.main_program),
+            drv_path: pkg.drv_path,
         });
     }
     Ok(out)
@@ -228,6 +235,7 @@ fn job_line(line: &str, n: usize, out: &mut EvalRead) {
         system,
         outputs,
         main_program: job.meta.and_then(|m| m.main_program),
+        drv_path: job.drv_path,
     });
 }
 
@@ -252,7 +260,14 @@ mod tests {
         assert_eq!(env.format, Some(EvalFormat::NixEnv));
         assert_eq!(jobs.failures.len(), 1);
         assert_eq!(jobs.failures[0].attr, "broken");
-        let key = |a: &EvalAttr| (a.attr.clone(), a.outputs.clone(), a.main_program.clone());
+        let key = |a: &EvalAttr| {
+            (
+                a.attr.clone(),
+                a.outputs.clone(),
+                a.main_program.clone(),
+                a.drv_path.clone(),
+            )
+        };
         let mut j: Vec<_> = jobs.attrs.iter().map(key).collect();
         let mut e: Vec<_> = env.attrs.iter().map(key).collect();
         j.sort();
@@ -265,6 +280,11 @@ mod tests {
             .expect("multi");
         assert_eq!(multi.outputs.len(), 2);
         assert_eq!(multi.main_program.as_deref(), Some("multi-tool"));
+        // Every attribute carries the derivation that builds it.
+        assert!(jobs.attrs.iter().all(|a| a
+            .drv_path
+            .as_deref()
+            .is_some_and(|d| d.starts_with("/nix/store/") && d.ends_with(".drv"))));
     }
 
     #[test]

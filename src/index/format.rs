@@ -10,7 +10,7 @@
 //!                  kind (0 = empty), hash fingerprint, system, name, first, count, and
 //!                  the name inline when it fits (most do), all in one cache line
 //!     candidates   CANDIDATE_REC bytes each, sorted best first within a program
-//!     not built    NOT_BUILT_REC bytes each: attr, store path
+//!     not built    NOT_BUILT_REC bytes each: attr, store path, derivation
 //!     failures     FAILURE_REC bytes each: system, attr, message
 //! end-32  SHA-256 of everything before it
 //! ```
@@ -30,8 +30,9 @@ use super::names::{Names, NamesCost};
 use super::{Candidate, EvalFailure, Metadata, NotBuilt};
 
 const MAGIC: &[u8; 8] = b"BINPLZIX";
-/// Bumped on any incompatible change; older binaries refuse newer files.
-pub const VERSION: u32 = 1;
+/// Bumped on any incompatible change; a binary reads only its own version. Version 2 added
+/// each output's derivation (`drvPath`) to candidates and not-built records.
+pub const VERSION: u32 = 2;
 const SECTIONS: usize = 5;
 const S_STRINGS: usize = 0;
 const S_PROGRAMS: usize = 1;
@@ -43,8 +44,8 @@ const SLOT: usize = 64;
 /// Names up to this long are stored in the slot, so a lookup compares them without
 /// touching the strings section.
 const INLINE_NAME: usize = 31;
-const CANDIDATE_REC: usize = 104;
-const NOT_BUILT_REC: usize = 16;
+const CANDIDATE_REC: usize = 112;
+const NOT_BUILT_REC: usize = 24;
 const FAILURE_REC: usize = 24;
 const KIND_EMPTY: u32 = 0;
 const KIND_BUILT: u32 = 1;
@@ -75,7 +76,10 @@ pub enum IndexError {
     TooLarge { path: String, size: u64, limit: u64 },
     #[error("{path} is not a binplz index")]
     NotAnIndex { path: String },
-    #[error("{path} is index format version {found}; this binplz reads version {VERSION}")]
+    #[error(
+        "{path} is index format version {found}; this binplz reads version {VERSION}: \
+         rebuild it with `binplz index build`"
+    )]
     Version { path: String, found: u32 },
     #[error("{path} is corrupt or truncated: {what}")]
     Corrupt { path: String, what: &'static str },
@@ -225,6 +229,7 @@ fn encode(
             cand_recs.extend_from_slice(&flags.to_le_bytes());
             cand_recs.extend_from_slice(&c.attr_path_len.to_le_bytes());
             cand_recs.extend_from_slice(&c.sha256.unwrap_or([0; 32]));
+            cand_recs.extend_from_slice(&strings.add(c.drv_path.as_deref().unwrap_or(""))?);
         }
     }
     // A not-built entry becomes a program of its own kind, unless a built program has
@@ -233,6 +238,7 @@ fn encode(
     for (i, nb) in not_built.iter().enumerate() {
         nb_recs.extend_from_slice(&strings.add(&nb.attr)?);
         nb_recs.extend_from_slice(&strings.add(&nb.store_path)?);
+        nb_recs.extend_from_slice(&strings.add(nb.drv_path.as_deref().unwrap_or(""))?);
         if !keys.insert((&nb.system, &nb.program)) {
             continue;
         }
@@ -327,6 +333,9 @@ pub struct Found<'a> {
     pub path: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub main_program: Option<&'a str>,
+    /// The derivation that builds `output_path`, when the evaluation gave it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drv_path: Option<&'a str>,
     pub size: u64,
     pub executable: bool,
     #[serde(skip)]
@@ -340,8 +349,13 @@ pub struct Found<'a> {
 pub enum Lookup<'a> {
     /// The chosen candidate first, then the others.
     Found(Candidates<'a>),
-    /// Known, but its store path is not in the cache yet.
-    NotBuilt { attr: &'a str, store_path: &'a str },
+    /// Known, but its store path is not in the cache yet; `drv_path` is the derivation a
+    /// builder would build, when the evaluation gave it.
+    NotBuilt {
+        attr: &'a str,
+        store_path: &'a str,
+        drv_path: Option<&'a str>,
+    },
     /// Nothing by that name (or not from that attribute). [`Index::suggest`] finds close
     /// names; it scans the index, so it is not done here.
     Unknown,
@@ -615,13 +629,13 @@ impl Index {
         }
         for i in 0..self.n_candidates {
             let r = self.record(S_CANDIDATES, CANDIDATE_REC, i);
-            if !(0..6).all(|k| str_ok(r, k * 8)) {
+            if !(0..6).all(|k| str_ok(r, k * 8)) || !str_ok(r, 104) {
                 return Err("candidate record");
             }
         }
         for i in 0..self.n_not_built {
             let r = self.record(S_NOT_BUILT, NOT_BUILT_REC, i);
-            if !str_ok(r, 0) || !str_ok(r, 8) {
+            if !(0..3).all(|k| str_ok(r, k * 8)) {
                 return Err("not-built record");
             }
         }
@@ -704,6 +718,7 @@ impl Index {
         let r = self.record(S_CANDIDATES, CANDIDATE_REC, i);
         let flags = rd_u32(r, 64);
         let main = self.str_at(r, 40);
+        let drv = self.str_at(r, 104);
         Found {
             attr: self.str_at(r, 0),
             output: self.str_at(r, 8),
@@ -711,6 +726,7 @@ impl Index {
             store_path: self.str_at(r, 24),
             path: self.str_at(r, 32),
             main_program: (!main.is_empty()).then_some(main),
+            drv_path: (!drv.is_empty()).then_some(drv),
             size: rd_u64(r, 48),
             nar_offset: (flags & FLAG_NAR_OFFSET != 0).then(|| rd_u64(r, 56)),
             executable: flags & FLAG_EXECUTABLE != 0,
@@ -732,9 +748,11 @@ impl Index {
             if attr.is_some_and(|a| a != attr_name) {
                 return Lookup::Unknown;
             }
+            let drv = self.str_at(nb, 16);
             return Lookup::NotBuilt {
                 attr: attr_name,
                 store_path: self.str_at(nb, 8),
+                drv_path: (!drv.is_empty()).then_some(drv),
             };
         }
         let chosen = match attr {
@@ -774,6 +792,15 @@ impl Index {
         let not_built = (0..self.n_not_built)
             .map(|i| self.str_at(self.record(S_NOT_BUILT, NOT_BUILT_REC, i), 8));
         candidates.chain(not_built)
+    }
+
+    /// Every derivation the index names (of built and not-built outputs), with repeats.
+    pub fn drv_paths(&self) -> impl Iterator<Item = &str> + '_ {
+        let candidates = (0..self.n_candidates)
+            .map(|i| self.str_at(self.record(S_CANDIDATES, CANDIDATE_REC, i), 104));
+        let not_built = (0..self.n_not_built)
+            .map(|i| self.str_at(self.record(S_NOT_BUILT, NOT_BUILT_REC, i), 16));
+        candidates.chain(not_built).filter(|d| !d.is_empty())
     }
 
     /// Evaluation failures recorded at build time.
@@ -873,6 +900,7 @@ mod tests {
             executable: true,
             sha256: Some([7; 32]),
             nar_offset: None,
+            drv_path: Some(format!("/nix/store/{:0>32}-{attr}.drv", attr.len())),
         }
     }
 
@@ -900,6 +928,7 @@ mod tests {
                 program: "fd".into(),
                 attr: "fd".into(),
                 store_path: "/nix/store/x-fd".into(),
+                drv_path: Some("/nix/store/x-fd.drv".into()),
             },
             // Shadowed by a built program of the same name.
             NotBuilt {
@@ -907,6 +936,7 @@ mod tests {
                 program: "tree".into(),
                 attr: "tree2".into(),
                 store_path: "/nix/store/x-tree2".into(),
+                drv_path: None,
             },
         ];
         let failures = vec![EvalFailure {
@@ -934,6 +964,10 @@ mod tests {
             ["tree", "busybox"]
         );
         assert_eq!(found.chosen().sha256, Some([7; 32]));
+        assert_eq!(
+            found.chosen().drv_path,
+            Some(format!("/nix/store/{:0>32}-tree.drv", 4).as_str())
+        );
         assert_eq!(found.chosen().size, 42);
         let Lookup::Found(found) = index.resolve("x86_64-linux", "tree", Some("busybox")) else {
             panic!("attr")
@@ -947,7 +981,8 @@ mod tests {
             index.resolve("x86_64-linux", "fd", None),
             Lookup::NotBuilt {
                 attr: "fd",
-                store_path: "/nix/store/x-fd"
+                store_path: "/nix/store/x-fd",
+                drv_path: Some("/nix/store/x-fd.drv"),
             }
         );
         assert_eq!(index.resolve("x86_64-linux", "tre", None), Lookup::Unknown);
@@ -957,6 +992,18 @@ mod tests {
             Lookup::Unknown { .. }
         ));
         assert_eq!(index.failures().count(), 1);
+        let mut drvs: Vec<&str> = index.drv_paths().collect();
+        drvs.sort_unstable();
+        drvs.dedup();
+        assert_eq!(
+            drvs,
+            [
+                "/nix/store/00000000000000000000000000000004-tree.drv",
+                "/nix/store/00000000000000000000000000000007-busybox.drv",
+                "/nix/store/00000000000000000000000000000007-ripgrep.drv",
+                "/nix/store/x-fd.drv",
+            ]
+        );
     }
 
     #[test]
@@ -1010,13 +1057,17 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_version_is_refused_with_its_number() {
-        let mut b = sample();
-        b[8] = 9;
-        assert!(matches!(
-            Index::from_bytes(b, "t"),
-            Err(IndexError::Version { found: 9, .. })
-        ));
+    fn another_version_is_refused_with_its_number_and_a_rebuild_hint() {
+        for found in [1, 9] {
+            let mut b = sample();
+            b[8] = found as u8;
+            let err = Index::from_bytes(b, "t").expect_err("refused");
+            assert!(
+                matches!(err, IndexError::Version { found: f, .. } if f == found),
+                "{err}"
+            );
+            assert!(err.to_string().contains("rebuild it"), "{err}");
+        }
         assert!(matches!(
             Index::from_bytes(b"hello world, not an index".to_vec(), "t"),
             Err(IndexError::NotAnIndex { .. })

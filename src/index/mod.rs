@@ -64,6 +64,8 @@ pub struct Candidate {
     pub sha256: Option<[u8; 32]>,
     /// Offset of the file's contents in the uncompressed NAR, when known.
     pub nar_offset: Option<u64>,
+    /// The derivation that builds `output_path`, when the evaluation gave it.
+    pub drv_path: Option<String>,
 }
 
 impl Candidate {
@@ -96,6 +98,9 @@ pub struct NotBuilt {
     pub program: String,
     pub attr: String,
     pub store_path: String,
+    /// The derivation that builds `store_path` (what a builder is asked to build), when the
+    /// evaluation gave it.
+    pub drv_path: Option<String>,
 }
 
 /// An attribute that failed to evaluate.

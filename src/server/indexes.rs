@@ -73,6 +73,14 @@ impl Indexes {
             .map(|e| e.index.clone())
     }
 
+    /// Every loaded index, in the order of the sources.
+    pub fn all(&self) -> Vec<Arc<Index>> {
+        self.entries
+            .read()
+            .map(|entries| entries.iter().map(|e| e.index.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// The index of a given Nixpkgs revision.
     pub fn by_revision(&self, rev: &str) -> Option<Arc<Index>> {
         let entries = self.entries.read().ok()?;

@@ -32,7 +32,9 @@ pub const ROUTES: [&str; 13] = [
     "other",
 ];
 /// The statuses the server answers with; any other is counted in `other_requests`.
-const STATUSES: [u16; 12] = [200, 206, 304, 400, 404, 405, 416, 422, 500, 502, 503, 504];
+const STATUSES: [u16; 14] = [
+    200, 206, 304, 400, 404, 405, 416, 422, 424, 429, 500, 502, 503, 504,
+];
 /// The tiers files are served from.
 pub const TIERS: [&str; 3] = ["disk", "memory", "upstream"];
 

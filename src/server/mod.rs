@@ -15,12 +15,13 @@
 
 mod access;
 pub mod body;
+pub mod building;
 pub mod conditional;
 pub(crate) mod h1;
-mod indexes;
+pub mod indexes;
 pub(crate) mod io;
 pub mod metrics;
-mod page;
+pub(crate) mod page;
 pub mod respond;
 pub mod routes;
 pub mod substituter;
@@ -40,6 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::access::{Access, Logged};
 use self::body::Body;
+use self::building::{Builder, BuilderSettings, Verdict};
 use self::conditional::Answer;
 use self::indexes::Indexes;
 use self::metrics::Metrics;
@@ -103,6 +105,8 @@ pub struct Config {
     pub disk_scrub_period: Option<Duration>,
     /// The Nix binary cache routes' settings.
     pub cache: CacheConfig,
+    /// The builder to ask for programs that are not built yet; `None`: they are 503s.
+    pub builder: Option<BuilderSettings>,
     /// Every connection goes to hyper from its first byte, binplz's own HTTP/1 path
     /// ([`h1`]) unused: for tests that check both paths answer alike. Not an option; read
     /// once per connection.
@@ -129,6 +133,7 @@ impl Default for Config {
             ready_probe_interval: Duration::from_secs(5),
             disk_scrub_period: Some(crate::cache::scrub::DEFAULT_PERIOD),
             cache: CacheConfig::default(),
+            builder: None,
             hyper_only: false,
         }
     }
@@ -163,6 +168,8 @@ struct Inner {
     subst: substituter::State,
     /// Whether index files were given: without, the node is a substituter only.
     has_indexes: bool,
+    /// The builder asked for programs not built yet (`--builder`).
+    builder: Option<Builder>,
 }
 
 /// How long an upstream failure with no success since keeps `/-/readyz` unready, and how
@@ -260,11 +267,15 @@ impl Readiness {
     }
 }
 
-/// What went wrong with one request; `kind()` decides the status.
+/// What went wrong with one request; `kind` decides the status.
 #[derive(Debug, Clone)]
 struct Failure {
     kind: ErrorKind,
     message: String,
+    /// Lines said after `message` (what to do about it).
+    more: Vec<String>,
+    /// `Retry-After` instead of the kind's usual one.
+    retry_after: Option<Duration>,
 }
 
 impl Failure {
@@ -272,7 +283,33 @@ impl Failure {
         Failure {
             kind,
             message: message.into(),
+            more: Vec::new(),
+            retry_after: None,
         }
+    }
+
+    /// A failure saying `lines` (the first is its message), with its own `Retry-After`.
+    fn lines(kind: ErrorKind, lines: Vec<String>, retry_after: Option<Duration>) -> Failure {
+        let mut lines = lines.into_iter();
+        Failure {
+            kind,
+            message: lines.next().unwrap_or_default(),
+            more: lines.collect(),
+            retry_after,
+        }
+    }
+
+    /// The error response.
+    fn response(&self, head: bool) -> Response<Body> {
+        let lines: Vec<&str> = std::iter::once(self.message.as_str())
+            .chain(self.more.iter().map(String::as_str))
+            .collect();
+        let mut resp = error_lines(self.kind, &lines, head);
+        if let Some(after) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
+        }
+        resp
     }
 }
 
@@ -300,6 +337,7 @@ impl App {
             .time_to_live(config.negative_ttl)
             .build();
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let builder = config.builder.clone().map(Builder::new).transpose()?;
         Ok(App {
             inner: Arc::new(Inner {
                 upstream_permits,
@@ -316,6 +354,7 @@ impl App {
                 probe: tokio::sync::Mutex::new(()),
                 subst,
                 has_indexes,
+                builder,
             }),
         })
     }
@@ -372,7 +411,7 @@ impl App {
                 Err(RouteError::BadRequest(why)) => {
                     ("program", error(ErrorKind::BadRequest, why, head), None)
                 }
-                Ok(route) => self.route(route, headers, head, peer).await,
+                Ok(route) => self.route(route, uri, headers, head, peer).await,
             }
         };
         let status = resp.status().as_u16();
@@ -403,6 +442,7 @@ impl App {
     async fn route(
         &self,
         route: Route,
+        uri: &http::Uri,
         headers: &HeaderMap,
         head: bool,
         peer: SocketAddr,
@@ -446,9 +486,15 @@ impl App {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
                     return ("program", over_client_limit(head), None);
                 };
-                match self.program(&req, headers, head, false).await {
+                let asked = Asked {
+                    uri,
+                    headers,
+                    head,
+                    peer: peer.ip(),
+                };
+                match self.program(&req, &asked, false).await {
                     Ok((resp, tier)) => ("program", resp, Some(tier)),
-                    Err(f) => ("program", error(f.kind, &f.message, head), None),
+                    Err(f) => ("program", f.response(head), None),
                 }
             }
             Route::Cache(req) => self.cache_route(req, headers, head, peer).await,
@@ -456,9 +502,15 @@ impl App {
                 let Some(_slot) = self.client_slot(peer.ip()) else {
                     return ("sha256", over_client_limit(head), None);
                 };
-                match self.program(&req, headers, head, true).await {
+                let asked = Asked {
+                    uri,
+                    headers,
+                    head,
+                    peer: peer.ip(),
+                };
+                match self.program(&req, &asked, true).await {
                     Ok((resp, tier)) => ("sha256", resp, Some(tier)),
-                    Err(f) => ("sha256", error(f.kind, &f.message, head), None),
+                    Err(f) => ("sha256", f.response(head), None),
                 }
             }
         }
@@ -590,6 +642,9 @@ impl App {
                 (c.label(), u64::from(now))
             }),
         );
+        if let Some(b) = &self.inner.builder {
+            b.render_metrics(&mut body);
+        }
         text(StatusCode::OK, PROMETHEUS, body, head)
     }
 
@@ -603,8 +658,7 @@ impl App {
     async fn program(
         &self,
         req: &ProgramRequest,
-        headers: &HeaderMap,
-        head: bool,
+        asked: &Asked<'_>,
         sha_only: bool,
     ) -> Result<(Response<Body>, &'static str), Failure> {
         let inner = &self.inner;
@@ -639,11 +693,43 @@ impl App {
         };
         let found = match index.resolve(system, program, attr) {
             Lookup::Found(c) => c,
-            Lookup::NotBuilt { attr, store_path } => {
-                return Err(Failure::new(
-                    ErrorKind::NotBuilt,
-                    format!("{program} ({attr}, {store_path}) is not built yet; try again later"),
-                ));
+            Lookup::NotBuilt {
+                attr,
+                store_path,
+                drv_path,
+            } => {
+                let not_built = || {
+                    Failure::new(
+                        ErrorKind::NotBuilt,
+                        format!(
+                            "{program} ({attr}, {store_path}) is not built yet; try again later"
+                        ),
+                    )
+                };
+                let (Some(builder), Some(drv_path)) = (&inner.builder, drv_path) else {
+                    return Err(not_built());
+                };
+                let target = asked.uri.path_and_query().map_or("/", |p| p.as_str());
+                let url = format!("http://{}{target}", page::host(asked.headers));
+                match builder.verdict(drv_path, asked.peer, program, &url).await {
+                    Verdict::Wait(f) => return Err(f),
+                    Verdict::Built => {}
+                }
+                // The index has no file for an output it saw unbuilt: the program is where
+                // a program named so is, in the output's `bin/`.
+                let path = format!("bin/{program}");
+                let hit = self
+                    .file(store_path, &path, neg_key)
+                    .await
+                    .map_err(|f| building::after_built(f, program, store_path))?;
+                let revision = index.metadata().revision.as_deref();
+                let file = Served {
+                    program,
+                    attr,
+                    revision,
+                    others: None,
+                };
+                return Ok(self.answer_file(&hit, &file, req, asked, sha_only));
             }
             Lookup::Unknown => {
                 let neg_key = neg_key();
@@ -674,8 +760,30 @@ impl App {
             ));
         }
         let hit = self.file(chosen.store_path, chosen.path, neg_key).await?;
-        let revision = index.metadata().revision.as_deref();
-        let fixed = FileHeaders::of(&hit, program, chosen.attr, revision);
+        let others = (found.len() > 1).then(|| {
+            let others: Vec<&str> = found.iter().skip(1).map(|c| c.attr).collect();
+            others.join(", ")
+        });
+        let file = Served {
+            program,
+            attr: chosen.attr,
+            revision: index.metadata().revision.as_deref(),
+            others,
+        };
+        Ok(self.answer_file(&hit, &file, req, asked, sha_only))
+    }
+
+    /// The response for a file `hit` served as `file` says, and its tier.
+    fn answer_file(
+        &self,
+        hit: &Hit,
+        file: &Served<'_>,
+        req: &ProgramRequest,
+        asked: &Asked<'_>,
+        sha_only: bool,
+    ) -> (Response<Body>, &'static str) {
+        let (program, head) = (file.program, asked.head);
+        let fixed = FileHeaders::of(hit, program, file.attr, file.revision);
         let mut resp = if sha_only {
             let body = format!("{}  {program}\n", fixed.sha256);
             let mut resp = text(StatusCode::OK, TEXT_PLAIN, body, head);
@@ -686,7 +794,7 @@ impl App {
             }
             resp
         } else {
-            file_response(&hit, &fixed, headers, head, &self.inner.metrics)
+            file_response(hit, &fixed, asked.headers, head, &self.inner.metrics)
         };
         let status = resp.status();
         let h = resp.headers_mut();
@@ -695,9 +803,8 @@ impl App {
                 h.insert(name, v);
             }
         };
-        if found.len() > 1 {
-            let others: Vec<&str> = found.iter().skip(1).map(|c| c.attr).collect();
-            set(H_BINPLZ_CANDIDATES, &others.join(", "));
+        if let Some(others) = &file.others {
+            set(H_BINPLZ_CANDIDATES, others);
         }
         let cache_control = if req.rev.is_some() {
             "public, max-age=31536000, immutable"
@@ -712,8 +819,8 @@ impl App {
                 HeaderValue::from_static(cache_control),
             );
         }
-        inner.metrics.hit(hit.tier);
-        Ok((resp, hit.tier))
+        self.inner.metrics.hit(hit.tier);
+        (resp, hit.tier)
     }
 
     /// The verified file, from a cache tier or extracted once for all who ask.
@@ -805,6 +912,23 @@ impl App {
     }
 }
 
+/// The parts of a program request that shape its answer, besides the route.
+struct Asked<'a> {
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+    head: bool,
+    peer: IpAddr,
+}
+
+/// What a file is served as.
+struct Served<'a> {
+    program: &'a str,
+    attr: &'a str,
+    revision: Option<&'a str>,
+    /// The other attributes that provide the program, for `X-Binplz-Candidates`.
+    others: Option<String>,
+}
+
 /// What is wrong with a request's `Host` fields, if anything: RFC 9112 §3.2 makes an
 /// HTTP/1.1 request without one, and any request with more than one, a 400. (HTTP/1.0
 /// predates `Host`; HTTP/2 names the host in `:authority` instead.)
@@ -861,9 +985,11 @@ fn failure_of(e: &ExtractError, store_path: &str) -> Failure {
         ErrorKind::TimedOut => "the upstream binary cache timed out; try again later".to_owned(),
         ErrorKind::Overloaded => "too many downloads in progress; try again shortly".to_owned(),
         ErrorKind::UnknownProgram => format!("the file is not in {store_path}"),
-        ErrorKind::BadRequest | ErrorKind::NotBuilt | ErrorKind::Internal => {
-            "internal error".to_owned()
-        }
+        ErrorKind::BadRequest
+        | ErrorKind::NotBuilt
+        | ErrorKind::BuildFailed
+        | ErrorKind::RateLimited
+        | ErrorKind::Internal => "internal error".to_owned(),
     };
     Failure::new(kind, message)
 }

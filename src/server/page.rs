@@ -18,7 +18,7 @@ fn wants(headers: &HeaderMap, mime: &str) -> bool {
         .is_some_and(|v| v.contains(mime))
 }
 
-fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     s.chars()
         .fold(String::with_capacity(s.len()), |mut out, c| {
             match c {
@@ -33,7 +33,7 @@ fn html_escape(s: &str) -> String {
         })
 }
 
-fn host(headers: &HeaderMap) -> String {
+pub(super) fn host(headers: &HeaderMap) -> String {
     headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())

@@ -46,6 +46,10 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::UpstreamBroken | ErrorKind::VerificationFailed => StatusCode::BAD_GATEWAY,
         ErrorKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        // A 4xx curl's `--retry` does not retry (it retries 408, 429 and 5xx): waiting
+        // will not change a failed build. 424: the request depended on a build that failed.
+        ErrorKind::BuildFailed => StatusCode::FAILED_DEPENDENCY,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -68,27 +72,43 @@ pub fn sh_quote(s: &str) -> String {
 
 /// The script body of an error response.
 pub fn error_script(status: StatusCode, message: &str) -> String {
+    error_script_lines(status, &[message])
+}
+
+/// The script body of an error response saying `lines`, each on its own line of stderr.
+pub fn error_script_lines(status: StatusCode, lines: &[&str]) -> String {
     let mut s = String::from("#!/bin/sh\n");
     let _ = writeln!(
         s,
         "# binplz could not serve this file (HTTP {}).",
         status.as_u16()
     );
-    let _ = writeln!(
-        s,
-        "printf '%s\\n' {} >&2",
-        sh_quote(&format!("binplz: {message}"))
-    );
+    for line in lines {
+        let _ = writeln!(
+            s,
+            "printf '%s\\n' {} >&2",
+            sh_quote(&format!("binplz: {line}"))
+        );
+    }
     s.push_str("exit 1\n");
     s
 }
 
 /// An error response. Binary routes get the script body; `head` drops the body.
 pub fn error(kind: ErrorKind, message: &str, head: bool) -> Response<Body> {
-    let mut resp = error_status(status_of(kind), message, head);
+    error_lines(kind, &[message], head)
+}
+
+/// An error response whose script says `lines`.
+pub fn error_lines(kind: ErrorKind, lines: &[&str], head: bool) -> Response<Body> {
+    let status = status_of(kind);
+    let mut resp = script_response(status, error_script_lines(status, lines), head);
     if matches!(
         kind,
-        ErrorKind::NotBuilt | ErrorKind::NotInCache | ErrorKind::Overloaded
+        ErrorKind::NotBuilt
+            | ErrorKind::NotInCache
+            | ErrorKind::Overloaded
+            | ErrorKind::RateLimited
     ) {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -102,16 +122,21 @@ pub fn error(kind: ErrorKind, message: &str, head: bool) -> Response<Body> {
 /// `curl -o` saved explains itself when run, instead of running as commands or as an empty
 /// script that succeeds. `head` drops the body.
 pub fn error_status(status: StatusCode, message: &str, head: bool) -> Response<Body> {
-    let body = error_script(status, message);
+    script_response(status, error_script(status, message), head)
+}
+
+/// A response with the error `status` and `body`, a script from [`error_script_lines`].
+pub fn script_response(status: StatusCode, body: String, head: bool) -> Response<Body> {
+    let len = body.len();
     let mut resp = Response::new(if head {
         Body::empty()
     } else {
-        Body::from(body.clone())
+        Body::from(body)
     });
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(SHELL_SCRIPT));
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
@@ -207,6 +232,8 @@ mod tests {
             VerificationFailed,
             TimedOut,
             Overloaded,
+            BuildFailed,
+            RateLimited,
             Internal,
         ] {
             assert!(!status_of(k).is_success());

@@ -209,8 +209,10 @@ fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::UnknownProgram
         | ErrorKind::NotInCache
         | ErrorKind::VerificationFailed
-        | ErrorKind::Refused => StatusCode::NOT_FOUND,
+        | ErrorKind::Refused
+        | ErrorKind::BuildFailed => StatusCode::NOT_FOUND,
         ErrorKind::NotBuilt | ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorKind::UpstreamBroken => StatusCode::BAD_GATEWAY,
         ErrorKind::TimedOut => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,

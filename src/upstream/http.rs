@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::{Body, BoxFuture, CachePath, ClientConfig, Fetched, Upstream, UpstreamError};
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub(super) type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 #[derive(Debug)]
 pub struct HttpUpstream {
@@ -33,23 +33,10 @@ impl HttpUpstream {
                 reason: "not a valid URL",
             });
         }
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_nodelay(true);
-        // The provider is named, not left to rustls' process-wide default: with more than
-        // one provider compiled in (object_store's S3 client brings aws-lc-rs) rustls
-        // cannot pick one and panics.
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| UpstreamError::Connect {
-                url: url.to_owned(),
-                err: e.to_string(),
-            })?
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let https = connector(config.connect_timeout).ok_or_else(|| UpstreamError::InvalidUrl {
+            url: url.to_owned(),
+            reason: "no TLS protocol version available",
+        })?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(https);
@@ -71,6 +58,25 @@ impl HttpUpstream {
             .max(retry_after.unwrap_or_default())
             .min(self.config.max_backoff)
     }
+}
+
+/// The connector for http:// and https:// URLs, with `connect_timeout`; `None` if rustls
+/// has no protocol version to offer.
+pub(super) fn connector(connect_timeout: Duration) -> Option<Connector> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    // The provider is named: with object_store in the build, rustls has both ring and
+    // aws-lc-rs compiled in and will not pick one by itself (it panics).
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .ok()?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Some(https)
 }
 
 enum Attempt {
@@ -227,7 +233,7 @@ impl Body for HttpBody {
 }
 
 /// An error with its causes, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

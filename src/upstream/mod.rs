@@ -5,7 +5,11 @@
 //! knows none of them. [`Cache`] adds what every transport shares: the `nix-cache-info` check,
 //! the size-capped narinfo fetch, confining a narinfo's unsigned `URL` to the cache, and
 //! the [`Deadlines`] that bound whole fetches (see `deadline`).
+//!
+//! [`builder`] is the client of `binplz builder`'s API, which an edge asks for what no
+//! cache has yet.
 
+pub mod builder;
 mod deadline;
 mod file;
 mod http;

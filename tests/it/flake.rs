@@ -125,6 +125,30 @@ fn the_edge_module_passes_every_serve_flag_and_only_those() {
 }
 
 #[test]
+fn the_builder_module_passes_every_builder_flag_and_only_those() {
+    let lib = flake_lib();
+    let help = help_flags(&["builder"]);
+    let table = table_flags(&lib, "flags", "builder");
+    let managed = table_flags(&lib, "managedFlags", "builder");
+    let unknown: Vec<_> = table
+        .union(&managed)
+        .filter(|f| !help.contains(*f))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "flake.nix passes flags `binplz builder` does not have: {unknown:?}"
+    );
+    let missing: Vec<_> = help
+        .iter()
+        .filter(|f| !table.contains(*f) && !managed.contains(*f))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "`binplz builder` flags with no NixOS option in flake.nix: {missing:?}"
+    );
+}
+
+#[test]
 fn the_index_module_passes_only_flags_index_build_has() {
     let lib = flake_lib();
     let help = help_flags(&["index", "build"]);
@@ -207,7 +231,7 @@ fn the_module_evaluates_where_nixpkgs_is_found() {
     let units: Value = serde_json::from_str(&json).expect("JSON");
     let edge = units["edge"].as_str().expect("the edge's ExecStart");
     assert!(edge.contains("--listen 0.0.0.0:8080"), "{edge}");
-    assert!(edge.contains("--builder http://127.0.0.1:8090"), "{edge}");
+    assert!(edge.contains("--builder http://127.0.0.1:8081"), "{edge}");
     let builder = units["builder"].as_str().expect("the builder's ExecStart");
     assert!(
         builder.contains("--secret-key-file %d/signing-key"),

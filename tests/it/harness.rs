@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use binplz::narinfo::{self, Trust};
 
 use crate::support::{
-    self, fixture_narinfo, narinfo_field, narinfo_path, paths, FakeUpstream, Fault, Key,
+    self, drv_paths, fixture_narinfo, narinfo_field, narinfo_path, paths, FakeUpstream, Fault, Key,
 };
 
 #[test]
@@ -28,6 +28,8 @@ fn store_path_constants_match_the_manifest() {
         paths::BUSYBOX,
         paths::NOTBUILT,
         paths::FAKE_INTERPRETER,
+        drv_paths::HELLO,
+        drv_paths::NOTBUILT,
     ] {
         assert!(
             manifest.contains(&format!("\"{path}\"")),

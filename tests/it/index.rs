@@ -21,8 +21,8 @@ use tempfile::TempDir;
 
 use crate::support::cli::{assert_failure, assert_success, binplz, run, stderr};
 use crate::support::{
-    self, dir_entries, fixture_nar_path, fixture_narinfo, narinfo_path, paths, FakeUpstream, Fault,
-    Key, Published,
+    self, dir_entries, drv_paths, fixture_nar_path, fixture_narinfo, narinfo_path, paths,
+    FakeUpstream, Fault, Key, Published,
 };
 
 const SYSTEM: &str = "x86_64-linux";
@@ -117,6 +117,7 @@ struct Row {
     path: String,
     size: u64,
     nar_offset: Option<u64>,
+    drv_path: Option<String>,
 }
 
 impl From<&Candidate> for Row {
@@ -129,6 +130,7 @@ impl From<&Candidate> for Row {
             path: c.path.clone(),
             size: c.size,
             nar_offset: c.nar_offset,
+            drv_path: c.drv_path.clone(),
         }
     }
 }
@@ -368,7 +370,8 @@ async fn output_in_no_cache_is_not_built() {
         index.resolve(SYSTEM, "notbuilt", None),
         Lookup::NotBuilt {
             attr: "notbuilt",
-            store_path: paths::NOTBUILT
+            store_path: paths::NOTBUILT,
+            drv_path: Some(drv_paths::NOTBUILT),
         }
     );
     assert_eq!(built.summary.not_built, 1);
@@ -608,7 +611,8 @@ async fn not_built_program_names_the_attribute_the_default_rules_would_pick() {
         index.resolve(SYSTEM, "greet", None),
         Lookup::NotBuilt {
             attr: "greet",
-            store_path: &greet_path
+            store_path: &greet_path,
+            drv_path: None,
         }
     );
     let hi_path = support::synthetic_store_path("hi-1.0").to_absolute_path();
@@ -616,7 +620,8 @@ async fn not_built_program_names_the_attribute_the_default_rules_would_pick() {
         index.resolve(SYSTEM, "hi", None),
         Lookup::NotBuilt {
             attr: "hi",
-            store_path: &hi_path
+            store_path: &hi_path,
+            drv_path: None,
         }
     );
     // What is built wins over what is not.
@@ -636,6 +641,7 @@ fn candidate(attr: &str, output: &str, main_program: Option<&str>) -> Candidate 
         executable: true,
         sha256: None,
         nar_offset: None,
+        drv_path: None,
     }
 }
 
@@ -1192,16 +1198,17 @@ fn cli_index_show_json_prints_the_choice_and_every_candidate() {
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 1, "{text}");
     let got: serde_json::Value = serde_json::from_str(&text).expect("one JSON object");
-    let cand = |attr: &str, store_path: &str| serde_json::json!({"attr": attr, "store_path": store_path, "path": "bin/hello"});
+    let manifest: serde_json::Value =
+        serde_json::from_str(&read_text(&support::fixtures().join("manifest.json")))
+            .expect("the manifest is JSON");
     let store = |name: &str| {
-        let manifest: serde_json::Value =
-            serde_json::from_str(&read_text(&support::fixtures().join("manifest.json")))
-                .expect("the manifest is JSON");
         manifest["paths"][name]
             .as_str()
             .unwrap_or_else(|| panic!("{name} is in the manifest"))
             .to_owned()
     };
+    let drv = |attr: &str| manifest["drv_paths"][attr].clone();
+    let cand = |attr: &str, store_path: &str| serde_json::json!({"attr": attr, "store_path": store_path, "path": "bin/hello", "drv_path": drv(attr)});
     let want = serde_json::json!({
         "program": "hello",
         "system": SYSTEM,
@@ -1209,6 +1216,8 @@ fn cli_index_show_json_prints_the_choice_and_every_candidate() {
         "output": "out",
         "store_path": paths::HELLO,
         "path": "bin/hello",
+        "drv_path": drv("hello"),
+        "built": true,
         "candidates": [
             cand("hello", paths::HELLO),
             cand("hello-too", &store("hello-too")),
@@ -1258,6 +1267,30 @@ fn cli_index_show_not_built_program_says_so() {
     let line = assert_failure(&out, ErrorKind::NotBuilt);
     assert!(line.contains("not built"), "{line}");
     assert!(line.contains(paths::NOTBUILT), "{line}");
+
+    // With --json it is an answer, not an error: `built` says it, and the derivation that
+    // would build it is named.
+    let out = run(&mut index_cmd(&["show", "notbuilt", "--json"], &idx));
+    assert_success(&out);
+    let got: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("one JSON object");
+    assert_eq!(got["store_path"], paths::NOTBUILT);
+    assert_eq!(got["drv_path"], drv_paths::NOTBUILT);
+    assert_eq!(got["built"], false);
+}
+
+#[test]
+fn cli_index_show_refuses_an_index_of_the_previous_format_and_says_to_rebuild() {
+    let (_dir, idx) = cli_index();
+    let mut bytes = std::fs::read(&idx).expect("index");
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&idx, bytes).expect("write");
+    let out = run(&mut index_cmd(&["show", "hello"], &idx));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("version 1") && err.contains("rebuild it"),
+        "{err}"
+    );
 }
 
 #[test]

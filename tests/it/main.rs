@@ -4,9 +4,12 @@
 //! `harness` checks `support` itself.
 
 mod bench;
+mod builder;
+mod building;
 mod cli;
 mod differential;
 mod disk;
+mod edge_builder;
 mod extract;
 mod flake;
 mod harness;

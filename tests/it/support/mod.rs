@@ -1,10 +1,13 @@
 //! Shared test support: where the fixtures are, the store paths they hold, signing keys,
 //! narinfo editing, synthetic store paths, and the fake binary cache in [`upstream`].
 
+pub mod builder;
+pub mod builds;
 pub mod cli;
 pub mod s3;
 pub mod sign;
 pub mod upstream;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +34,12 @@ pub mod paths {
     /// The interpreter `dynamic`'s `bin/dyn-store` asks for (it does not exist anywhere).
     pub const FAKE_INTERPRETER: &str =
         "/nix/store/ylm3qg2h7mq8ib8cbaxz9gjqd6vqhcz8-glibc-2.40/lib/ld-linux-x86-64.so.2";
+}
+
+/// Derivations of `fixtures/manifest.json`'s `drv_paths` (checked against it by a test).
+pub mod drv_paths {
+    pub const HELLO: &str = "/nix/store/xc1rp0dgaw8xwlkc5akmjbj4r87fi5wm-hello-1.0.drv";
+    pub const NOTBUILT: &str = "/nix/store/c77mmj5fqcg0zx82k2hfbpi0bz887lw8-notbuilt-1.0.drv";
 }
 
 /// The fixture caches holding `hello`, one per compression Nix can write.

@@ -355,6 +355,17 @@ impl Client {
         target: &str,
         headers: &[(&str, &str)],
     ) -> std::io::Result<Pending> {
+        self.send_body(method, target, headers, b"").await
+    }
+
+    /// A request with a body (and its Content-Length), its reply not read yet.
+    pub async fn send_body(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Pending> {
         let mut stream = tokio::net::TcpStream::connect(self.addr).await?;
         let mut head = format!(
             "{method} {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
@@ -363,8 +374,12 @@ impl Client {
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
+        if !body.is_empty() {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
         Ok(Pending {
             stream,
             head_request: method == "HEAD",
