@@ -38,6 +38,10 @@
           { name = "shutdownGrace"; flag = "--shutdown-grace"; type = "nullOrInt"; default = null; description = "Seconds to finish responses in progress at stop."; }
           { name = "threads"; flag = "--threads"; type = "nullOrInt"; default = null; description = "Threads serving connections (default: the number of CPUs)."; }
           { name = "diskScrubPeriod"; flag = "--disk-scrub-period"; type = "nullOrInt"; default = null; description = "Seconds the scrubber takes to re-hash the disk cache once (0: none)."; }
+          { name = "builderTimeout"; flag = "--builder-timeout"; type = "nullOrStr"; default = null; description = "Longest a question to the builder may take (e.g. 5s)."; }
+          { name = "builderAnswerTtl"; flag = "--builder-answer-ttl"; type = "nullOrStr"; default = null; description = "How long the builder's answer about a derivation is kept."; }
+          { name = "builderRetryAfter"; flag = "--builder-retry-after"; type = "nullOrStr"; default = null; description = "The Retry-After sent while a program is being built."; }
+          { name = "builderPublicUrl"; flag = "--builder-public-url"; type = "nullOrStr"; default = null; description = "The builder's address as users reach it, for links to build logs (default: the builder URL)."; }
           { name = "priority"; flag = "--priority"; type = "nullOrInt"; default = null; description = "Priority announced in nix-cache-info to Nix clients (lower is preferred)."; }
           { name = "logFormat"; flag = "--log-format"; type = "enum"; values = [ "text" "json" ]; default = "json"; description = "Log format."; }
         ];
