@@ -40,8 +40,9 @@ pub struct BuilderArgs {
     #[arg(long, value_name = "DURATION", env = "BINPLZ_INDEX_POLL", default_value = "30s", value_parser = parse_duration)]
     index_poll: Duration,
 
-    /// Where built outputs are published, narinfo last: file:///DIR. Edges list it among
-    /// their --upstream caches.
+    /// Where built outputs are published, narinfo last: file:///DIR, or
+    /// s3://BUCKET?region=…&endpoint=… (credentials from the AWS chain). Edges list it
+    /// among their --upstream caches.
     #[arg(long, value_name = "URI", env = "BINPLZ_STORE_URI")]
     store_uri: String,
 

@@ -229,11 +229,12 @@ impl Builder {
                 err,
             })?;
         }
-        let StoreUri::File(store_dir) = &config.store;
-        std::fs::create_dir_all(store_dir).map_err(|err| BuilderError::Io {
-            path: store_dir.display().to_string(),
-            err,
-        })?;
+        if let StoreUri::File(store_dir) = &config.store {
+            std::fs::create_dir_all(store_dir).map_err(|err| BuilderError::Io {
+                path: store_dir.display().to_string(),
+                err,
+            })?;
+        }
         let state = State::open(&config.state_dir)?;
         let sources = config
             .indexes

@@ -6,8 +6,9 @@
 //! file in the same directory, so a reader never sees half a file, and a crash leaves only
 //! a stray temporary file (never a narinfo without its NAR).
 //!
-//! [`StoreUri`] is the seam for other stores: `file://` is here; another scheme gets its
-//! own variant and its own arm in [`publish`], the staging side unchanged.
+//! [`StoreUri`] is the seam for other stores: `file://` is here; `s3://` goes through
+//! [`crate::store::publish_to`] (uploads in the same order, each narinfo after its NAR and
+//! after the narinfos of its references), the staging side unchanged.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 pub enum StoreUri {
     /// A directory served as a binary cache (`file:///DIR`).
     File(PathBuf),
+    /// A bucket, as Nix writes its URL (`s3://BUCKET?region=…&endpoint=…`).
+    S3(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,11 @@ pub enum PublishError {
     BadUri { uri: String, reason: &'static str },
     #[error("publishing {path}: {err}")]
     Io { path: String, err: std::io::Error },
+    #[error("publishing to {uri}: {err}")]
+    Store {
+        uri: String,
+        err: crate::store::StoreError,
+    },
 }
 
 impl StoreUri {
@@ -33,9 +41,14 @@ impl StoreUri {
             uri: uri.to_owned(),
             reason,
         };
+        if uri.starts_with("s3://") {
+            // Checked now, so that a bad URL stops the builder at start-up.
+            crate::upstream::s3::S3Url::parse(uri).map_err(|_| bad("not a valid s3:// URL"))?;
+            return Ok(StoreUri::S3(uri.to_owned()));
+        }
         let path = uri
             .strip_prefix("file://")
-            .ok_or_else(|| bad("only file:///DIR is supported"))?;
+            .ok_or_else(|| bad("only file:///DIR and s3://BUCKET?… are supported"))?;
         if !path.starts_with('/') {
             return Err(bad("a file:// URI needs an absolute path"));
         }
@@ -50,6 +63,7 @@ impl std::fmt::Display for StoreUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreUri::File(p) => write!(f, "file://{}", p.display()),
+            StoreUri::S3(uri) => f.write_str(uri),
         }
     }
 }
@@ -66,6 +80,24 @@ pub async fn publish(store: &StoreUri, staging: &Path) -> Result<(), PublishErro
                     path: "the staging cache".into(),
                     err: std::io::Error::other(e.to_string()),
                 })?
+        }
+        StoreUri::S3(uri) => {
+            // On a blocking thread of its own, driven by the runtime's handle: the upload's
+            // future is not provably `Send` (its stream closures), so it cannot be part of
+            // the build task's.
+            let (uri, staging) = (uri.clone(), staging.to_owned());
+            let handle = tokio::runtime::Handle::current();
+            let shown = uri.clone();
+            tokio::task::spawn_blocking(move || {
+                handle.block_on(crate::store::publish_to(&staging, &uri))
+            })
+            .await
+            .map_err(|e| PublishError::Io {
+                path: "the staging cache".into(),
+                err: std::io::Error::other(e.to_string()),
+            })?
+            .map(drop)
+            .map_err(|err| PublishError::Store { uri: shown, err })
         }
     }
 }

@@ -1106,3 +1106,60 @@ async fn gc_counts_narinfos_deleted_between_its_listing_and_their_reading(#[case
     let report = store::gc(&target.store(), opts).await.expect("gc");
     assert_eq!(report.paths_kept, 0, "{report:?}");
 }
+
+/// The builder's `--store-uri s3://…`: what it builds lands in the bucket (its log too),
+/// narinfo last, and is extracted from there with the exact bytes Nix built.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_builders_output_goes_to_the_bucket_and_is_served_from_it() {
+    use crate::support::builds::{base, Api, BuilderDirs, BuilderProcess, Derivations};
+    let s3 = S3Server::start();
+    s3.bucket("builds");
+    let url = s3.url("builds");
+    let drvs = Derivations::new(&[(
+        "s3prog",
+        "echo building s3prog; mkdir -p $out/bin; printf '#!/bin/sh\\necho s3\\n' > $out/bin/s3prog; chmod 0555 $out/bin/s3prog",
+    )]);
+    let dirs = BuilderDirs::new();
+    drvs.write_index(&dirs.index());
+    let p = BuilderProcess::start_to(&dirs, &url, &[], None, |cmd| {
+        s3.env(cmd);
+    });
+    let api = Api::of(&p);
+    let drv = drvs.drv("s3prog");
+    let (r, v) = api.post(drv, "192.0.2.1").await;
+    assert_eq!(r.status, 202, "{v}");
+    let v = api
+        .wait_until(drv, Duration::from_secs(120), |v| {
+            matches!(v["state"].as_str(), Some("built" | "failed"))
+        })
+        .await;
+    assert_eq!(v["state"], "built", "{v}");
+
+    let out = &drvs.outs["s3prog"];
+    let bucket = s3.bucket_dir("builds");
+    assert!(bucket
+        .join(format!("{}.narinfo", &base(out)[..32]))
+        .exists());
+    let log = std::fs::read_to_string(bucket.join("log").join(base(drv))).expect("the log");
+    assert!(log.contains("building s3prog"), "{log}");
+    assert!(
+        !dirs
+            .state()
+            .join("staging")
+            .read_dir()
+            .is_ok_and(|mut d| d.next().is_some()),
+        "the staging copy is left behind"
+    );
+
+    let dir = TempDir::new().expect("tempdir");
+    let got = dir.path().join("s3prog");
+    let out_ = run(s3
+        .env(&mut binplz())
+        .args(["extract", "--upstream", &url, "--trusted-public-key"])
+        .arg(Key::test().public())
+        .args([out.as_str(), "bin/s3prog", "-o"])
+        .arg(&got));
+    assert_success(&out_);
+    let built = std::fs::read(format!("{out}/bin/s3prog")).expect("the built program");
+    assert_eq!(std::fs::read(&got).expect("the extracted program"), built);
+}

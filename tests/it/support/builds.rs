@@ -182,12 +182,25 @@ impl BuilderProcess {
     /// Starts `binplz builder` on `dirs` with `extra` options; `path_first` goes first on
     /// its `PATH` (a wrapper of `nix-store`, say).
     pub fn start(dirs: &BuilderDirs, extra: &[&str], path_first: Option<&Path>) -> BuilderProcess {
+        let store = format!("file://{}", dirs.store().display());
+        BuilderProcess::start_to(dirs, &store, extra, path_first, |_| {})
+    }
+
+    /// Starts `binplz builder` publishing to `store_uri`; `setup` adds to its command (its
+    /// environment, say).
+    pub fn start_to(
+        dirs: &BuilderDirs,
+        store_uri: &str,
+        extra: &[&str],
+        path_first: Option<&Path>,
+        setup: impl FnOnce(&mut Command),
+    ) -> BuilderProcess {
         let mut cmd = super::cli::binplz();
+        setup(&mut cmd);
         cmd.arg("builder")
             .args(["--listen", "127.0.0.1:0", "--index"])
             .arg(dirs.index())
-            .arg("--store-uri")
-            .arg(format!("file://{}", dirs.store().display()))
+            .args(["--store-uri", store_uri])
             .arg("--secret-key-file")
             .arg(secret_key())
             .arg("--state-dir")
