@@ -171,12 +171,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn store_uris_are_file_urls_with_absolute_paths() {
+    fn store_uris_are_file_urls_with_absolute_paths_or_buckets() {
         assert_eq!(
             StoreUri::parse("file:///srv/cache").expect("ok"),
             StoreUri::File("/srv/cache".into())
         );
-        for bad in ["s3://bucket", "file://rel", "/srv/cache", "file:///a?b=c"] {
+        let s3 = "s3://builds?region=eu-west-1";
+        assert_eq!(StoreUri::parse(s3).expect("ok"), StoreUri::S3(s3.into()));
+        for bad in ["s3://", "http://x/", "file://rel", "/srv/cache", "file:///a?b=c"] {
             assert!(StoreUri::parse(bad).is_err(), "{bad}");
         }
     }
