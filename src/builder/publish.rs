@@ -178,7 +178,13 @@ mod tests {
         );
         let s3 = "s3://builds?region=eu-west-1";
         assert_eq!(StoreUri::parse(s3).expect("ok"), StoreUri::S3(s3.into()));
-        for bad in ["s3://", "http://x/", "file://rel", "/srv/cache", "file:///a?b=c"] {
+        for bad in [
+            "s3://",
+            "http://x/",
+            "file://rel",
+            "/srv/cache",
+            "file:///a?b=c",
+        ] {
             assert!(StoreUri::parse(bad).is_err(), "{bad}");
         }
     }
