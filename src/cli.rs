@@ -200,6 +200,36 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}: expected bytes, or a number with K, M, G or T"))
 }
 
+/// Which narinfo signatures count (shared by every command that reads a cache).
+#[derive(Debug, Args)]
+pub(crate) struct TrustArgs {
+    /// Public key whose signatures are trusted (NAME:BASE64). May repeat.
+    /// Default: cache.nixos.org's key.
+    #[arg(
+        long = "trusted-public-key",
+        value_name = "NAME:BASE64",
+        env = "BINPLZ_TRUSTED_PUBLIC_KEY",
+        value_delimiter = ' '
+    )]
+    trusted_public_keys: Vec<String>,
+
+    /// Accept narinfos without a valid trusted signature (NarHash is still checked).
+    #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
+    no_require_sigs: bool,
+}
+
+impl TrustArgs {
+    /// The keys given, or cache.nixos.org's; an error says which key is malformed.
+    pub(crate) fn trust(&self) -> Result<Trust, String> {
+        let keys = if self.trusted_public_keys.is_empty() {
+            vec![CACHE_NIXOS_ORG_KEY.to_owned()]
+        } else {
+            self.trusted_public_keys.clone()
+        };
+        Trust::new(&keys, !self.no_require_sigs).map_err(|e| e.to_string())
+    }
+}
+
 /// Where store paths come from and which signatures count.
 #[derive(Debug, Args)]
 struct UpstreamArgs {
@@ -214,19 +244,8 @@ struct UpstreamArgs {
     )]
     upstreams: Vec<String>,
 
-    /// Public key whose signatures are trusted (NAME:BASE64). May repeat.
-    /// Default: cache.nixos.org's key.
-    #[arg(
-        long = "trusted-public-key",
-        value_name = "NAME:BASE64",
-        env = "BINPLZ_TRUSTED_PUBLIC_KEY",
-        value_delimiter = ' '
-    )]
-    trusted_public_keys: Vec<String>,
-
-    /// Accept narinfos without a valid trusted signature (NarHash is still checked).
-    #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
-    no_require_sigs: bool,
+    #[command(flatten)]
+    trust: TrustArgs,
 
     /// Longest a narinfo fetch may take, every retry included (e.g. 10s, 500ms).
     #[arg(long, value_name = "DURATION", env = "BINPLZ_UPSTREAM_NARINFO_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -480,12 +499,7 @@ impl UpstreamArgs {
     }
 
     fn extractor(&self, allow_nix_store_deps: bool) -> Result<Extractor, CliError> {
-        let keys = if self.trusted_public_keys.is_empty() {
-            vec![CACHE_NIXOS_ORG_KEY.to_owned()]
-        } else {
-            self.trusted_public_keys.clone()
-        };
-        let trust = Trust::new(&keys, !self.no_require_sigs).map_err(|e| bad(e.to_string()))?;
+        let trust = self.trust.trust().map_err(bad)?;
         let config = ClientConfig::default();
         let deadlines = Deadlines::new(
             self.upstream_narinfo_timeout,
@@ -793,7 +807,7 @@ fn run_serve(args: ServeArgs) -> Result<(), CliError> {
         ..Config::default()
     };
     // This node's signature vouches for a narinfo: it must have checked one first.
-    if config.cache.sign_key.is_some() && args.upstream.no_require_sigs {
+    if config.cache.sign_key.is_some() && args.upstream.trust.no_require_sigs {
         return Err(bad(
             "--sign-key-file needs signatures checked: drop --no-require-sigs".into(),
         ));

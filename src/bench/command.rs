@@ -12,7 +12,6 @@ use super::recompress::{self, Setting};
 use super::{nix, Plan, Report};
 use crate::error::ErrorKind;
 use crate::extract::{self, Extractor};
-use crate::narinfo::{Trust, CACHE_NIXOS_ORG_KEY};
 use crate::resolve::RelPath;
 use crate::upstream::{self, Cache, ClientConfig};
 
@@ -69,19 +68,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SEED", env = "BINPLZ_BENCH_SEED")]
     seed: Option<u64>,
 
-    /// Public key whose signatures are trusted (NAME:BASE64). May repeat. Default:
-    /// cache.nixos.org's key.
-    #[arg(
-        long = "trusted-public-key",
-        value_name = "NAME:BASE64",
-        env = "BINPLZ_TRUSTED_PUBLIC_KEY",
-        value_delimiter = ' '
-    )]
-    trusted_public_keys: Vec<String>,
-
-    /// Accept narinfos without a valid trusted signature (NarHash is still checked).
-    #[arg(long, env = "BINPLZ_NO_REQUIRE_SIGS")]
-    no_require_sigs: bool,
+    #[command(flatten)]
+    trust: crate::cli::TrustArgs,
 
     /// Generated NARs of ELF-like content of these sizes (MB = 10^6 bytes, K and G too),
     /// e.g. 7M,100M.
@@ -302,12 +290,7 @@ fn measure(
 }
 
 fn open_cache(url: &str, args: &BenchArgs) -> Result<(Extractor, Cache), CommandError> {
-    let keys = if args.trusted_public_keys.is_empty() {
-        vec![CACHE_NIXOS_ORG_KEY.to_owned()]
-    } else {
-        args.trusted_public_keys.clone()
-    };
-    let trust = Trust::new(&keys, !args.no_require_sigs).map_err(|e| bad(e.to_string()))?;
+    let trust = args.trust.trust().map_err(bad)?;
     let cache =
         Cache::new(upstream::open(url, &ClientConfig::default()).map_err(|e| bad(e.to_string()))?);
     Ok((Extractor::new(vec![cache.clone()], trust, true), cache))
