@@ -97,6 +97,31 @@ pub fn outputs_of(drv_path: &str) -> Result<BTreeMap<String, String>, NixError> 
         .collect())
 }
 
+/// Reads a child's standard output (up to `MAX_STDOUT`) and standard error (up to
+/// `err_limit`) as it runs, so that neither pipe fills and stalls it.
+fn outputs(
+    child: &mut tokio::process::Child,
+    err_limit: u64,
+) -> (
+    impl std::future::Future<Output = Vec<u8>>,
+    impl std::future::Future<Output = Vec<u8>>,
+) {
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let out = async move {
+        match stdout {
+            Some(s) => read_bounded(s, MAX_STDOUT).await,
+            None => Vec::new(),
+        }
+    };
+    let err = async move {
+        match stderr {
+            Some(s) => read_bounded(s, err_limit).await,
+            None => Vec::new(),
+        }
+    };
+    (out, err)
+}
+
 async fn read_bounded(mut r: impl AsyncRead + Unpin, limit: u64) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 16 << 10];
@@ -147,20 +172,7 @@ pub async fn realise(
         program: "nix-store",
         err,
     })?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let out = async {
-        match stdout {
-            Some(s) => read_bounded(s, MAX_STDOUT).await,
-            None => Vec::new(),
-        }
-    };
-    let err = async {
-        match stderr {
-            Some(s) => read_bounded(s, limits.max_log_size + LOG_SLACK).await,
-            None => Vec::new(),
-        }
-    };
+    let (out, err) = outputs(&mut child, limits.max_log_size + LOG_SLACK);
     let pid = child.id();
     let wait = async {
         tokio::pin!(cancel);
@@ -373,20 +385,7 @@ async fn run_nix(args: &[&str], paths: &[String]) -> Result<Vec<u8>, NixError> {
             program: "nix",
             err,
         })?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let out = async {
-        match stdout {
-            Some(s) => read_bounded(s, MAX_STDOUT).await,
-            None => Vec::new(),
-        }
-    };
-    let err = async {
-        match stderr {
-            Some(s) => read_bounded(s, LOG_SLACK).await,
-            None => Vec::new(),
-        }
-    };
+    let (out, err) = outputs(&mut child, LOG_SLACK);
     let (out, err, status) = tokio::join!(out, err, child.wait());
     let status = status.map_err(|err| NixError::Spawn {
         program: "nix",
