@@ -4,7 +4,6 @@
 //! the real binary serving its built-in demo.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1660,16 +1659,7 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting binplz serve");
-        let stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = crate::support::cli::stderr_lines(&mut child);
         let mut running = Running {
             child,
             addr: ([0, 0, 0, 0], 0).into(),

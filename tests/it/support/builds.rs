@@ -3,7 +3,6 @@
 //! names them as not built, and `binplz builder` run as its own process.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -217,16 +216,7 @@ impl BuilderProcess {
             cmd.env("PATH", format!("{}:{path}", first.display()));
         }
         let mut child = cmd.spawn().expect("starting binplz builder");
-        let stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stderr.lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = crate::support::cli::stderr_lines(&mut child);
         let mut p = BuilderProcess {
             child,
             addr: ([0, 0, 0, 0], 0).into(),

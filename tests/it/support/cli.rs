@@ -50,3 +50,19 @@ pub fn assert_failure(out: &Output, kind: ErrorKind) -> String {
     assert!(out.stdout.is_empty(), "a failure printed to stdout");
     lines[0].to_owned()
 }
+
+/// A child's standard error (piped), a line at a time, read on a thread of its own.
+pub fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stderr = std::io::BufReader::new(child.stderr.take().expect("piped stderr"));
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    lines
+}
