@@ -549,7 +549,9 @@ impl Builder {
             Err(e) => return (Err(transient(e.to_string())), log),
         }
         let staging = match tempfile::Builder::new()
-            .prefix(basename(drv))
+            // Only the hash part: the directory becomes part of a `file://…?…` URL given to
+            // `nix copy`, and a derivation's name may hold `?`, `&` or `=`.
+            .prefix(basename(drv).get(..32).unwrap_or("build"))
             .tempdir_in(c.state_dir.join("staging"))
         {
             Ok(s) => s,

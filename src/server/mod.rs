@@ -676,7 +676,13 @@ impl App {
             None => inner
                 .indexes
                 .current()
-                .ok_or_else(|| Failure::new(ErrorKind::Overloaded, "no index loaded yet"))?,
+                .ok_or_else(|| match inner.has_indexes {
+                    true => Failure::new(ErrorKind::Overloaded, "no index loaded yet"),
+                    // A substituter-only node: no index will ever load.
+                    false => {
+                        Failure::new(ErrorKind::UnknownProgram, "this node serves no programs")
+                    }
+                })?,
         };
         let program = req.program.as_str();
         let attr = req.attr.as_ref().map(|a| a.as_str());

@@ -518,3 +518,27 @@ async fn the_operator_page_shows_the_builds_and_its_retry_button_works_in_chromi
     api.operator(drvs.drv("sleeper"), "cancel", Some(token))
         .await;
 }
+
+/// A derivation's name may hold `?`, `&` or `=`; its outputs are published all the same
+/// (the staging cache's URL given to `nix copy` must not take them for a query).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_derivation_whose_name_looks_like_a_query_is_published() {
+    let odd = (
+        "odd?x=1",
+        "mkdir -p $out/bin; printf '#!/bin/sh\\necho odd\\n' > $out/bin/odd; chmod 0555 $out/bin/odd",
+    );
+    let (drvs, dirs, p) = start(&[odd], &[]);
+    let api = Api::of(&p);
+    let drv = drvs.drv("odd?x=1");
+    let (r, v) = api.post(drv, "192.0.2.1").await;
+    assert_eq!(r.status, 202, "{v}");
+    // Watched in the store itself: the API's paths do not take such a name yet.
+    let out = &drvs.outs["odd?x=1"];
+    let narinfo = dirs.store().join(format!("{}.narinfo", &base(out)[..32]));
+    let deadline = std::time::Instant::now() + BUILD;
+    while !narinfo.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = std::fs::read_to_string(&narinfo).expect("the narinfo is published");
+    assert!(text.contains("Compression: zstd"), "{text}");
+}

@@ -412,9 +412,10 @@ async fn without_an_index_the_node_is_a_substituter_ready_when_the_upstream_answ
     assert_eq!(server.get("/-/healthz").await.status, 200);
     let r = server.get("/-/readyz").await;
     assert_eq!(r.status, 200, "{}", r.text());
+    // No index will ever load: a program request is a 404, not a 503 to retry for ever.
     let r = server.get("/hello").await;
-    assert_error_script(&r, 503, "no index loaded");
-    assert!(r.header("retry-after").is_some());
+    assert_error_script(&r, 404, "this node serves no programs");
+    assert!(r.header("retry-after").is_none());
 }
 
 #[tokio::test]

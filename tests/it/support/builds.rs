@@ -58,7 +58,9 @@ impl Derivations {
              in rec {{\n"
         );
         for (name, script) in specs {
-            nix.push_str(&format!("  {name} = mk \"{name}\" ''{script}'';\n"));
+            // Quoted, so that a name Nix allows in a store path but not as an identifier
+            // (`a?b=c`) is an attribute too.
+            nix.push_str(&format!("  \"{name}\" = mk \"{name}\" ''{script}'';\n"));
         }
         nix.push_str("}\n");
         let file = dir.path().join("default.nix");
